@@ -1,0 +1,179 @@
+"""The Bench contract: everything labep can train is a Bench.
+
+A simulator and a hardware driver of the same physics implement this one contract and declare
+the same :class:`BenchSpec`, so a protocol switches between them by one field. The host never
+reaches into a bench's internals: it writes parameters, relaxes the physics with inputs clamped
+(and optionally a nudge), and reads back steady states. Everything EP computes is computed from
+those read-back states through the bench's *model* (see :mod:`labep.models`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+
+
+class BenchError(RuntimeError):
+    """A bench refused a request or failed; the message names the bench and the command."""
+
+
+class OutOfRangeError(BenchError, ValueError):
+    """A write asked for a value outside a parameter's physical range. Never clipped silently."""
+
+
+@dataclass(frozen=True)
+class ParameterSpec:
+    """One named, writable parameter of a bench.
+
+    ``low``/``high`` are the physical range in ``unit``; ``levels`` is the write resolution
+    (number of distinct codes the hardware stores), ``None`` for a continuous (float) parameter.
+    """
+
+    name: str
+    shape: tuple[int, ...]
+    low: float = -math.inf
+    high: float = math.inf
+    unit: str = ""
+    levels: int | None = None
+
+    def check_range(self, values: np.ndarray, *, bench: str) -> None:
+        """Raise :class:`OutOfRangeError` if any value lies outside [low, high] or is not finite."""
+        values = np.asarray(values)
+        if values.shape != self.shape:
+            raise BenchError(
+                f"{bench}: write {self.name}: shape {values.shape} != declared {self.shape}"
+            )
+        if not np.all(np.isfinite(values)):
+            raise OutOfRangeError(f"{bench}: write {self.name}: non-finite value refused")
+        lo, hi = float(values.min(initial=np.inf)), float(values.max(initial=-np.inf))
+        if values.size and (lo < self.low or hi > self.high):
+            raise OutOfRangeError(
+                f"{bench}: write {self.name}: values span [{lo:.6g}, {hi:.6g}] {self.unit}, "
+                f"outside the physical range [{self.low:.6g}, {self.high:.6g}] {self.unit}; "
+                "refused (labep never clips silently on a bench)"
+            )
+
+
+@dataclass(frozen=True)
+class BenchSpec:
+    """What a bench exposes: its parameters, its input and readout channels, its state.
+
+    ``state_size`` is the width of the read-back state vector (one row per sample);
+    ``output_slice`` selects the readout channels the cost is measured on.
+    """
+
+    parameters: tuple[ParameterSpec, ...]
+    input_size: int
+    state_size: int
+    output_slice: tuple[int, int]
+    state_unit: str = ""
+
+    def parameter(self, name: str) -> ParameterSpec:
+        for spec in self.parameters:
+            if spec.name == name:
+                return spec
+        raise KeyError(name)
+
+    @property
+    def parameter_names(self) -> tuple[str, ...]:
+        return tuple(p.name for p in self.parameters)
+
+
+@dataclass(frozen=True)
+class Nudge:
+    """The nudge of an EP phase: strength beta (signed) and the target the cost pulls towards."""
+
+    strength: float
+    target: np.ndarray
+
+
+@dataclass(frozen=True)
+class Settle:
+    """When a phase counts as settled: residual (max |rho(h(s)) - s|) at or below ``tolerance``
+    within ``max_steps`` steps of the physics; ``readouts`` settled-state readouts are averaged
+    (a noiseless readout averages to itself)."""
+
+    tolerance: float
+    max_steps: int
+    readouts: int = 1
+
+
+@dataclass
+class Relaxation:
+    """A read-back steady state and how it settled, one entry per sample.
+
+    ``state`` has shape (batch, state_size); ``converged``, ``steps`` and ``residual`` have
+    shape (batch,). A phase whose residual is above tolerance is a fault, never a gradient.
+    """
+
+    state: np.ndarray
+    converged: np.ndarray
+    steps: np.ndarray
+    residual: np.ndarray
+    info: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def all_converged(self) -> bool:
+        return bool(np.all(self.converged))
+
+
+@dataclass(frozen=True)
+class BenchIdentity:
+    """Who answered ``open()``: the ``*IDN?`` of an instrument, or a simulator's own."""
+
+    vendor: str
+    model: str
+    serial: str
+    firmware: str
+
+    def as_dict(self) -> dict[str, str]:
+        return {
+            "vendor": self.vendor,
+            "model": self.model,
+            "serial": self.serial,
+            "firmware": self.firmware,
+        }
+
+
+@runtime_checkable
+class Bench(Protocol):
+    """The one contract for simulators and drivers (see DESIGN.md, "The one contract")."""
+
+    spec: BenchSpec
+
+    def open(self) -> BenchIdentity:
+        """Connect, identify and put the bench in a known, safe state."""
+        ...
+
+    def close(self) -> None:
+        """Leave the bench in its safe state and release the transport. Idempotent."""
+        ...
+
+    def write(self, params: dict[str, np.ndarray]) -> None:
+        """Write parameter values (already quantized and calibrated by the write path).
+
+        Refuses any value outside the declared range with :class:`OutOfRangeError`.
+        """
+        ...
+
+    def read_params(self) -> dict[str, np.ndarray]:
+        """Read back what the bench holds, for write-verify."""
+        ...
+
+    def relax(
+        self,
+        inputs: np.ndarray,
+        nudge: Nudge | None = None,
+        start: np.ndarray | None = None,
+        settle: Settle | None = None,
+    ) -> Relaxation:
+        """Clamp ``inputs`` (batch, input_size), apply the optional nudge, let the physics
+        settle from ``start`` (or the bench's rest state) and return the read-back state."""
+        ...
+
+    def __enter__(self) -> Bench: ...
+
+    def __exit__(self, *exc: object) -> None: ...

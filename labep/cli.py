@@ -1,0 +1,174 @@
+"""The ``labep`` command line.
+
+Exit codes: 0 success; 1 a run or command failed; 2 a protocol, override or command line was
+refused (nothing was created); 3 gradcheck refused to compare (states did not settle).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from labep.protocol import LoadedProtocol, ProtocolError, load_protocol
+from labep.store import RunStore, StoreError, default_store_path
+
+EXIT_FAILED, EXIT_INVALID, EXIT_REFUSED = 1, 2, 3
+
+
+def _load(protocol: str, overrides: tuple[str, ...]) -> LoadedProtocol:
+    try:
+        return load_protocol(protocol, overrides)
+    except ProtocolError as err:
+        click.echo(str(err), err=True)
+        sys.exit(EXIT_INVALID)
+
+
+def _open_store(path: str | None, protocol_store: str | None = None, *,
+                create: bool = True) -> RunStore:
+    try:
+        return RunStore(default_store_path(path, protocol_store), create=create)
+    except StoreError as err:
+        click.echo(f"error: {err}", err=True)
+        sys.exit(EXIT_INVALID if create else EXIT_FAILED)
+
+
+def _dump(payload: Any) -> None:
+    click.echo(json.dumps(payload, indent=2, default=str))
+
+
+store_option = click.option(
+    "--store", "store_path", type=click.Path(dir_okay=False),
+    help="Run store (SQLite). Default: $LABEP_STORE, the protocol's 'store', or ./labep.db.")
+set_option = click.option(
+    "--set", "overrides", multiple=True, metavar="KEY=VALUE",
+    help="Override a protocol field (dotted path, e.g. training.epochs=3); validated like the "
+         "file. Repeatable.")
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="labep")
+def main() -> None:
+    """labep: train lab benches and their simulators with Equilibrium Propagation."""
+
+
+@main.command()
+@click.argument("protocol", type=click.Path(dir_okay=False))
+@store_option
+@set_option
+@click.option("--progress/--no-progress", default=True, help="Show the progress bar.")
+def run(protocol: str, store_path: str | None, overrides: tuple[str, ...],
+        progress: bool) -> None:
+    """Run PROTOCOL (a YAML file) and record it in the run store."""
+    from labep.engine import Trainer
+
+    loaded = _load(protocol, overrides)
+    store = _open_store(store_path, loaded.protocol.store)
+    trainer = Trainer(loaded, store, progress=progress)
+    try:
+        result = trainer.run()
+    except KeyboardInterrupt:
+        click.echo("interrupted; the run is recorded as 'interrupted'", err=True)
+        sys.exit(130)
+    except Exception as err:
+        click.echo(f"run failed: {type(err).__name__}: {err}", err=True)
+        click.echo(f"(recorded in {store.path}; see 'labep show latest')", err=True)
+        sys.exit(EXIT_FAILED)
+    accuracy = "n/a" if result.test_accuracy is None else f"{result.test_accuracy:.4f}"
+    click.echo(f"run {result.run_id} completed: {result.steps} steps, "
+               f"test accuracy {accuracy} (store: {store.path})")
+
+
+@main.command()
+@store_option
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def runs(store_path: str | None, as_json: bool) -> None:
+    """List the runs in the store."""
+    store = _open_store(store_path, create=False)
+    listing = store.runs()
+    if as_json:
+        _dump(listing)
+        return
+    if not listing:
+        click.echo(f"no runs in {store.path}")
+        return
+    click.echo(f"{'id':24} {'status':11} {'bench':12} {'steps':>6} {'test acc':>8}  name")
+    for run in listing:
+        acc = run["metrics"].get("test_accuracy")
+        acc_text = "-" if acc is None else f"{acc:.4f}"
+        click.echo(f"{run['id']:24} {run['status']:11} {run['bench']['name']:12} "
+                   f"{run['steps']:>6} {acc_text:>8}  {run['name']}")
+
+
+@main.command()
+@click.argument("run_id", metavar="RUN")
+@store_option
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def show(run_id: str, store_path: str | None, as_json: bool) -> None:
+    """Show one run (an id, a unique prefix of one, or 'latest')."""
+    store = _open_store(store_path, create=False)
+    try:
+        summary = store.summary(run_id)
+        summary["events"] = store.events(summary["id"])
+    except StoreError as err:
+        click.echo(f"error: {err}", err=True)
+        sys.exit(EXIT_FAILED)
+    if as_json:
+        _dump(summary)
+        return
+    click.echo(f"run       {summary['id']}  ({summary['name']})")
+    click.echo(f"status    {summary['status']}")
+    click.echo(f"bench     {summary['bench']['name']}  {summary['bench']['identity'] or ''}")
+    click.echo(f"created   {summary['created']}   finished {summary['finished'] or '-'}")
+    click.echo(f"progress  {summary['steps']} steps, {summary['epochs']} epoch(s)")
+    for name, value in sorted(summary["metrics"].items()):
+        click.echo(f"  {name:18} {'-' if value is None else f'{value:.6g}'}")
+    if summary["events"]:
+        click.echo(f"events    {len(summary['events'])} (see --json)")
+    if summary["error"]:
+        click.echo(f"error     {summary['error']}")
+
+
+@main.command()
+@click.argument("protocol", type=click.Path(dir_okay=False))
+@click.option("--beta", type=click.FloatRange(min=0.0, min_open=True),
+              help="Nudge strength |beta| (default: the protocol's).")
+@click.option("--estimator", type=click.Choice(["one_sided", "symmetric"]),
+              help="Estimator (default: the protocol's).")
+@click.option("--samples", type=click.IntRange(min=1), help="Batch size of the check.")
+@click.option("--seed", type=click.IntRange(min=0), help="Seed of the parameters and batch.")
+@click.option("--tolerance", type=click.FloatRange(min=0.0, min_open=True), default=1e-10,
+              show_default=True, help="Settle tolerance (float64) both phases must reach.")
+@set_option
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def gradcheck(protocol: str, beta: float | None, estimator: str | None, samples: int | None,
+              seed: int | None, tolerance: float, overrides: tuple[str, ...],
+              as_json: bool) -> None:
+    """Compare the EP estimate with the exact gradient (implicit differentiation) on a
+    simulator, at fresh parameters and one batch of training data."""
+    from labep.gradcheck import GradcheckError
+    from labep.gradcheck import gradcheck as check
+
+    loaded = _load(protocol, overrides)
+    try:
+        report = check(loaded.protocol, beta=beta, estimator=estimator, samples=samples,
+                       seed=seed, tolerance=tolerance)
+    except GradcheckError as err:
+        click.echo(f"gradcheck refused: {err}", err=True)
+        sys.exit(EXIT_REFUSED)
+    if as_json:
+        _dump(report)
+        return
+    click.echo(f"{report['estimator']} EP, beta={report['beta']:g}, {report['samples']} samples")
+    click.echo(f"  overall   cosine {report['cosine']:.6f}  relative error "
+               f"{report['relative_error']:.3e}")
+    for name, cmp in report["parameters"].items():
+        click.echo(f"  {name:9} cosine {cmp['cosine']:.6f}  relative error "
+                   f"{cmp['relative_error']:.3e}")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main(prog_name=Path(sys.argv[0]).name)

@@ -1,0 +1,250 @@
+"""The run engine: epochs over mini-batches of free and nudged phases on a bench.
+
+Per training step: relax the free phase with the inputs clamped, relax each nudged phase the
+estimator asks for (starting from the free state), keep only the samples whose every phase
+settled with a finite readout, estimate the gradient through the model, and apply
+theta <- theta - lr * estimate through the write path. Every step is committed to the run store
+in one transaction; parameter snapshots are stored every ``checkpoint_every`` steps and at the end
+of each epoch. Random streams are derived from (seed, purpose, epoch, batch), so the data order
+and nudge signs of any step are known without replaying the run.
+"""
+
+from __future__ import annotations
+
+import traceback as tb
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from tqdm.auto import tqdm
+
+import labep
+from labep import registry
+from labep.bench import Bench, Nudge, Relaxation, Settle
+from labep.datasets import Split, load_digits, load_idx_pair, load_xor
+from labep.estimators import make_estimator
+from labep.models import Model, Params
+from labep.protocol import DigitsConfig, IdxConfig, LoadedProtocol, Protocol, XorConfig
+from labep.store import RunStore
+from labep.write_path import WritePath
+
+
+class UnsettledPhaseError(RuntimeError):
+    """A phase did not settle and the protocol says ``on_unsettled: stop``."""
+
+
+@dataclass
+class RunResult:
+    run_id: str
+    status: str
+    test_accuracy: float | None
+    train_loss: float | None
+    steps: int
+
+
+# -- building blocks from a validated protocol ----------------------------------------------
+
+
+def build_model(protocol: Protocol) -> Model:
+    cfg = protocol.model
+    cls = registry.load_model_class(cfg.kind)
+    return cls(cfg.sizes, init_gain=cfg.init_gain)
+
+
+def build_bench(protocol: Protocol, model: Model, **overrides: Any) -> Bench:
+    """The protocol's bench (simulator or driver); ``overrides`` replace option fields."""
+    cfg = protocol.bench
+    cls = registry.BENCHES[cfg.name].load()
+    options = cls.options_model.model_validate({**cfg.options, **overrides})
+    if cfg.kind == "driver":
+        return cls(model, options, resource=cfg.resource)
+    return cls(model, options)
+
+
+def load_dataset(protocol: Protocol) -> Split:
+    data = protocol.dataset
+    if isinstance(data, DigitsConfig):
+        return load_digits(data.test_fraction, data.split_seed)
+    if isinstance(data, XorConfig):
+        return load_xor(data.repeats)
+    assert isinstance(data, IdxConfig)
+    train = load_idx_pair(data.path, data.train.images, data.train.labels, data.train.start,
+                          data.train.stop)
+    test = load_idx_pair(data.path, data.test.images, data.test.labels, data.test.start,
+                         data.test.stop)
+    n_classes = int(max(train[1].max(), test[1].max())) + 1
+    return Split(train[0], train[1], test[0], test[1], n_classes)
+
+
+def stream(seed: int, *purpose: int) -> np.random.Generator:
+    """An independent random stream for (seed, purpose...): 0 init, 1 data order, 2 nudge sign."""
+    return np.random.default_rng([seed, *purpose])
+
+
+def settles(protocol: Protocol) -> tuple[Settle, Settle]:
+    phases = protocol.phases
+    return (
+        Settle(phases.free.tolerance, phases.free.max_steps, phases.readout_average),
+        Settle(phases.nudged.tolerance, phases.nudged.max_steps, phases.readout_average),
+    )
+
+
+def learning_rates(protocol: Protocol, model: Model) -> dict[str, float]:
+    """One rate per coupling layer l, shared by W_l and b_l."""
+    rates = protocol.training.learning_rates
+    out = {}
+    for name in model.parameter_shapes():
+        layer = int("".join(ch for ch in name if ch.isdigit()) or 1)
+        out[name] = rates[0] if len(rates) == 1 else rates[layer - 1]
+    return out
+
+
+def evaluate(bench: Bench, model: Model, inputs: np.ndarray, labels: np.ndarray,
+             settle: Settle, batch_size: int) -> dict[str, float]:
+    """Free-phase accuracy and cost on a labelled set."""
+    correct, cost, unsettled = 0, 0.0, 0
+    for start in range(0, len(labels), batch_size):
+        x, y = inputs[start:start + batch_size], labels[start:start + batch_size]
+        free = bench.relax(x, settle=settle)
+        correct += int(np.sum(model.predict(free.state) == y))
+        cost += float(np.sum(model.cost(free.state, model.encode_target(y))))
+        unsettled += int(np.count_nonzero(~free.converged))
+    n = max(len(labels), 1)
+    return {"accuracy": correct / n, "loss": cost / n, "unsettled": unsettled}
+
+
+def settled_mask(phases: list[Relaxation]) -> np.ndarray:
+    """Samples whose every phase converged and read back finite states."""
+    ok = np.ones(phases[0].state.shape[0], dtype=bool)
+    for phase in phases:
+        ok &= phase.converged & np.all(np.isfinite(phase.state), axis=1)
+    return ok
+
+
+# -- the run --------------------------------------------------------------------------------
+
+
+class Trainer:
+    """Runs a validated protocol on its bench, recording everything in a run store."""
+
+    def __init__(self, loaded: LoadedProtocol, store: RunStore, *, progress: bool = True,
+                 on_epoch: Callable[[int, dict[str, float]], None] | None = None) -> None:
+        self.loaded = loaded
+        self.protocol = loaded.protocol
+        self.store = store
+        self.progress = progress
+        self.on_epoch = on_epoch
+
+    def run(self) -> RunResult:
+        protocol = self.protocol
+        data = load_dataset(protocol)
+        model = build_model(protocol)
+        bench = build_bench(protocol, model)
+        run_id = self.store.create_run(protocol.name, self.loaded.document, protocol.bench.name,
+                                       protocol.seed, labep.__version__)
+        try:
+            with bench:
+                self.store.set_bench_identity(run_id, bench.open().as_dict())
+                result = self._train(run_id, bench, model, data)
+        except KeyboardInterrupt:
+            self.store.finish(run_id, "interrupted", "interrupted by the user (SIGINT)",
+                              tb.format_exc())
+            raise
+        except BaseException as err:
+            self.store.finish(run_id, "failed", f"{type(err).__name__}: {err}", tb.format_exc())
+            raise
+        self.store.finish(run_id, "completed")
+        return result
+
+    def _train(self, run_id: str, bench: Bench, model: Model, data: Split) -> RunResult:
+        protocol = self.protocol
+        training = protocol.training
+        estimator = make_estimator(protocol.estimator.name, protocol.estimator.random_sign)
+        free_settle, nudged_settle = settles(protocol)
+        rates = learning_rates(protocol, model)
+        writes = WritePath(bench, model.init_params(stream(protocol.seed, 0)))
+        writes.write_all()
+        self.store.save_arrays(run_id, 0, "checkpoint", writes.shadow)
+
+        n_train = len(data.train_labels)
+        batches = -(-n_train // training.batch_size)
+        step = 0
+        test: dict[str, float] = {}
+        epoch_loss = float("nan")
+        bar = tqdm(total=training.epochs * batches, unit="step", disable=not self.progress,
+                   dynamic_ncols=True, desc=protocol.name)
+        try:
+            for epoch in range(training.epochs):
+                order = stream(protocol.seed, 1, epoch).permutation(n_train)
+                loss_sum, correct, seen = 0.0, 0, 0
+                for index in range(batches):
+                    rows = order[index * training.batch_size:(index + 1) * training.batch_size]
+                    x, labels = data.train_inputs[rows], data.train_labels[rows]
+                    target = model.encode_target(labels)
+                    free = bench.relax(x, settle=free_settle)
+                    strengths = estimator.strengths(protocol.estimator.beta,
+                                                    stream(protocol.seed, 2, epoch, index))
+                    nudged = [bench.relax(x, Nudge(s, target), start=free.state,
+                                          settle=nudged_settle) for s in strengths]
+                    ok = settled_mask([free, *nudged])
+                    events = []
+                    if not ok.all():
+                        detail = {"samples": int(np.count_nonzero(~ok)),
+                                  "free_residual": float(np.max(free.residual)),
+                                  "nudged_residual": max(float(np.max(p.residual))
+                                                         for p in nudged)}
+                        if protocol.phases.on_unsettled == "stop":
+                            raise UnsettledPhaseError(
+                                f"step {step}: {detail['samples']} sample(s) did not settle "
+                                f"(residuals {detail}); protocol says on_unsettled: stop")
+                        events.append(("unsettled", "samples left out of the update", detail))
+                    if ok.any():
+                        estimate = estimator.estimate(model, x, free, nudged, strengths,
+                                                      ok.astype(np.float64))
+                        writes.apply({k: -rates[k] * g for k, g in estimate.gradient.items()})
+                    cost = model.cost(free.state, target)
+                    hits = int(np.sum(model.predict(free.state) == labels))
+                    loss_sum += float(cost.sum())
+                    correct += hits
+                    seen += len(rows)
+                    step += 1
+                    last = index == batches - 1
+                    snapshot = writes.shadow if (step % training.checkpoint_every == 0
+                                                 or last) else None
+                    self.store.commit_step(run_id, step, epoch, {
+                        "loss": float(cost.mean()),
+                        "batch_accuracy": hits / len(rows),
+                        "free_steps": float(np.mean(free.steps)),
+                        "nudged_steps": float(np.mean([p.steps.mean() for p in nudged])),
+                        "free_residual": float(np.max(free.residual)),
+                        "unsettled": int(np.count_nonzero(~ok)),
+                    }, arrays=snapshot, events=events)
+                    bar.update(1)
+                    bar.set_postfix(epoch=epoch + 1, loss=f"{loss_sum / seen:.4f}",
+                                    acc=f"{correct / seen:.3f}",
+                                    test=f"{test['accuracy']:.3f}" if test else "-")
+                epoch_loss = loss_sum / max(seen, 1)
+                epoch_metrics = {"train_loss": epoch_loss, "train_accuracy": correct / seen}
+                final = epoch == training.epochs - 1
+                if (epoch + 1) % protocol.evaluation.every_epochs == 0 or final:
+                    test = evaluate(bench, model, data.test_inputs, data.test_labels, free_settle,
+                                    protocol.evaluation.batch_size)
+                    epoch_metrics.update({"test_accuracy": test["accuracy"],
+                                          "test_loss": test["loss"],
+                                          "test_unsettled": test["unsettled"]})
+                epoch_metrics["epoch"] = epoch + 1
+                self.store.record_metrics(run_id, step, epoch_metrics)
+                if self.on_epoch is not None:
+                    self.on_epoch(epoch, epoch_metrics)
+        finally:
+            bar.close()
+        return RunResult(run_id, "completed", test.get("accuracy"), epoch_loss, step)
+
+
+def final_params(store: RunStore, run_id: str) -> Params:
+    """The newest parameter snapshot of a run."""
+    found = store.arrays(run_id, "checkpoint")
+    if found is None:
+        raise KeyError(f"run {run_id} has no parameter snapshot")
+    return found[1]

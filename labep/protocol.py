@@ -1,0 +1,492 @@
+"""The protocol file: a Pydantic-validated YAML document that sequences an EP run.
+
+Validation happens whole, before anything touches a bench: the schema (types, ranges, unknown
+keys), then the cross-checks that need the registry or the data (bench options, model vs.
+dataset sizes, one learning rate per layer, dataset files readable). Every problem is reported
+with its dotted path, its line in the file (or the ``--set`` override it came from) and a
+plain message; :class:`ProtocolError` carries them all.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    DirectoryPath,
+    Field,
+    PositiveFloat,
+    PositiveInt,
+    ValidationError,
+    field_validator,
+)
+
+from labep import registry
+
+# --------------------------------------------------------------------------------------------
+# Schema
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+
+class BenchConfig(_Strict):
+    """Which bench runs the protocol: exactly one of ``simulator`` or ``driver``."""
+
+    simulator: str | None = Field(None, description="Name of a labep simulator, e.g. hopfield.")
+    driver: str | None = Field(None, description="Name of a labep driver (real instrument).")
+    resource: str | None = Field(
+        None, description="Transport of a driver: a serial URL or a VISA resource string."
+    )
+    options: dict[str, Any] = Field(
+        default_factory=dict, description="The bench's own options, validated by the bench."
+    )
+
+    @property
+    def name(self) -> str:
+        return self.simulator or self.driver or ""
+
+    @property
+    def kind(self) -> str:
+        return "simulator" if self.simulator else "driver"
+
+
+class LayeredHopfieldConfig(_Strict):
+    """Layered Hopfield network: sizes [n_0 (inputs), n_1, ..., n_L (outputs)]."""
+
+    kind: Literal["layered_hopfield"]
+    sizes: list[PositiveInt] = Field(min_length=2, max_length=64)
+    activation: Literal["hard_sigmoid"] = "hard_sigmoid"
+    init_gain: PositiveFloat = Field(1.0, description="W ~ U(-g/sqrt(n_in), g/sqrt(n_in)).")
+
+    @field_validator("sizes")
+    @classmethod
+    def _not_huge(cls, sizes: list[int]) -> list[int]:
+        if any(n > 1_000_000 for n in sizes):
+            raise ValueError("layer sizes above 1,000,000 units are refused")
+        return sizes
+
+
+ModelConfig = Annotated[LayeredHopfieldConfig, Field(discriminator="kind")]
+
+
+class DigitsConfig(_Strict):
+    """scikit-learn's bundled 8x8 digits (1,797 images; 64 inputs, 10 classes)."""
+
+    name: Literal["digits"]
+    test_fraction: float = Field(0.2, gt=0.0, lt=1.0)
+    split_seed: int = Field(0, ge=0, description="Seed of the fixed train/test shuffle.")
+
+
+class XorConfig(_Strict):
+    """XOR of two binary inputs (2 inputs, 2 classes); the four points form the test set."""
+
+    name: Literal["xor"]
+    repeats: PositiveInt = Field(16, le=1_000_000, description="Copies of the 4 points per epoch.")
+
+
+class IdxPart(_Strict):
+    """Rows [start, stop) of an IDX image file and its label file."""
+
+    images: str
+    labels: str
+    start: int = Field(0, ge=0)
+    stop: int | None = Field(None, gt=0)
+
+
+class IdxConfig(_Strict):
+    """MNIST-format (IDX) files in a directory. Default: the 10,000-image MNIST test set split
+    8,000 (first) for training and 2,000 (last) for testing."""
+
+    name: Literal["idx"]
+    path: DirectoryPath
+    train: IdxPart = IdxPart(
+        images="t10k-images-idx3-ubyte.gz", labels="t10k-labels-idx1-ubyte.gz", start=0,
+        stop=8000,
+    )
+    test: IdxPart = IdxPart(
+        images="t10k-images-idx3-ubyte.gz", labels="t10k-labels-idx1-ubyte.gz", start=8000,
+        stop=10000,
+    )
+
+
+DatasetConfig = Annotated[DigitsConfig | XorConfig | IdxConfig, Field(discriminator="name")]
+
+
+class SettleConfig(_Strict):
+    """Settle criteria of a phase: residual max|rho(h(s)) - s| <= tolerance within max_steps."""
+
+    tolerance: PositiveFloat = 1e-4
+    max_steps: PositiveInt = Field(100, le=10_000_000)
+
+
+class PhasesConfig(_Strict):
+    """The free phase, the nudged phase(s), and what to do with a sample that did not settle."""
+
+    free: SettleConfig = SettleConfig()
+    nudged: SettleConfig = SettleConfig()
+    readout_average: PositiveInt = Field(
+        1, le=100_000, description="Readouts of the settled state averaged per phase."
+    )
+    on_unsettled: Literal["skip", "stop"] = Field(
+        "skip",
+        description="skip: a sample whose phase did not settle is left out of the update "
+        "(counted as a fault); stop: end the run with an error.",
+    )
+
+
+class EstimatorConfig(_Strict):
+    """The EP gradient estimator and its nudge strength beta."""
+
+    name: Literal["one_sided", "symmetric"] = "symmetric"
+    beta: PositiveFloat = Field(0.5, le=1e6, description="Nudge strength magnitude |beta|.")
+    random_sign: bool = Field(
+        False, description="one_sided only: draw the sign of beta at random for each batch."
+    )
+
+
+class TrainingConfig(_Strict):
+    epochs: PositiveInt = Field(1, le=100_000)
+    batch_size: PositiveInt = Field(20, le=1_000_000)
+    learning_rates: list[PositiveFloat] = Field(
+        description="One learning rate per layer of couplings (W_l with its bias b_l)."
+    )
+    checkpoint_every: PositiveInt = Field(
+        100, description="Store a parameter snapshot every this many steps (and at each epoch end)."
+    )
+
+    @field_validator("learning_rates", mode="before")
+    @classmethod
+    def _scalar_to_list(cls, value: Any) -> Any:
+        return [value] if isinstance(value, int | float) and not isinstance(value, bool) else value
+
+
+class EvaluationConfig(_Strict):
+    every_epochs: PositiveInt = Field(1, description="Evaluate on the test set every N epochs.")
+    batch_size: PositiveInt = Field(500, le=1_000_000)
+
+
+class Protocol(_Strict):
+    """A whole EP run: bench, model, data, phases, estimator, training, evaluation."""
+
+    name: str = Field("run", max_length=200)
+    description: str = Field("", max_length=10_000)
+    seed: int = Field(0, ge=0, le=2**63 - 1)
+    bench: BenchConfig
+    model: ModelConfig
+    dataset: DatasetConfig
+    phases: PhasesConfig = PhasesConfig()
+    estimator: EstimatorConfig = EstimatorConfig()
+    training: TrainingConfig
+    evaluation: EvaluationConfig = EvaluationConfig()
+    store: str | None = Field(None, description="Run store path (CLI --store and LABEP_STORE win).")
+
+
+# --------------------------------------------------------------------------------------------
+# Errors
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One offending field: its dotted path, where it came from, and a plain message."""
+
+    path: str
+    message: str
+    where: str = ""
+
+    def __str__(self) -> str:
+        where = f" ({self.where})" if self.where else ""
+        return f"{self.path or '(document)'}{where}: {self.message}"
+
+
+class ProtocolError(ValueError):
+    """A protocol was refused; ``problems`` lists every offending field."""
+
+    def __init__(self, source: str, problems: list[Problem]) -> None:
+        self.source = source
+        self.problems = problems
+        lines = [f"{source}: invalid protocol ({len(problems)} problem(s)); nothing was run"]
+        lines += [f"  {problem}" for problem in problems]
+        super().__init__("\n".join(lines))
+
+
+def _dotted(loc: tuple[Any, ...]) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+class _LineMap:
+    """Line numbers of the nodes of a YAML document, looked up by key path."""
+
+    def __init__(self, text: str | None) -> None:
+        self.root = None
+        if text is not None:
+            try:
+                self.root = yaml.compose(text, Loader=yaml.SafeLoader)
+            except yaml.YAMLError:
+                self.root = None
+
+    def line(self, loc: tuple[Any, ...]) -> int | None:
+        node = self.root
+        if node is None:
+            return None
+        line = node.start_mark.line + 1
+        for part in loc:
+            child = None
+            if isinstance(node, yaml.MappingNode):
+                for key, value in node.value:
+                    if getattr(key, "value", None) == str(part):
+                        child = value
+                        line = key.start_mark.line + 1
+                        break
+            elif isinstance(node, yaml.SequenceNode) and isinstance(part, int):
+                if 0 <= part < len(node.value):
+                    child = node.value[part]
+                    line = child.start_mark.line + 1
+            if child is None:
+                return line
+            node = child
+        return line
+
+
+def _document_loc(doc: Any, loc: tuple[Any, ...]) -> tuple[Any, ...]:
+    """Drop the discriminator tags pydantic inserts into locations of tagged unions."""
+    out: list[Any] = []
+    node = doc
+    for part in loc:
+        if isinstance(node, dict):
+            if part in node:
+                out.append(part)
+                node = node[part]
+                continue
+            if part in (node.get("kind"), node.get("name")):
+                continue
+            out.append(part)
+            node = None
+        elif isinstance(node, list) and isinstance(part, int) and 0 <= part < len(node):
+            out.append(part)
+            node = node[part]
+        else:
+            out.append(part)
+            node = None
+    return tuple(out)
+
+
+def _describe(error: dict[str, Any]) -> str:
+    message = str(error["msg"])
+    if error["type"] == "extra_forbidden":
+        return "unknown field (not part of the protocol schema)"
+    if error["type"] == "missing":
+        return "required field is missing"
+    if "input" in error and error["type"] not in ("model_type", "dict_type"):
+        shown = repr(error["input"])
+        shown = shown if len(shown) <= 60 else shown[:57] + "..."
+        message += f", got {shown}"
+    return message
+
+
+# --------------------------------------------------------------------------------------------
+# Loading
+
+
+def parse_override(item: str) -> tuple[tuple[Any, ...], Any]:
+    """``a.b[2].c=value`` -> (("a", "b", 2, "c"), value parsed as a YAML scalar or flow list)."""
+    key, sep, raw = item.partition("=")
+    if not sep or not key.strip():
+        raise ValueError(f"override {item!r} is not of the form dotted.key=value")
+    path: list[Any] = []
+    for part in key.strip().replace("]", "").replace("[", ".").split("."):
+        if part == "":
+            raise ValueError(f"override {item!r}: empty key component")
+        path.append(int(part) if part.isdigit() else part)
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as err:
+        raise ValueError(f"override {item!r}: value is not valid YAML ({err})") from err
+    return tuple(path), value
+
+
+def apply_override(doc: dict[str, Any], path: tuple[Any, ...], value: Any) -> None:
+    node: Any = doc
+    for depth, part in enumerate(path[:-1]):
+        nxt = path[depth + 1]
+        if isinstance(node, dict):
+            if part not in node or node[part] is None:
+                node[part] = [] if isinstance(nxt, int) else {}
+            node = node[part]
+        elif isinstance(node, list) and isinstance(part, int) and part < len(node):
+            node = node[part]
+        else:
+            raise KeyError(_dotted(path[: depth + 1]))
+    last = path[-1]
+    if isinstance(node, dict) or (isinstance(node, list) and isinstance(last, int) and last < len(node)):
+        node[last] = value
+    else:
+        raise KeyError(_dotted(path))
+
+
+@dataclass
+class LoadedProtocol:
+    """A validated protocol with the document it came from (as run, overrides applied)."""
+
+    protocol: Protocol
+    document: dict[str, Any]
+    source: str
+
+
+def load_protocol(
+    source: str | Path | dict[str, Any], overrides: list[str] | tuple[str, ...] = ()
+) -> LoadedProtocol:
+    """Read, override and validate a protocol; raise :class:`ProtocolError` listing every
+    problem. Nothing is created and no bench is touched here."""
+    text: str | None = None
+    if isinstance(source, dict):
+        label, doc = "<protocol>", copy.deepcopy(source)
+    else:
+        label = str(source)
+        path = Path(source)
+        try:
+            raw = path.read_bytes()
+        except OSError as err:
+            raise ProtocolError(label, [Problem("", f"cannot read the file: {err.strerror}")])
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as err:
+            raise ProtocolError(label, [Problem("", f"not UTF-8 text ({err.reason})")]) from None
+        try:
+            doc = yaml.safe_load(text)
+        except yaml.YAMLError as err:
+            mark = getattr(err, "problem_mark", None)
+            where = f"line {mark.line + 1}" if mark is not None else ""
+            problem = getattr(err, "problem", None) or str(err)
+            raise ProtocolError(label, [Problem("", f"not valid YAML: {problem}", where)]) from None
+        if doc is None:
+            doc = {}
+    if not isinstance(doc, dict):
+        raise ProtocolError(label, [Problem("", "a protocol must be a mapping of fields")])
+
+    problems: list[Problem] = []
+    overridden: dict[tuple[Any, ...], str] = {}
+    for item in overrides:
+        try:
+            path_, value = parse_override(item)
+            apply_override(doc, path_, value)
+            overridden[path_] = item
+        except ValueError as err:
+            problems.append(Problem("", str(err), f"--set {item}"))
+        except KeyError as err:
+            problems.append(Problem(err.args[0], "no such field to override", f"--set {item}"))
+    if problems:
+        raise ProtocolError(label, problems)
+
+    lines = _LineMap(text)
+
+    def where(loc: tuple[Any, ...]) -> str:
+        for path_, item in overridden.items():
+            if loc[: len(path_)] == path_ or path_[: len(loc)] == loc:
+                return f"--set {item}"
+        line = lines.line(loc)
+        return f"line {line}" if line is not None else ""
+
+    try:
+        protocol = Protocol.model_validate(doc)
+    except ValidationError as err:
+        for error in err.errors():
+            loc = _document_loc(doc, tuple(error["loc"]))
+            problems.append(Problem(_dotted(loc), _describe(error), where(loc)))
+        raise ProtocolError(label, problems) from None
+
+    for loc, message in cross_check(protocol):
+        problems.append(Problem(_dotted(loc), message, where(loc)))
+    if problems:
+        raise ProtocolError(label, problems)
+    return LoadedProtocol(protocol, doc, label)
+
+
+def cross_check(protocol: Protocol) -> list[tuple[tuple[Any, ...], str]]:
+    """Checks that need the registry or the data; returns (location, message) pairs."""
+    problems: list[tuple[tuple[Any, ...], str]] = []
+    bench = protocol.bench
+    if (bench.simulator is None) == (bench.driver is None):
+        problems.append((("bench",), "give exactly one of 'simulator' or 'driver'"))
+        return problems
+    entry = registry.BENCHES.get(bench.name)
+    if entry is None or entry.kind != bench.kind:
+        known = ", ".join(registry.bench_names(bench.kind)) or "(none yet)"
+        problems.append((("bench", bench.kind), f"unknown {bench.kind} {bench.name!r}; known: {known}"))
+    else:
+        cls = entry.load()
+        if protocol.model.kind not in cls.model_kinds:
+            problems.append((
+                ("model", "kind"),
+                f"bench {bench.name!r} runs {', '.join(cls.model_kinds)}, not {protocol.model.kind}",
+            ))
+        try:
+            cls.options_model.model_validate(bench.options)
+        except ValidationError as err:
+            for error in err.errors():
+                loc = ("bench", "options", *error["loc"])
+                problems.append((loc, _describe(error)))
+        if bench.kind == "driver" and not bench.resource:
+            problems.append((("bench", "resource"), "a driver needs a resource string"))
+
+    n_layers = len(protocol.model.sizes) - 1
+    rates = protocol.training.learning_rates
+    if len(rates) not in (1, n_layers):
+        problems.append((
+            ("training", "learning_rates"),
+            f"give one learning rate per layer of couplings ({n_layers}) or a single value, "
+            f"got {len(rates)}",
+        ))
+    try:
+        n_features, n_classes = dataset_shape(protocol)
+    except (OSError, ValueError) as err:
+        problems.append((("dataset", "path"), str(err)))
+    else:
+        if protocol.model.sizes[0] != n_features:
+            problems.append((
+                ("model", "sizes", 0),
+                f"the input layer has {protocol.model.sizes[0]} units but the dataset has "
+                f"{n_features} features",
+            ))
+        if protocol.model.sizes[-1] != n_classes:
+            problems.append((
+                ("model", "sizes", len(protocol.model.sizes) - 1),
+                f"the output layer has {protocol.model.sizes[-1]} units but the dataset has "
+                f"{n_classes} classes",
+            ))
+    return problems
+
+
+def dataset_shape(protocol: Protocol) -> tuple[int, int]:
+    """(features, classes) of the protocol's dataset, reading only file headers."""
+    from labep.datasets import _open_idx, idx_header
+
+    data = protocol.dataset
+    if isinstance(data, DigitsConfig):
+        return 64, 10
+    if isinstance(data, XorConfig):
+        return 2, 2
+    from labep.datasets import read_idx
+
+    features, classes = 0, 0
+    for part in (data.train, data.test):
+        path = Path(data.path) / part.images
+        _, shape, _ = idx_header(_open_idx(path), path)
+        if len(shape) < 2:
+            raise ValueError(f"{path}: an image file needs >= 2 dimensions, got {shape}")
+        if part.stop is not None and part.stop > shape[0]:
+            raise ValueError(f"{path}: stop {part.stop} beyond its {shape[0]} items")
+        features = math.prod(shape[1:])
+        labels = read_idx(Path(data.path) / part.labels)
+        classes = max(classes, int(labels.max(initial=0)) + 1)
+    return int(features), classes

@@ -1,0 +1,40 @@
+"""Where protocol names resolve to classes: benches (simulators and drivers) and models.
+
+Imports are lazy so that validating a protocol never imports numba kernels or opens hardware.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from importlib import import_module
+from typing import Any
+
+
+@dataclass(frozen=True)
+class BenchEntry:
+    """A bench a protocol can name: ``kind`` is ``simulator`` or ``driver``."""
+
+    kind: str
+    target: str  # "module:Class"
+
+    def load(self) -> Any:
+        module, _, name = self.target.partition(":")
+        return getattr(import_module(module), name)
+
+
+BENCHES: dict[str, BenchEntry] = {
+    "hopfield": BenchEntry("simulator", "labep.simulators.hopfield:HopfieldSimulator"),
+}
+
+MODELS: dict[str, str] = {
+    "layered_hopfield": "labep.models.hopfield:LayeredHopfield",
+}
+
+
+def bench_names(kind: str) -> list[str]:
+    return sorted(name for name, entry in BENCHES.items() if entry.kind == kind)
+
+
+def load_model_class(kind: str) -> Any:
+    module, _, name = MODELS[kind].partition(":")
+    return getattr(import_module(module), name)

@@ -1,0 +1,299 @@
+"""Numba simulator of a layered continuous Hopfield network (the classic EP bench).
+
+Physics: :class:`labep.models.hopfield.LayeredHopfield`. The settle loop runs the fixed-point
+update s_l <- (1 - a) s_l + a rho(h_l) per sample, either layer by layer in even/odd order
+(asynchronous: exact block coordinate descent on E, converges without 2-cycles) or all layers
+at once (synchronous: can fall into a 2-cycle on a symmetric network unless damped, a < 1).
+Each sample stops as soon as its residual max|rho(h(s)) - s| is at or below tolerance.
+
+The clamped input's drive x W_1 + b_1 is constant during a phase: it is computed once per
+clamp (one BLAS product per batch), and reused by every phase with the same inputs.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import numba
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+
+from labep.bench import (
+    BenchIdentity,
+    BenchSpec,
+    Nudge,
+    ParameterSpec,
+    Relaxation,
+    Settle,
+)
+from labep.models.hopfield import LayeredHopfield
+
+
+@numba.njit(cache=True, inline="always")
+def _output_update(field: float, target: float, strength: float) -> float:
+    """argmin over s in [0, 1] of (1 + beta)/2 s^2 - (h + beta y) s: the output unit's
+    exact block update under the nudged energy E + beta C (rho(h + beta (y - s)) at the
+    fixed point; also correct for beta <= -1, where the block energy is concave)."""
+    curvature = 1.0 + strength
+    drive = field + strength * target
+    if curvature > 0.0:
+        value = drive / curvature
+        if value < 0.0:
+            return 0.0
+        if value > 1.0:
+            return 1.0
+        return value
+    return 1.0 if 0.5 * curvature - drive < 0.0 else 0.0
+
+
+@numba.njit(cache=True)
+def _layer_field(layer, sizes, state_offsets, weights, weight_offsets, biases, bias_offsets,
+                 drive_row, row, out):
+    """h_l for one sample into ``out``: input drive (l = 1) or b_l + W_l^T s_{l-1}, plus
+    W_{l+1} s_{l+1} from the layer above."""
+    n_here = sizes[layer]
+    n_layers = sizes.shape[0] - 1
+    if layer == 1:
+        for j in range(n_here):
+            out[j] = drive_row[j]
+    else:
+        n_below = sizes[layer - 1]
+        b0 = bias_offsets[layer - 1]
+        for j in range(n_here):
+            out[j] = biases[b0 + j]
+        w0 = weight_offsets[layer - 1]
+        s0 = state_offsets[layer - 2]
+        for i in range(n_below):
+            s_i = row[s0 + i]
+            if s_i != 0.0:
+                base = w0 + i * n_here
+                for j in range(n_here):
+                    out[j] += s_i * weights[base + j]
+    if layer < n_layers:
+        n_above = sizes[layer + 1]
+        w0 = weight_offsets[layer]
+        s0 = state_offsets[layer]
+        for i in range(n_here):
+            base = w0 + i * n_above
+            acc = 0.0
+            for j in range(n_above):
+                acc += weights[base + j] * row[s0 + j]
+            out[i] += acc
+
+
+@numba.njit(cache=True, parallel=True)
+def settle_layered(sizes, weights, weight_offsets, biases, bias_offsets, drive, state, target,
+                   strength, tolerance, max_steps, damping, asynchronous, steps_out,
+                   residual_out):
+    """Relax a batch of layered Hopfield states in place (one kernel for every phase).
+
+    ``weights``/``biases`` are the flat parameter buffers (W_l row-major at
+    ``weight_offsets[l-1]``, b_l at ``bias_offsets[l-1]``), ``drive`` the clamped input's
+    drive x W_1 + b_1 (batch, n_1), ``target`` y (batch, n_L), ``strength`` the nudge beta.
+    Writes each sample's steps used and final residual max|rho(h(s)) - s|.
+    """
+    batch = state.shape[0]
+    n_layers = sizes.shape[0] - 1
+    state_offsets = np.zeros(n_layers, dtype=np.int64)
+    for layer in range(1, n_layers):
+        state_offsets[layer] = state_offsets[layer - 1] + sizes[layer]
+    width = 0
+    for layer in range(1, n_layers + 1):
+        width = max(width, sizes[layer])
+    n_state = state.shape[1]
+    for sample in numba.prange(batch):
+        row = state[sample]
+        field = np.empty(width, dtype=state.dtype)
+        fields = np.empty(n_state, dtype=state.dtype)
+        residual = np.inf
+        steps = 0
+        for _ in range(max_steps):
+            residual = 0.0
+            if asynchronous:
+                # odd layers, then even layers: each block update minimises E exactly
+                for parity in (1, 0):
+                    for layer in range(1, n_layers + 1):
+                        if layer % 2 != parity:
+                            continue
+                        _layer_field(layer, sizes, state_offsets, weights, weight_offsets,
+                                     biases, bias_offsets, drive[sample], row, field)
+                        s0 = state_offsets[layer - 1]
+                        for j in range(sizes[layer]):
+                            if layer == n_layers:
+                                new = _output_update(field[j], target[sample, j], strength)
+                            else:
+                                new = min(max(field[j], 0.0), 1.0)
+                            change = abs(new - row[s0 + j])
+                            residual = max(residual, change)
+                            row[s0 + j] += damping * (new - row[s0 + j])
+            else:
+                for layer in range(1, n_layers + 1):
+                    s0 = state_offsets[layer - 1]
+                    _layer_field(layer, sizes, state_offsets, weights, weight_offsets,
+                                 biases, bias_offsets, drive[sample], row, field)
+                    for j in range(sizes[layer]):
+                        fields[s0 + j] = field[j]
+                for layer in range(1, n_layers + 1):
+                    s0 = state_offsets[layer - 1]
+                    for j in range(sizes[layer]):
+                        if layer == n_layers:
+                            new = _output_update(fields[s0 + j], target[sample, j], strength)
+                        else:
+                            new = min(max(fields[s0 + j], 0.0), 1.0)
+                        change = abs(new - row[s0 + j])
+                        residual = max(residual, change)
+                        row[s0 + j] += damping * (new - row[s0 + j])
+            steps += 1
+            if residual <= tolerance:
+                break
+        steps_out[sample] = steps
+        residual_out[sample] = residual
+
+
+class HopfieldSimulatorOptions(BaseModel):
+    """Options of the Hopfield simulator bench (``bench.options`` in a protocol)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    dtype: Literal["float32", "float64"] = Field(
+        "float32", description="Arithmetic precision of states and parameters."
+    )
+    asynchronous: bool = Field(
+        True, description="Even/odd layer order (block coordinate descent); False: all at once."
+    )
+    damping: float = Field(
+        1.0, gt=0.0, le=1.0, description="a in s <- (1 - a) s + a rho(h); 1 is undamped."
+    )
+    weight_range: float | None = Field(
+        None, gt=0.0, description="Physical range |W| <= weight_range; writes outside are refused."
+    )
+    bias_range: float | None = Field(
+        None, gt=0.0, description="Physical range |b| <= bias_range; writes outside are refused."
+    )
+    tolerance: float = Field(1e-4, gt=0.0, description="Default settle tolerance.")
+    max_steps: int = Field(100, ge=1, description="Default settle step cap.")
+
+
+class HopfieldSimulator:
+    """The layered Hopfield network as a Bench, relaxed by a numba kernel."""
+
+    name = "hopfield"
+    model_kinds = ("layered_hopfield",)
+    options_model = HopfieldSimulatorOptions
+
+    def __init__(self, model: LayeredHopfield, options: HopfieldSimulatorOptions | None = None):
+        self.model = model
+        self.options = options or HopfieldSimulatorOptions()
+        self.dtype = np.dtype(self.options.dtype)
+        shapes = model.parameter_shapes()
+        params = []
+        for name, shape in shapes.items():
+            limit = self.options.weight_range if name[0] == "W" else self.options.bias_range
+            limit = np.inf if limit is None else limit
+            params.append(ParameterSpec(name, shape, -limit, limit, unit="1"))
+        self.spec = BenchSpec(
+            parameters=tuple(params),
+            input_size=model.input_size,
+            state_size=model.state_size,
+            output_slice=model.output_slice,
+        )
+        self._sizes = np.asarray(model.sizes, dtype=np.int64)
+        n_layers = model.n_layers
+        w_sizes = [model.sizes[i - 1] * model.sizes[i] for i in range(1, n_layers + 1)]
+        self._weight_offsets = np.concatenate(([0], np.cumsum(w_sizes)[:-1])).astype(np.int64)
+        self._bias_offsets = np.concatenate(
+            ([0], np.cumsum(model.sizes[1:])[:-1])
+        ).astype(np.int64)
+        self._weights = np.zeros(int(sum(w_sizes)), dtype=self.dtype)
+        self._biases = np.zeros(model.state_size, dtype=self.dtype)
+        self._version = 0
+        self._clamp: tuple[np.ndarray, int, np.ndarray] | None = None
+        self._open = False
+
+    # -- lifecycle --------------------------------------------------------------------------
+
+    def open(self) -> BenchIdentity:
+        self._open = True
+        return BenchIdentity("labep", "hopfield-simulator", f"sizes={list(self.model.sizes)}",
+                             "numba-" + numba.__version__)
+
+    def close(self) -> None:
+        self._open = False
+        self._clamp = None
+
+    def __enter__(self) -> HopfieldSimulator:
+        self.open()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- parameters -------------------------------------------------------------------------
+
+    def _weight_view(self, index: int) -> np.ndarray:
+        rows, cols = self.model.sizes[index - 1], self.model.sizes[index]
+        start = self._weight_offsets[index - 1]
+        return self._weights[start:start + rows * cols].reshape(rows, cols)
+
+    def _bias_view(self, index: int) -> np.ndarray:
+        start = self._bias_offsets[index - 1]
+        return self._biases[start:start + self.model.sizes[index]]
+
+    def _view(self, name: str) -> np.ndarray:
+        index = int(name[1:])
+        return self._weight_view(index) if name[0] == "W" else self._bias_view(index)
+
+    def write(self, params: dict[str, np.ndarray]) -> None:
+        for name, values in params.items():
+            self.spec.parameter(name).check_range(values, bench=self.name)
+        for name, values in params.items():
+            self._view(name)[...] = values
+        self._version += 1
+
+    def read_params(self) -> dict[str, np.ndarray]:
+        return {name: self._view(name).copy() for name in self.spec.parameter_names}
+
+    # -- physics ----------------------------------------------------------------------------
+
+    def _drive(self, inputs: np.ndarray) -> np.ndarray:
+        """x W_1 + b_1, computed once per (inputs, parameters) and reused across phases."""
+        if self._clamp is not None:
+            clamped, version, drive = self._clamp
+            if version == self._version and np.array_equal(clamped, inputs):
+                return drive
+        drive = np.ascontiguousarray(inputs @ self._weight_view(1) + self._bias_view(1))
+        self._clamp = (inputs.copy(), self._version, drive)
+        return drive
+
+    def relax(
+        self,
+        inputs: np.ndarray,
+        nudge: Nudge | None = None,
+        start: np.ndarray | None = None,
+        settle: Settle | None = None,
+    ) -> Relaxation:
+        settle = settle or Settle(self.options.tolerance, self.options.max_steps)
+        inputs = np.ascontiguousarray(inputs, dtype=self.dtype)
+        batch = inputs.shape[0]
+        if inputs.ndim != 2 or inputs.shape[1] != self.model.input_size:
+            raise ValueError(f"{self.name}: inputs must be (batch, {self.model.input_size}), "
+                             f"got {inputs.shape}")
+        drive = self._drive(inputs)
+        if start is None:
+            state = np.zeros((batch, self.model.state_size), dtype=self.dtype)
+        else:
+            state = np.array(start, dtype=self.dtype, order="C", copy=True)
+        if nudge is None:
+            strength = 0.0
+            target = np.zeros((batch, self.model.output_size), dtype=self.dtype)
+        else:
+            strength = float(nudge.strength)
+            target = np.ascontiguousarray(nudge.target, dtype=self.dtype)
+        steps = np.zeros(batch, dtype=np.int64)
+        residual = np.zeros(batch, dtype=np.float64)
+        settle_layered(self._sizes, self._weights, self._weight_offsets, self._biases,
+                       self._bias_offsets, drive, state, target, strength,
+                       float(settle.tolerance), int(settle.max_steps),
+                       float(self.options.damping), bool(self.options.asynchronous),
+                       steps, residual)
+        return Relaxation(state, residual <= settle.tolerance, steps, residual)
