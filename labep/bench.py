@@ -46,10 +46,12 @@ class ParameterSpec:
             raise BenchError(
                 f"{bench}: write {self.name}: shape {values.shape} != declared {self.shape}"
             )
-        if not np.all(np.isfinite(values)):
-            raise OutOfRangeError(f"{bench}: write {self.name}: non-finite value refused")
-        lo, hi = float(values.min(initial=np.inf)), float(values.max(initial=-np.inf))
-        if values.size and (lo < self.low or hi > self.high):
+        if not values.size:
+            return
+        lo, hi = float(values.min()), float(values.max())
+        if not (self.low <= lo and hi <= self.high):  # False for NaN too
+            if not (np.isfinite(lo) and np.isfinite(hi)):
+                raise OutOfRangeError(f"{bench}: write {self.name}: non-finite value refused")
             raise OutOfRangeError(
                 f"{bench}: write {self.name}: values span [{lo:.6g}, {hi:.6g}] {self.unit}, "
                 f"outside the physical range [{self.low:.6g}, {self.high:.6g}] {self.unit}; "
@@ -155,7 +157,8 @@ class Bench(Protocol):
     def write(self, params: dict[str, np.ndarray]) -> None:
         """Write parameter values (already quantized and calibrated by the write path).
 
-        Refuses any value outside the declared range with :class:`OutOfRangeError`.
+        Refuses any value outside the declared range with :class:`OutOfRangeError`, before
+        writing anything. The bench copies the values; it keeps no reference to the arrays.
         """
         ...
 

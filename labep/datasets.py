@@ -108,7 +108,7 @@ def load_digits(test_fraction: float, split_seed: int) -> Split:
     inputs = data.data / 16.0
     labels = data.target.astype(np.int64)
     order = np.random.default_rng(split_seed).permutation(len(labels))
-    n_test = int(round(test_fraction * len(labels)))
+    n_test = round(test_fraction * len(labels))
     test, train = order[:n_test], order[n_test:]
     return Split(inputs[train], labels[train], inputs[test], labels[test], 10)
 

@@ -11,12 +11,14 @@ and nudge signs of any step are known without replaying the run.
 
 from __future__ import annotations
 
+import time
 import traceback as tb
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+from threadpoolctl import threadpool_limits
 from tqdm.auto import tqdm
 
 import labep
@@ -144,9 +146,16 @@ class Trainer:
         run_id = self.store.create_run(protocol.name, self.loaded.document, protocol.bench.name,
                                        protocol.seed, labep.__version__)
         try:
-            with bench:
-                self.store.set_bench_identity(run_id, bench.open().as_dict())
-                result = self._train(run_id, bench, model, data)
+            # numba kernels parallelize over the samples of a batch; a BLAS pool spinning on
+            # the same cores between kernel calls costs several times the work, so BLAS runs
+            # on one thread during a run.
+            with threadpool_limits(limits=1, user_api="blas"):
+                identity = bench.open()
+                try:
+                    self.store.set_bench_identity(run_id, identity.as_dict())
+                    result = self._train(run_id, bench, model, data)
+                finally:
+                    bench.close()  # the bench's safe state, on success and on every error
         except KeyboardInterrupt:
             self.store.finish(run_id, "interrupted", "interrupted by the user (SIGINT)",
                               tb.format_exc())
@@ -178,6 +187,7 @@ class Trainer:
             for epoch in range(training.epochs):
                 order = stream(protocol.seed, 1, epoch).permutation(n_train)
                 loss_sum, correct, seen = 0.0, 0, 0
+                started = time.perf_counter()
                 for index in range(batches):
                     rows = order[index * training.batch_size:(index + 1) * training.batch_size]
                     x, labels = data.train_inputs[rows], data.train_labels[rows]
@@ -224,8 +234,11 @@ class Trainer:
                     bar.set_postfix(epoch=epoch + 1, loss=f"{loss_sum / seen:.4f}",
                                     acc=f"{correct / seen:.3f}",
                                     test=f"{test['accuracy']:.3f}" if test else "-")
+                train_seconds = time.perf_counter() - started
                 epoch_loss = loss_sum / max(seen, 1)
-                epoch_metrics = {"train_loss": epoch_loss, "train_accuracy": correct / seen}
+                epoch_metrics = {"train_loss": epoch_loss, "train_accuracy": correct / seen,
+                                 "train_seconds": train_seconds,
+                                 "samples_per_second": seen / max(train_seconds, 1e-12)}
                 final = epoch == training.epochs - 1
                 if (epoch + 1) % protocol.evaluation.every_epochs == 0 or final:
                     test = evaluate(bench, model, data.test_inputs, data.test_labels, free_settle,

@@ -248,10 +248,10 @@ class _LineMap:
                         child = value
                         line = key.start_mark.line + 1
                         break
-            elif isinstance(node, yaml.SequenceNode) and isinstance(part, int):
-                if 0 <= part < len(node.value):
-                    child = node.value[part]
-                    line = child.start_mark.line + 1
+            elif (isinstance(node, yaml.SequenceNode) and isinstance(part, int)
+                  and 0 <= part < len(node.value)):
+                child = node.value[part]
+                line = child.start_mark.line + 1
             if child is None:
                 return line
             node = child
@@ -328,7 +328,8 @@ def apply_override(doc: dict[str, Any], path: tuple[Any, ...], value: Any) -> No
         else:
             raise KeyError(_dotted(path[: depth + 1]))
     last = path[-1]
-    if isinstance(node, dict) or (isinstance(node, list) and isinstance(last, int) and last < len(node)):
+    in_list = isinstance(node, list) and isinstance(last, int) and last < len(node)
+    if isinstance(node, dict) or in_list:
         node[last] = value
     else:
         raise KeyError(_dotted(path))
@@ -357,7 +358,8 @@ def load_protocol(
         try:
             raw = path.read_bytes()
         except OSError as err:
-            raise ProtocolError(label, [Problem("", f"cannot read the file: {err.strerror}")])
+            problem = Problem("", f"cannot read the file: {err.strerror}")
+            raise ProtocolError(label, [problem]) from None
         try:
             text = raw.decode("utf-8")
         except UnicodeDecodeError as err:
@@ -422,13 +424,15 @@ def cross_check(protocol: Protocol) -> list[tuple[tuple[Any, ...], str]]:
     entry = registry.BENCHES.get(bench.name)
     if entry is None or entry.kind != bench.kind:
         known = ", ".join(registry.bench_names(bench.kind)) or "(none yet)"
-        problems.append((("bench", bench.kind), f"unknown {bench.kind} {bench.name!r}; known: {known}"))
+        message = f"unknown {bench.kind} {bench.name!r}; known: {known}"
+        problems.append((("bench", bench.kind), message))
     else:
         cls = entry.load()
         if protocol.model.kind not in cls.model_kinds:
             problems.append((
                 ("model", "kind"),
-                f"bench {bench.name!r} runs {', '.join(cls.model_kinds)}, not {protocol.model.kind}",
+                f"bench {bench.name!r} runs {', '.join(cls.model_kinds)}, "
+                f"not {protocol.model.kind}",
             ))
         try:
             cls.options_model.model_validate(bench.options)

@@ -23,13 +23,13 @@ class WritePath:
 
     def write_all(self) -> None:
         """Write every shadow parameter to the bench (at start, and after a resume)."""
-        self.bench.write({k: v.copy() for k, v in self.shadow.items()})
+        self.bench.write(self.shadow)
         self.writes += 1
 
     def apply(self, update: Params) -> None:
         """theta <- theta + update and write the changed parameters. The shadow only changes
         once the bench accepted the write, so a refused write leaves host and bench agreeing."""
         candidate = {name: self.shadow[name] + delta for name, delta in update.items()}
-        self.bench.write({k: v.copy() for k, v in candidate.items()})
+        self.bench.write(candidate)
         self.shadow.update(candidate)
         self.writes += 1

@@ -47,10 +47,14 @@ def _output_update(field: float, target: float, strength: float) -> float:
 
 
 @numba.njit(cache=True)
-def _layer_field(layer, sizes, state_offsets, weights, weight_offsets, biases, bias_offsets,
-                 drive_row, row, out):
+def _layer_field(layer, sizes, state_offsets, weights, weight_offsets, transposed, biases,
+                 bias_offsets, drive_row, row, out):
     """h_l for one sample into ``out``: input drive (l = 1) or b_l + W_l^T s_{l-1}, plus
-    W_{l+1} s_{l+1} from the layer above."""
+    W_{l+1} s_{l+1} from the layer above.
+
+    W_l is stored row-major (n_{l-1}, n_l), or transposed (n_l, n_{l-1}) where n_{l-1} > n_l,
+    so that every inner loop runs over the larger of the two layers.
+    """
     n_here = sizes[layer]
     n_layers = sizes.shape[0] - 1
     if layer == 1:
@@ -59,37 +63,54 @@ def _layer_field(layer, sizes, state_offsets, weights, weight_offsets, biases, b
     else:
         n_below = sizes[layer - 1]
         b0 = bias_offsets[layer - 1]
-        for j in range(n_here):
-            out[j] = biases[b0 + j]
         w0 = weight_offsets[layer - 1]
         s0 = state_offsets[layer - 2]
-        for i in range(n_below):
-            s_i = row[s0 + i]
-            if s_i != 0.0:
-                base = w0 + i * n_here
-                for j in range(n_here):
-                    out[j] += s_i * weights[base + j]
+        if transposed[layer - 1]:
+            for j in range(n_here):
+                base = w0 + j * n_below
+                acc = biases[b0 + j]
+                for i in range(n_below):
+                    acc += weights[base + i] * row[s0 + i]
+                out[j] = acc
+        else:
+            for j in range(n_here):
+                out[j] = biases[b0 + j]
+            for i in range(n_below):
+                s_i = row[s0 + i]
+                if s_i != 0.0:
+                    base = w0 + i * n_here
+                    for j in range(n_here):
+                        out[j] += s_i * weights[base + j]
     if layer < n_layers:
         n_above = sizes[layer + 1]
         w0 = weight_offsets[layer]
         s0 = state_offsets[layer]
-        for i in range(n_here):
-            base = w0 + i * n_above
-            acc = 0.0
+        if transposed[layer]:
             for j in range(n_above):
-                acc += weights[base + j] * row[s0 + j]
-            out[i] += acc
+                s_j = row[s0 + j]
+                if s_j != 0.0:
+                    base = w0 + j * n_here
+                    for i in range(n_here):
+                        out[i] += s_j * weights[base + i]
+        else:
+            for i in range(n_here):
+                base = w0 + i * n_above
+                acc = 0.0
+                for j in range(n_above):
+                    acc += weights[base + j] * row[s0 + j]
+                out[i] += acc
 
 
 @numba.njit(cache=True, parallel=True)
-def settle_layered(sizes, weights, weight_offsets, biases, bias_offsets, drive, state, target,
-                   strength, tolerance, max_steps, damping, asynchronous, steps_out,
+def settle_layered(sizes, weights, weight_offsets, transposed, biases, bias_offsets, drive, state,
+                   target, strength, tolerance, max_steps, damping, asynchronous, steps_out,
                    residual_out):
     """Relax a batch of layered Hopfield states in place (one kernel for every phase).
 
-    ``weights``/``biases`` are the flat parameter buffers (W_l row-major at
-    ``weight_offsets[l-1]``, b_l at ``bias_offsets[l-1]``), ``drive`` the clamped input's
-    drive x W_1 + b_1 (batch, n_1), ``target`` y (batch, n_L), ``strength`` the nudge beta.
+    ``weights``/``biases`` are the flat parameter buffers (W_l at ``weight_offsets[l-1]``,
+    row-major or, where ``transposed[l-1]``, transposed; b_l at ``bias_offsets[l-1]``),
+    ``drive`` the clamped input's drive x W_1 + b_1 (batch, n_1), ``target`` y (batch, n_L),
+    ``strength`` the nudge beta.
     Writes each sample's steps used and final residual max|rho(h(s)) - s|.
     """
     batch = state.shape[0]
@@ -116,7 +137,8 @@ def settle_layered(sizes, weights, weight_offsets, biases, bias_offsets, drive, 
                         if layer % 2 != parity:
                             continue
                         _layer_field(layer, sizes, state_offsets, weights, weight_offsets,
-                                     biases, bias_offsets, drive[sample], row, field)
+                                     transposed, biases, bias_offsets, drive[sample], row,
+                                     field)
                         s0 = state_offsets[layer - 1]
                         for j in range(sizes[layer]):
                             if layer == n_layers:
@@ -130,7 +152,7 @@ def settle_layered(sizes, weights, weight_offsets, biases, bias_offsets, drive, 
                 for layer in range(1, n_layers + 1):
                     s0 = state_offsets[layer - 1]
                     _layer_field(layer, sizes, state_offsets, weights, weight_offsets,
-                                 biases, bias_offsets, drive[sample], row, field)
+                                 transposed, biases, bias_offsets, drive[sample], row, field)
                     for j in range(sizes[layer]):
                         fields[s0 + j] = field[j]
                 for layer in range(1, n_layers + 1):
@@ -201,6 +223,9 @@ class HopfieldSimulator:
         n_layers = model.n_layers
         w_sizes = [model.sizes[i - 1] * model.sizes[i] for i in range(1, n_layers + 1)]
         self._weight_offsets = np.concatenate(([0], np.cumsum(w_sizes)[:-1])).astype(np.int64)
+        self._transposed = np.array(
+            [model.sizes[i - 1] > model.sizes[i] for i in range(1, n_layers + 1)], dtype=np.bool_
+        )
         self._bias_offsets = np.concatenate(
             ([0], np.cumsum(model.sizes[1:])[:-1])
         ).astype(np.int64)
@@ -233,7 +258,10 @@ class HopfieldSimulator:
     def _weight_view(self, index: int) -> np.ndarray:
         rows, cols = self.model.sizes[index - 1], self.model.sizes[index]
         start = self._weight_offsets[index - 1]
-        return self._weights[start:start + rows * cols].reshape(rows, cols)
+        flat = self._weights[start:start + rows * cols]
+        if self._transposed[index - 1]:
+            return flat.reshape(cols, rows).T
+        return flat.reshape(rows, cols)
 
     def _bias_view(self, index: int) -> np.ndarray:
         start = self._bias_offsets[index - 1]
@@ -291,7 +319,8 @@ class HopfieldSimulator:
             target = np.ascontiguousarray(nudge.target, dtype=self.dtype)
         steps = np.zeros(batch, dtype=np.int64)
         residual = np.zeros(batch, dtype=np.float64)
-        settle_layered(self._sizes, self._weights, self._weight_offsets, self._biases,
+        settle_layered(self._sizes, self._weights, self._weight_offsets, self._transposed,
+                       self._biases,
                        self._bias_offsets, drive, state, target, strength,
                        float(settle.tolerance), int(settle.max_steps),
                        float(self.options.damping), bool(self.options.asynchronous),

@@ -38,8 +38,9 @@ class LayeredHopfield:
         self.state_size = int(sum(self.sizes[1:]))
         offsets = np.cumsum((0, *self.sizes[1:]))
         #: (start, stop) of layer l (1..L) inside a state row; index 0 is unused (the input).
-        self.layer_slices: tuple[tuple[int, int], ...] = ((0, 0),) + tuple(
-            (int(offsets[i]), int(offsets[i + 1])) for i in range(len(self.sizes) - 1)
+        self.layer_slices: tuple[tuple[int, int], ...] = (
+            (0, 0),
+            *((int(offsets[i]), int(offsets[i + 1])) for i in range(len(self.sizes) - 1)),
         )
 
     @property
@@ -141,6 +142,7 @@ class LayeredHopfield:
         -x^T (s_a1 - s_b1); deeper layers need both outer products.
         """
         batch = state_a.shape[0]
+        inputs = np.asarray(inputs, dtype=state_a.dtype)
         w = np.full(batch, 1.0 / batch) if weights is None else weights / max(weights.sum(), 1e-300)
         w = w.astype(state_a.dtype, copy=False)[:, None]
         grads: Params = {}

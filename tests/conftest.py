@@ -1,0 +1,70 @@
+"""Shared fixtures: the repository's protocols, a throwaway store, the CLI, the shared data."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from click.testing import CliRunner, Result
+
+from labep.cli import main
+
+REPO = Path(__file__).resolve().parents[1]
+PROTOCOLS = REPO / "protocols"
+MNIST = REPO.parent / "shared" / "data" / "mnist"
+
+needs_mnist = pytest.mark.skipif(
+    not (MNIST / "t10k-images-idx3-ubyte.gz").is_file(),
+    reason="../shared/data/mnist is not beside this clone",
+)
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Path:
+    return tmp_path / "runs.db"
+
+
+def cli(*args: str) -> Result:
+    """Invoke ``labep`` in-process; stdout and stderr kept apart."""
+    return CliRunner().invoke(main, list(args), catch_exceptions=False)
+
+
+def cli_json(*args: str) -> Any:
+    result = cli(*args)
+    assert result.exit_code == 0, result.output + result.stderr
+    return json.loads(result.stdout)
+
+
+def protocol_doc(name: str) -> dict[str, Any]:
+    return yaml.safe_load((PROTOCOLS / name).read_text())
+
+
+def write_protocol(path: Path, doc: dict[str, Any]) -> Path:
+    path.write_text(yaml.safe_dump(doc, sort_keys=False))
+    return path
+
+
+def tiny_xor(**changes: Any) -> dict[str, Any]:
+    """A seconds-long XOR protocol on the Hopfield simulator; ``changes`` are dotted overrides."""
+    doc: dict[str, Any] = {
+        "name": "tiny-xor",
+        "seed": 3,
+        "bench": {"simulator": "hopfield", "options": {"dtype": "float64"}},
+        "model": {"kind": "layered_hopfield", "sizes": [2, 8, 2], "init_gain": 1.0},
+        "dataset": {"name": "xor", "repeats": 8},
+        "phases": {"free": {"tolerance": 1e-6, "max_steps": 500},
+                   "nudged": {"tolerance": 1e-6, "max_steps": 500}},
+        "estimator": {"name": "symmetric", "beta": 0.5},
+        "training": {"epochs": 2, "batch_size": 4, "learning_rates": [0.2, 0.1],
+                     "checkpoint_every": 4},
+    }
+    for key, value in changes.items():
+        node = doc
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = value
+    return doc

@@ -1,0 +1,123 @@
+"""The layered Hopfield simulator: settles by measured residual, damping, range refusal."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from labep.simulators.hopfield import HopfieldSimulator, HopfieldSimulatorOptions
+
+from labep.bench import Bench, Nudge, OutOfRangeError, Settle
+from labep.models.hopfield import LayeredHopfield
+
+
+def make(sizes, dtype="float64", seed=0, **options):
+    model = LayeredHopfield(sizes)
+    sim = HopfieldSimulator(model, HopfieldSimulatorOptions(dtype=dtype, **options))
+    params = model.init_params(np.random.default_rng(seed))
+    sim.open()
+    sim.write(params)
+    return model, sim, params
+
+
+def test_is_a_bench() -> None:
+    _, sim, _ = make([4, 3, 2])
+    assert isinstance(sim, Bench)
+    assert sim.spec.state_size == 5 and sim.spec.output_slice == (3, 5)
+
+
+@pytest.mark.parametrize("asynchronous", [True, False])
+def test_free_state_is_a_fixed_point(asynchronous: bool) -> None:
+    model, sim, params = make([6, 7, 5, 3], asynchronous=asynchronous, damping=0.7)
+    x = np.random.default_rng(1).random((9, 6))
+    relax = sim.relax(x, settle=Settle(1e-12, 5000))
+    assert relax.all_converged
+    # the host's own measure of the read-back state agrees that it is a fixed point
+    assert np.max(model.residual(x, relax.state, params)) < 1e-10
+    assert np.all((relax.state >= 0) & (relax.state <= 1))
+
+
+def test_nudged_state_is_a_fixed_point_of_the_nudged_energy() -> None:
+    model, sim, params = make([6, 7, 3])
+    rng = np.random.default_rng(2)
+    x, y = rng.random((5, 6)), model.encode_target(rng.integers(0, 3, 5))
+    for beta in (0.5, -0.5, 2.0):
+        relax = sim.relax(x, Nudge(beta, y), settle=Settle(1e-12, 5000))
+        assert relax.all_converged
+        h = model.local_fields(x, relax.state, params)
+        lo, hi = model.output_slice
+        h[:, lo:hi] += beta * (y - relax.state[:, lo:hi])  # rho(h + beta (y - s_L)) = s_L
+        assert np.max(np.abs(np.clip(h, 0, 1) - relax.state)) < 1e-9
+
+
+def test_two_cycle_is_reported_and_damping_cures_it() -> None:
+    """s1 = rho(1 - 2 s2), s2 = rho(1 - 2 s1): the undamped synchronous update 2-cycles
+    between (1, 1) and (0, 0); damping (a = 0.5) converges; even/odd order converges too."""
+    params = {"W1": np.array([[1.0]]), "b1": np.array([0.0]),
+              "W2": np.array([[-2.0]]), "b2": np.array([1.0])}
+    x = np.ones((1, 1))
+    results = {}
+    for label, opts in {"undamped": dict(asynchronous=False, damping=1.0),
+                        "damped": dict(asynchronous=False, damping=0.5),
+                        "async": dict(asynchronous=True)}.items():
+        sim = HopfieldSimulator(LayeredHopfield([1, 1, 1]),
+                                HopfieldSimulatorOptions(dtype="float64", **opts))
+        sim.write(params)
+        results[label] = sim.relax(x, settle=Settle(1e-9, 200))
+    assert not results["undamped"].converged[0]
+    assert results["undamped"].residual[0] == pytest.approx(1.0)
+    assert results["undamped"].steps[0] == 200
+    assert results["damped"].converged[0] and results["async"].converged[0]
+
+
+def test_max_steps_caps_and_reports() -> None:
+    _, sim, _ = make([20, 30, 4], seed=3)
+    x = np.random.default_rng(0).random((4, 20))
+    relax = sim.relax(x, settle=Settle(1e-14, 1))
+    assert np.all(relax.steps == 1) and not relax.all_converged
+    assert np.all(relax.residual > 1e-14)
+
+
+def test_float32_and_float64_agree() -> None:
+    rng = np.random.default_rng(4)
+    x = rng.random((8, 10))
+    states = {}
+    for dtype in ("float32", "float64"):
+        _, sim, _ = make([10, 12, 3], dtype=dtype)
+        relax = sim.relax(x, settle=Settle(1e-6, 1000))
+        assert relax.state.dtype == np.dtype(dtype)
+        states[dtype] = relax.state
+    np.testing.assert_allclose(states["float32"], states["float64"], atol=1e-4)
+
+
+def test_clamped_drive_follows_inputs_and_writes() -> None:
+    model, sim, params = make([5, 4, 2])
+    rng = np.random.default_rng(5)
+    x1, x2 = rng.random((3, 5)), rng.random((3, 5))
+    settle = Settle(1e-12, 2000)
+    a = sim.relax(x1, settle=settle).state
+    b = sim.relax(x2, settle=settle).state
+    assert not np.allclose(a, b)
+    np.testing.assert_array_equal(sim.relax(x1, settle=settle).state, a)
+    sim.write({"W1": params["W1"] * 2})
+    c = sim.relax(x1, settle=settle).state
+    assert np.max(model.residual(x1, c, {**params, "W1": params["W1"] * 2})) < 1e-10
+
+
+def test_out_of_range_write_is_refused_whole() -> None:
+    _, sim, _ = make([3, 4, 2], weight_range=1.0)
+    before = sim.read_params()
+    bad = {"W1": np.full((3, 4), 0.1), "W2": np.full((4, 2), 1.5)}
+    with pytest.raises(OutOfRangeError, match=r"W2.*outside the physical range"):
+        sim.write(bad)
+    after = sim.read_params()
+    for name in before:
+        np.testing.assert_array_equal(before[name], after[name])  # nothing half-written
+    with pytest.raises(OutOfRangeError, match="non-finite"):
+        sim.write({"b1": np.array([0.0, np.nan, 0.0, 0.0])})
+
+
+def test_read_params_round_trip() -> None:
+    _, sim, params = make([7, 5, 3])  # W1 stored transposed (7 > 5), W2 too (5 > 3)
+    back = sim.read_params()
+    for name, value in params.items():
+        np.testing.assert_array_equal(back[name], value)

@@ -1,0 +1,129 @@
+"""Runs are recorded in a SQLite store readable without labep; runs/show/run on the CLI."""
+
+from __future__ import annotations
+
+import io
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from labep.engine import Trainer, final_params
+from labep.protocol import load_protocol
+from labep.store import SCHEMA_VERSION, RunStore, StoreError
+
+from .conftest import cli, cli_json, tiny_xor, write_protocol
+
+
+def test_run_is_readable_with_sqlite3_alone(tmp_path: Path, store: Path) -> None:
+    path = write_protocol(tmp_path / "xor.yaml", tiny_xor())
+    result = cli("run", str(path), "--store", str(store), "--no-progress")
+    assert result.exit_code == 0, result.output
+    run_id = result.stdout.split()[1]
+    db = sqlite3.connect(store)
+    assert {"runs", "steps", "metrics", "arrays", "events", "meta"} <= {
+        row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    assert db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone() == (
+        str(SCHEMA_VERSION),)
+    status, protocol = db.execute("SELECT status, protocol FROM runs WHERE id = ?",
+                                  (run_id,)).fetchone()
+    assert status == "completed" and '"tiny-xor"' in protocol
+    n_steps = db.execute("SELECT COUNT(*) FROM steps WHERE run_id = ?", (run_id,)).fetchone()[0]
+    assert n_steps == 2 * 8  # 2 epochs of 32 samples in batches of 4
+    losses = db.execute("SELECT value FROM metrics WHERE run_id = ? AND name = 'loss' "
+                        "ORDER BY step", (run_id,)).fetchall()
+    assert len(losses) == n_steps and all(np.isfinite(v) for (v,) in losses)
+    (acc,) = db.execute("SELECT value FROM metrics WHERE run_id = ? AND name = "
+                        "'test_accuracy' ORDER BY step DESC LIMIT 1", (run_id,)).fetchone()
+    assert 0.0 <= acc <= 1.0
+    blob = db.execute("SELECT npy FROM arrays WHERE run_id = ? AND name = 'W1' ORDER BY step "
+                      "DESC LIMIT 1", (run_id,)).fetchone()[0]
+    assert np.load(io.BytesIO(blob), allow_pickle=False).shape == (2, 8)
+
+
+def test_show_and_runs_json(tmp_path: Path, store: Path) -> None:
+    path = write_protocol(tmp_path / "xor.yaml", tiny_xor())
+    assert cli("run", str(path), "--store", str(store), "--no-progress").exit_code == 0
+    listing = cli_json("runs", "--store", str(store), "--json")
+    assert len(listing) == 1
+    shown = cli_json("show", listing[0]["id"][:15], "--store", str(store), "--json")
+    assert {"id", "status", "protocol", "bench", "metrics"} <= set(shown)
+    assert shown["status"] == "completed"
+    assert shown["protocol"]["name"] == "tiny-xor"
+    assert shown["bench"]["name"] == "hopfield"
+    assert shown["bench"]["identity"]["model"] == "hopfield-simulator"
+    assert shown["metrics"]["test_accuracy"] is not None
+    assert shown["metrics"]["train_loss"] is not None
+    text = cli("show", "latest", "--store", str(store))
+    assert "completed" in text.stdout
+    assert "tiny-xor" in cli("runs", "--store", str(store)).stdout
+
+
+def test_store_env_variable(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = write_protocol(tmp_path / "xor.yaml", tiny_xor(**{"training.epochs": 1}))
+    monkeypatch.setenv("LABEP_STORE", str(tmp_path / "env.db"))
+    assert cli("run", str(path), "--no-progress").exit_code == 0
+    assert len(cli_json("runs", "--json")) == 1
+    assert (tmp_path / "env.db").exists()
+
+
+def test_show_unknown_run_and_missing_store(tmp_path: Path, store: Path) -> None:
+    result = cli("show", "nope", "--store", str(tmp_path / "absent.db"))
+    assert result.exit_code == 1 and "no run store" in result.stderr
+    RunStore(store).close()
+    result = cli("show", "nope", "--store", str(store))
+    assert result.exit_code == 1 and "no run matching" in result.stderr
+
+
+def test_unwritable_store_is_refused_before_the_bench(tmp_path: Path) -> None:
+    path = write_protocol(tmp_path / "xor.yaml", tiny_xor())
+    result = cli("run", str(path), "--store", str(tmp_path / "no" / "such" / "dir.db"))
+    assert result.exit_code == 2 and "cannot create the run store" in result.stderr
+
+
+def test_failed_run_keeps_status_and_traceback(tmp_path: Path, store: Path) -> None:
+    doc = tiny_xor(**{"phases.nudged.max_steps": 1, "phases.nudged.tolerance": 1e-12,
+                      "phases.on_unsettled": "stop"})
+    result = cli("run", str(write_protocol(tmp_path / "p.yaml", doc)), "--store", str(store),
+                 "--no-progress")
+    assert result.exit_code == 1 and "did not settle" in result.stderr
+    shown = cli_json("show", "latest", "--store", str(store), "--json")
+    assert shown["status"] == "failed"
+    assert "UnsettledPhaseError" in shown["error"]
+    assert "Traceback" in shown["traceback"]
+
+
+def test_unsettled_samples_never_update(store: Path) -> None:
+    """With the nudged phase capped at one step, no sample settles: the run completes, every
+    step is logged as a fault, and the parameters never move."""
+    doc = tiny_xor(**{"phases.nudged.max_steps": 1, "phases.nudged.tolerance": 1e-12,
+                      "training.epochs": 1})
+    with RunStore(store) as runs:
+        result = Trainer(load_protocol(doc), runs, progress=False).run()
+        first = runs.arrays(result.run_id, "checkpoint", step=0)[1]
+        last = final_params(runs, result.run_id)
+        for name in first:
+            np.testing.assert_array_equal(first[name], last[name])
+        events = runs.events(result.run_id)
+        assert len(events) == result.steps
+        assert all(e["kind"] == "unsettled" and e["detail"]["samples"] == 4 for e in events)
+
+
+def test_newer_schema_is_refused(store: Path) -> None:
+    RunStore(store).close()
+    db = sqlite3.connect(store)
+    db.execute("UPDATE meta SET value = '999' WHERE key = 'schema_version'")
+    db.commit()
+    db.close()
+    with pytest.raises(StoreError, match="newer than this labep"):
+        RunStore(store)
+
+
+def test_console_script_entry_point(tmp_path: Path) -> None:
+    """`labep` as installed: the console script (python -m labep.cli as fallback)."""
+    result = subprocess.run([sys.executable, "-m", "labep.cli", "--help"],
+                            capture_output=True, text=True, check=False)
+    assert result.returncode == 0 and "gradcheck" in result.stdout
