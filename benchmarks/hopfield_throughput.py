@@ -54,9 +54,10 @@ from __future__ import annotations
 
 import os
 
-# numba reads its thread count when it is first imported (labep imports it): set it first.
+# numba sizes its thread pool from NUMBA_NUM_THREADS when it is first imported (labep imports
+# it): set it first. ``--threads`` then picks how many of the pool (and of torch's) are used.
 THREADS = 2
-os.environ["NUMBA_NUM_THREADS"] = str(THREADS)
+os.environ.setdefault("NUMBA_NUM_THREADS", str(THREADS))
 
 import argparse  # noqa: E402
 import json  # noqa: E402
@@ -64,6 +65,7 @@ import shlex  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
+from contextlib import AbstractContextManager, nullcontext  # noqa: E402
 from dataclasses import asdict, dataclass, field  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Any, Literal  # noqa: E402
@@ -82,6 +84,11 @@ try:
     import torch
 except ImportError:  # the torch side is optional
     torch = None  # type: ignore[assignment]
+
+try:
+    from threadpoolctl import threadpool_info, threadpool_limits
+except ImportError:  # numpy's BLAS is then left at its own default
+    threadpool_info = threadpool_limits = None  # type: ignore[assignment]
 
 DEFAULT_PROTOCOL = Path(__file__).resolve().parents[1] / "protocols" / "hopfield_mnist.yaml"
 WARMUP_SAMPLES = 40
@@ -336,7 +343,7 @@ def setup(protocol: Protocol) -> dict[str, Any]:
     }
 
 
-def print_table(results: list[MethodResult], report: dict[str, Any]) -> None:
+def print_table(report: dict[str, Any]) -> None:
     cfg = report["setup"]
     print(f"labep Hopfield EP throughput: {'-'.join(map(str, cfg['sizes']))}, "
           f"{report['train_samples']} train / {report['test_samples']} test samples, "
@@ -347,10 +354,10 @@ def print_table(results: list[MethodResult], report: dict[str, Any]) -> None:
               f"{'run wall s':>12}")
     print(header)
     print("-" * len(header))
-    for r in results:
-        acc = "-" if r.test_accuracy is None else f"{r.test_accuracy:.4f}"
-        print(f"{r.method:<16}{r.samples_per_second:>17.1f}{r.train_seconds:>10.2f}{acc:>10}"
-              f"{r.wall_seconds:>12.2f}")
+    for name, r in report["methods"].items():
+        acc = "-" if r["test_accuracy"] is None else f"{r['test_accuracy']:.4f}"
+        print(f"{name:<16}{r['samples_per_second']:>17.1f}{r['train_seconds']:>10.2f}{acc:>10}"
+              f"{r['wall_seconds']:>12.2f}")
     print()
     skipped = report.get("torch_skipped")
     if not skipped:
@@ -373,8 +380,10 @@ def print_table(results: list[MethodResult], report: dict[str, Any]) -> None:
         print(f"max |theta_autograd - theta_explicit| after training: "
               f"{report['torch_variants_max_param_diff']:.2e}")
     threads = report["threads"]
-    print(f"threads: numba {threads['numba']} (NUMBA_NUM_THREADS={threads['numba_env']}), "
-          f"torch {threads['torch']}; {threads['cpus']} CPU(s)")
+    blas = ", ".join(threads["numpy_blas"]) or "not known"
+    print(f"threads: numba {threads['numba']} ({threads['numba_layer']} layer, "
+          f"NUMBA_NUM_THREADS={threads['numba_env']}), torch {threads['torch']}, numpy BLAS "
+          f"{blas}; {threads['cpus']} CPU(s)")
     load = report["load_average_1min"]
     if load["start"] is not None:
         busy = load["start"] > (threads["cpus"] or 1) / 2  # "end" includes this benchmark
@@ -399,27 +408,33 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--epochs", type=int, default=1, help="training epochs (default 1)")
     parser.add_argument("--train-samples", type=int, metavar="N",
                         help="train on rows [start, N) only (override dataset.train.stop=N)")
+    parser.add_argument("--threads", type=int, default=THREADS,
+                        help=f"threads for numba, torch and numpy's BLAS (default {THREADS}; "
+                        "at most NUMBA_NUM_THREADS)")
     parser.add_argument("--json", action="store_true", help="print the figures as JSON")
     return parser.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    load_before = load_average()
-    overrides = [f"training.epochs={args.epochs}"]
-    if args.data is not None:
-        overrides.append(f"dataset.path={args.data}")
-    if args.train_samples is not None:
-        overrides.append(f"dataset.train.stop={args.train_samples}")
-    overrides += args.overrides
+def blas_threads(count: int) -> AbstractContextManager[Any]:
+    """Limit numpy's BLAS (used by labep's host-side products) to ``count`` threads."""
+    if threadpool_limits is None:
+        return nullcontext()
+    return threadpool_limits(limits=count, user_api="blas")
 
-    loaded = load_protocol(args.protocol, overrides)
+
+def blas_thread_counts() -> list[str]:
+    """Threads of numpy's own BLAS (other copies, e.g. scipy's, are not on the hot path)."""
+    if threadpool_info is None:
+        return []
+    return [f"{pool['internal_api']} {pool['num_threads']}" for pool in threadpool_info()
+            if pool["user_api"] == "blas" and "numpy" in Path(pool["filepath"]).parent.name]
+
+
+def run_all(args: argparse.Namespace, loaded: LoadedProtocol, overrides: list[str],
+            data: Split, load_before: float | None) -> dict[str, Any]:
+    """labep, then the two torch variants; the report as a JSON-ready dict."""
     protocol = loaded.protocol
-    if protocol.model.kind != "layered_hopfield" or not isinstance(protocol.dataset, IdxConfig):
-        raise SystemExit("this benchmark needs a layered_hopfield model on an IDX dataset")
-    if torch is not None:
-        torch.set_num_threads(THREADS)
-    data = load_dataset(protocol)
+    assert isinstance(protocol.dataset, IdxConfig)
 
     results: list[MethodResult] = []
     with tempfile.TemporaryDirectory(prefix="labep-bench-") as tmp:
@@ -463,7 +478,9 @@ def main(argv: list[str] | None = None) -> int:
         "threads": {
             "numba": numba.get_num_threads(),
             "numba_env": os.environ.get("NUMBA_NUM_THREADS"),
+            "numba_layer": numba.threading_layer(),
             "torch": None if torch is None else torch.get_num_threads(),
+            "numpy_blas": blas_thread_counts(),
             "cpus": os.cpu_count(),
         },
         "versions": {
@@ -474,10 +491,36 @@ def main(argv: list[str] | None = None) -> int:
         },
         "command": shlex.join(["python", *sys.argv]),
     }
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    load_before = load_average()
+    overrides = [f"training.epochs={args.epochs}"]
+    if args.data is not None:
+        overrides.append(f"dataset.path={args.data}")
+    if args.train_samples is not None:
+        overrides.append(f"dataset.train.stop={args.train_samples}")
+    overrides += args.overrides
+
+    loaded = load_protocol(args.protocol, overrides)
+    protocol = loaded.protocol
+    if protocol.model.kind != "layered_hopfield" or not isinstance(protocol.dataset, IdxConfig):
+        raise SystemExit("this benchmark needs a layered_hopfield model on an IDX dataset")
+    if not 1 <= args.threads <= numba.config.NUMBA_NUM_THREADS:
+        raise SystemExit(f"--threads must be in 1..{numba.config.NUMBA_NUM_THREADS} "
+                         "(NUMBA_NUM_THREADS, read when numba is imported)")
+    numba.set_num_threads(args.threads)
+    if torch is not None:
+        torch.set_num_threads(args.threads)
+    data = load_dataset(protocol)
+    with blas_threads(args.threads):
+        report = run_all(args, loaded, overrides, data, load_before)
     if args.json:
         print(json.dumps(report, indent=2))
     else:
-        print_table(results, report)
+        print_table(report)
     return 0
 
 

@@ -133,6 +133,24 @@ def show(run_id: str, store_path: str | None, as_json: bool) -> None:
 
 
 @main.command()
+@click.argument("run_id", metavar="RUN")
+@store_option
+@click.option("--out", type=click.Path(dir_okay=False), help="Figure file (default RUN.png).")
+def report(run_id: str, store_path: str | None, out: str | None) -> None:
+    """Draw a run's curves (cost, accuracy, settling, parameter histograms) to a figure."""
+    from labep.report import draw_report
+
+    store = _open_store(store_path, create=False)
+    try:
+        resolved = store.resolve(run_id)
+    except StoreError as err:
+        click.echo(f"error: {err}", err=True)
+        sys.exit(EXIT_FAILED)
+    path = draw_report(store, resolved, Path(out or f"{resolved}.png"))
+    click.echo(f"wrote {path}")
+
+
+@main.command()
 @click.argument("protocol", type=click.Path(dir_okay=False))
 @click.option("--beta", type=click.FloatRange(min=0.0, min_open=True),
               help="Nudge strength |beta| (default: the protocol's).")

@@ -95,11 +95,8 @@ def settles(protocol: Protocol) -> tuple[Settle, Settle]:
 def learning_rates(protocol: Protocol, model: Model) -> dict[str, float]:
     """One rate per coupling layer l, shared by W_l and b_l."""
     rates = protocol.training.learning_rates
-    out = {}
-    for name in model.parameter_shapes():
-        layer = int("".join(ch for ch in name if ch.isdigit()) or 1)
-        out[name] = rates[0] if len(rates) == 1 else rates[layer - 1]
-    return out
+    return {name: rates[0] if len(rates) == 1 else rates[model.layer_of(name) - 1]
+            for name in model.parameter_shapes()}
 
 
 def evaluate(bench: Bench, model: Model, inputs: np.ndarray, labels: np.ndarray,

@@ -8,6 +8,9 @@ Each sample stops as soon as its residual max|rho(h(s)) - s| is at or below tole
 
 The clamped input's drive x W_1 + b_1 is constant during a phase: it is computed once per
 clamp (one BLAS product per batch), and reused by every phase with the same inputs.
+
+The simulator is ideal: states are read back exactly, so averaging ``Settle.readouts``
+readouts of a settled state returns that state.
 """
 
 from __future__ import annotations

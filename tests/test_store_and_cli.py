@@ -127,3 +127,17 @@ def test_console_script_entry_point(tmp_path: Path) -> None:
     result = subprocess.run([sys.executable, "-m", "labep.cli", "--help"],
                             capture_output=True, text=True, check=False)
     assert result.returncode == 0 and "gradcheck" in result.stdout
+
+
+def test_report_draws_the_curves(tmp_path: Path, store: Path) -> None:
+    path = write_protocol(tmp_path / "xor.yaml", tiny_xor())
+    assert cli("run", str(path), "--store", str(store), "--no-progress").exit_code == 0
+    out = tmp_path / "figs" / "run.png"
+    result = cli("report", "latest", "--store", str(store), "--out", str(out))
+    assert result.exit_code == 0, result.output
+    import matplotlib.image
+
+    image = matplotlib.image.imread(out)
+    assert image.shape[0] > 400 and image.shape[1] > 600
+    assert image[..., :3].std() > 0.05, "a blank figure"
+    assert cli("report", "nope", "--store", str(store)).exit_code == 1

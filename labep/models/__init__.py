@@ -30,6 +30,10 @@ class Model(Protocol):
 
     def init_params(self, rng: np.random.Generator) -> Params: ...
 
+    def layer_of(self, name: str) -> int:
+        """The coupling layer (1-based) a parameter belongs to: its learning-rate group."""
+        ...
+
     def contrast(
         self,
         inputs: np.ndarray,

@@ -65,11 +65,15 @@ class LayeredHopfield:
             shapes[f"b{index}"] = (self.sizes[index],)
         return shapes
 
+    def layer_of(self, name: str) -> int:
+        """W_l and b_l belong to coupling layer l."""
+        return int(name[1:])
+
     def init_params(self, rng: np.random.Generator) -> Params:
         """Uniform(-g/sqrt(n_in), g/sqrt(n_in)) for W_l and b_l (the PyTorch Linear default)."""
         params: Params = {}
         for name, shape in self.parameter_shapes().items():
-            fan_in = self.sizes[int(name[1:]) - 1]
+            fan_in = self.sizes[self.layer_of(name) - 1]
             bound = self.init_gain / np.sqrt(fan_in)
             params[name] = rng.uniform(-bound, bound, size=shape)
         return params

@@ -1,0 +1,69 @@
+"""``labep report RUN``: the curves of a run, drawn from the store with matplotlib.
+
+One figure, four panels: the training cost per step (with the per-epoch mean), train and test
+accuracy per epoch, steps to settle in the free and nudged phases, and the histograms of the
+newest parameter snapshot.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from matplotlib.figure import Figure  # no pyplot: no global state, no display needed
+
+from labep.store import RunStore
+
+
+def draw_report(store: RunStore, run_id: str, out: Path) -> Path:
+    """Write the report figure of ``run_id`` to ``out`` (PNG, PDF or SVG by suffix)."""
+    summary = store.summary(run_id, with_protocol=False)
+    run_id = summary["id"]
+    fig = Figure(figsize=(11, 7.5), layout="constrained")
+    axes = fig.subplots(2, 2)
+    fig.suptitle(f"{summary['name']}  ({run_id}, {summary['status']}, bench "
+                 f"{summary['bench']['name']})")
+
+    ax = axes[0, 0]
+    steps, loss = store.metric_series(run_id, "loss")
+    if len(loss):
+        ax.plot(steps, loss, lw=0.6, alpha=0.5, label="batch cost")
+    epoch_steps, epoch_loss = store.metric_series(run_id, "train_loss")
+    if len(epoch_loss):
+        ax.plot(epoch_steps, epoch_loss, "o-", label="epoch mean")
+    ax.set(xlabel="step", ylabel="cost C", title="training cost", yscale="log")
+    ax.legend(loc="upper right")
+
+    ax = axes[0, 1]
+    for name, label in (("train_accuracy", "train"), ("test_accuracy", "test")):
+        at, values = store.metric_series(run_id, name)
+        if len(values):
+            ax.plot(at, values, "o-", label=label)
+    ax.set(xlabel="step", ylabel="accuracy", title="accuracy", ylim=(0, 1.01))
+    ax.legend(loc="lower right")
+
+    ax = axes[1, 0]
+    for name, label in (("free_steps", "free phase"), ("nudged_steps", "nudged phases")):
+        at, values = store.metric_series(run_id, name)
+        if len(values):
+            ax.plot(at, values, lw=0.6, label=label)
+    at, unsettled = store.metric_series(run_id, "unsettled")
+    if len(unsettled) and unsettled.any():
+        ax2 = ax.twinx()
+        ax2.plot(at, unsettled, "r.", ms=2, label="unsettled samples")
+        ax2.set_ylabel("unsettled samples", color="r")
+    ax.set(xlabel="step", ylabel="mean steps to settle", title="settling")
+    ax.legend(loc="upper right")
+
+    ax = axes[1, 1]
+    snapshot = store.arrays(run_id, "checkpoint")
+    if snapshot is not None:
+        at_step, params = snapshot
+        for name, values in sorted(params.items()):
+            ax.hist(np.ravel(values), bins=60, histtype="step", label=name, density=True)
+        ax.set(title=f"parameters at step {at_step}", xlabel="value", ylabel="density",
+               yscale="log")
+        ax.legend(loc="upper right", fontsize="small")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    return out
