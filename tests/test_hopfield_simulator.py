@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from labep.simulators.hopfield import HopfieldSimulator, HopfieldSimulatorOptions
 
 from labep.bench import Bench, Nudge, OutOfRangeError, Settle
 from labep.models.hopfield import LayeredHopfield
+from labep.simulators.hopfield import HopfieldSimulator, HopfieldSimulatorOptions
 
 
 def make(sizes, dtype="float64", seed=0, **options):
