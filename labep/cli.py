@@ -133,6 +133,72 @@ def show(run_id: str, store_path: str | None, as_json: bool) -> None:
 
 
 @main.command()
+@click.argument("protocol_or_bench", metavar="PROTOCOL_OR_BENCH",
+                type=click.Path(dir_okay=False))
+@store_option
+@set_option
+@click.option("--points", type=click.IntRange(min=3), default=17, show_default=True,
+              help="Codes swept per parameter, evenly from 0 to the top code.")
+@click.option("--repeats", type=click.IntRange(min=1), default=4, show_default=True,
+              help="Measurements averaged per swept code.")
+@click.option("--progress/--no-progress", default=True, help="Show the progress bar.")
+@click.option("--json", "as_json", is_flag=True, help="Print the record's summary as JSON.")
+def calibrate(protocol_or_bench: str, store_path: str | None, overrides: tuple[str, ...],
+              points: int, repeats: int, progress: bool, as_json: bool) -> None:
+    """Calibrate a bench's quantized parameters (sweep codes, measure, fit gain, offset and a
+    monotone response per channel) and store the record. PROTOCOL_OR_BENCH is a protocol, or
+    a file with just its `bench` and `model` sections."""
+    from labep.calibration import CalibrationError
+    from labep.calibration import calibrate as run_calibration
+    from labep.engine import build_bench, build_model
+    from labep.protocol import load_bench_file
+
+    try:
+        loaded = load_bench_file(protocol_or_bench, overrides)
+    except ProtocolError as err:
+        click.echo(str(err), err=True)
+        sys.exit(EXIT_INVALID)
+    store = _open_store(store_path, getattr(loaded.protocol, "store", None))
+    bench = build_bench(loaded.protocol, build_model(loaded.protocol))
+    try:
+        with bench:
+            identity = bench.open()
+            record = run_calibration(bench, identity, loaded.protocol.bench.name,
+                                     points=points, repeats=repeats, progress=progress)
+    except CalibrationError as err:
+        click.echo(f"calibration refused: {err}", err=True)
+        sys.exit(EXIT_FAILED)
+    store.save_calibration(record)
+    if as_json:
+        _dump(record.summary())
+        return
+    click.echo(f"calibration {record.id} of {identity.serial} stored in {store.path}")
+    for name, cal in record.parameters.items():
+        click.echo(f"  {name:6} {cal.gain.size:8d} channels  fit residual "
+                   f"{cal.residual_rms_lsb:.3f} LSB rms, {cal.residual_max_lsb:.3f} max")
+
+
+@main.command()
+@store_option
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def calibrations(store_path: str | None, as_json: bool) -> None:
+    """List the calibration records (superseded ones too)."""
+    store = _open_store(store_path, create=False)
+    listing = store.calibrations()
+    if as_json:
+        _dump(listing)
+        return
+    if not listing:
+        click.echo(f"no calibrations in {store.path}")
+        return
+    click.echo(f"{'id':28} {'created':30} {'bench serial':32} {'rms LSB':>8}  state")
+    for cal in listing:
+        state = "valid" if cal["superseded_by"] is None else f"superseded by {cal['superseded_by']}"
+        click.echo(f"{cal['id']:28} {cal['created']:30} {cal['identity']['serial']:32} "
+                   f"{cal['residual_rms_lsb']:8.3f}  {state}")
+
+
+@main.command()
 @click.argument("run_id", metavar="RUN")
 @store_option
 @click.option("--out", type=click.Path(dir_okay=False), help="Figure file (default RUN.png).")

@@ -23,13 +23,14 @@ from tqdm.auto import tqdm
 
 import labep
 from labep import registry
-from labep.bench import Bench, Nudge, Relaxation, Settle
+from labep.bench import Bench, BenchIdentity, Nudge, Relaxation, Settle
+from labep.calibration import CalibrationError
 from labep.datasets import Split, load_digits, load_idx_pair, load_xor
 from labep.estimators import make_estimator
 from labep.models import Model, Params
 from labep.protocol import DigitsConfig, IdxConfig, LoadedProtocol, Protocol, XorConfig
 from labep.store import RunStore
-from labep.write_path import WritePath
+from labep.write_path import CodeMap, WritePath, WritePolicy
 
 
 class UnsettledPhaseError(RuntimeError):
@@ -113,6 +114,49 @@ def evaluate(bench: Bench, model: Model, inputs: np.ndarray, labels: np.ndarray,
     return {"accuracy": correct / n, "loss": cost / n, "unsettled": unsettled}
 
 
+def write_policy(protocol: Protocol) -> WritePolicy:
+    cfg = protocol.writes
+    return WritePolicy(cfg.rounding, cfg.out_of_range, cfg.accumulate, cfg.verify,
+                       cfg.verify_tolerance_lsb, cfg.verify_stop_fraction, cfg.write_budget)
+
+
+def choose_calibration(protocol: Protocol, store: RunStore, bench: Bench,
+                       identity: BenchIdentity) -> tuple[dict[str, CodeMap], str | None]:
+    """The code maps a run writes through, and the calibration record they come from."""
+    choice = protocol.writes.calibration
+    if choice == "none" or not any(s.levels for s in bench.spec.parameters):
+        return {}, None
+    if choice == "newest":
+        record = store.newest_calibration(identity.as_dict())
+        if record is None:
+            return {}, None
+    else:
+        record = store.calibration(choice)
+        if not record.matches(identity):
+            raise CalibrationError(
+                f"calibration {record.id} belongs to {record.identity}, not to this bench "
+                f"{identity.as_dict()}; refused")
+    return record.code_maps(bench), record.id
+
+
+def code_snapshot(writes: WritePath) -> dict[str, dict[str, np.ndarray]]:
+    """Arrays stored with a checkpoint: the shadow, and the codes the bench holds."""
+    arrays = {"checkpoint": writes.shadow}
+    if writes.codes:
+        arrays["codes"] = writes.codes
+    return arrays
+
+
+def write_totals(writes: WritePath) -> dict[str, float]:
+    """Per-parameter write counts and code changes per channel (max), as metrics."""
+    out: dict[str, float] = {"writes_clipped": writes.clipped_total}
+    for name, count in writes.writes.items():
+        out[f"writes_{name}"] = count
+    for name, changes in writes.changes.items():
+        out[f"code_changes_max_{name}"] = int(changes.max(initial=0))
+    return out
+
+
 def settled_mask(phases: list[Relaxation]) -> np.ndarray:
     """Samples whose every phase converged and read back finite states."""
     ok = np.ones(phases[0].state.shape[0], dtype=bool)
@@ -150,7 +194,7 @@ class Trainer:
                 identity = bench.open()
                 try:
                     self.store.set_bench_identity(run_id, identity.as_dict())
-                    result = self._train(run_id, bench, model, data)
+                    result = self._train(run_id, bench, identity, model, data)
                 finally:
                     bench.close()  # the bench's safe state, on success and on every error
         except KeyboardInterrupt:
@@ -163,15 +207,20 @@ class Trainer:
         self.store.finish(run_id, "completed")
         return result
 
-    def _train(self, run_id: str, bench: Bench, model: Model, data: Split) -> RunResult:
+    def _train(self, run_id: str, bench: Bench, identity: BenchIdentity, model: Model,
+               data: Split) -> RunResult:
         protocol = self.protocol
         training = protocol.training
         estimator = make_estimator(protocol.estimator.name, protocol.estimator.random_sign)
         free_settle, nudged_settle = settles(protocol)
         rates = learning_rates(protocol, model)
-        writes = WritePath(bench, model.init_params(stream(protocol.seed, 0)))
+        maps, calibration_id = choose_calibration(protocol, self.store, bench, identity)
+        self.store.set_calibration(run_id, calibration_id)
+        writes = WritePath(bench, model.init_params(stream(protocol.seed, 0)),
+                           write_policy(protocol), maps, stream(protocol.seed, 4))
         writes.write_all()
-        self.store.save_arrays(run_id, 0, "checkpoint", writes.shadow)
+        for kind, named in code_snapshot(writes).items():
+            self.store.save_arrays(run_id, 0, kind, named)
 
         n_train = len(data.train_labels)
         batches = -(-n_train // training.batch_size)
@@ -206,10 +255,13 @@ class Trainer:
                                 f"step {step}: {detail['samples']} sample(s) did not settle "
                                 f"(residuals {detail}); protocol says on_unsettled: stop")
                         events.append(("unsettled", "samples left out of the update", detail))
+                    write_metrics: dict[str, float] = {}
                     if ok.any():
                         estimate = estimator.estimate(model, x, free, nudged, strengths,
                                                       ok.astype(np.float64))
-                        writes.apply({k: -rates[k] * g for k, g in estimate.gradient.items()})
+                        report = writes.apply({k: -rates[k] * g
+                                               for k, g in estimate.gradient.items()})
+                        write_metrics = report.metrics()
                     cost = model.cost(free.state, target)
                     hits = int(np.sum(model.predict(free.state) == labels))
                     loss_sum += float(cost.sum())
@@ -217,8 +269,8 @@ class Trainer:
                     seen += len(rows)
                     step += 1
                     last = index == batches - 1
-                    snapshot = writes.shadow if (step % training.checkpoint_every == 0
-                                                 or last) else None
+                    snapshot = code_snapshot(writes) if (step % training.checkpoint_every == 0
+                                                         or last) else None
                     self.store.commit_step(run_id, step, epoch, {
                         "loss": float(cost.mean()),
                         "batch_accuracy": hits / len(rows),
@@ -226,6 +278,7 @@ class Trainer:
                         "nudged_steps": float(np.mean([p.steps.mean() for p in nudged])),
                         "free_residual": float(np.max(free.residual)),
                         "unsettled": int(np.count_nonzero(~ok)),
+                        **write_metrics,
                     }, arrays=snapshot, events=events)
                     bar.update(1)
                     bar.set_postfix(epoch=epoch + 1, loss=f"{loss_sum / seen:.4f}",
@@ -244,6 +297,7 @@ class Trainer:
                                           "test_loss": test["loss"],
                                           "test_unsettled": test["unsettled"]})
                 epoch_metrics["epoch"] = epoch + 1
+                epoch_metrics.update(write_totals(writes))
                 self.store.record_metrics(run_id, step, epoch_metrics)
                 if self.on_epoch is not None:
                     self.on_epoch(epoch, epoch_metrics)

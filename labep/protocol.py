@@ -168,6 +168,29 @@ class TrainingConfig(_Strict):
         return [value] if isinstance(value, int | float) and not isinstance(value, bool) else value
 
 
+class WritesConfig(_Strict):
+    """How parameters reach the bench: rounding to codes, range policy, verify, budget,
+    calibration (see labep.write_path)."""
+
+    rounding: Literal["nearest", "stochastic", "error_feedback"] = Field(
+        "nearest", description="Value -> code rounding of quantized parameters.")
+    out_of_range: Literal["refuse", "clip"] = Field(
+        "refuse", description="refuse: stop with an error; clip: clip and count the channels.")
+    accumulate: PositiveInt = Field(
+        1, le=1_000_000, description="Mini-batch updates summed in the shadow before a write.")
+    verify: bool = Field(False, description="Measure or read back after every write.")
+    verify_tolerance_lsb: PositiveFloat = Field(
+        1.0, description="A channel further than this from its value is a miss.")
+    verify_stop_fraction: float | None = Field(
+        None, ge=0.0, le=1.0, description="Stop the run when more channels than this miss.")
+    write_budget: PositiveInt | None = Field(
+        None, description="Most code changes any channel may see in the run.")
+    calibration: str = Field(
+        "newest", min_length=1, max_length=100,
+        description="newest: the bench's newest valid record (nominal map if none); none: "
+        "the nominal map; or a calibration id (refused if it is another bench's).")
+
+
 class EvaluationConfig(_Strict):
     every_epochs: PositiveInt = Field(1, description="Evaluate on the test set every N epochs.")
     batch_size: PositiveInt = Field(500, le=1_000_000)
@@ -186,7 +209,16 @@ class Protocol(_Strict):
     estimator: EstimatorConfig = EstimatorConfig()
     training: TrainingConfig
     evaluation: EvaluationConfig = EvaluationConfig()
+    writes: WritesConfig = WritesConfig()
     store: str | None = Field(None, description="Run store path (CLI --store and LABEP_STORE win).")
+
+
+class BenchDocument(_Strict):
+    """A bench file: just the bench and the model it runs (for ``labep calibrate``)."""
+
+    name: str = Field("bench", max_length=200)
+    bench: BenchConfig
+    model: ModelConfig
 
 
 # --------------------------------------------------------------------------------------------
@@ -339,13 +371,27 @@ def apply_override(doc: dict[str, Any], path: tuple[Any, ...], value: Any) -> No
 class LoadedProtocol:
     """A validated protocol with the document it came from (as run, overrides applied)."""
 
-    protocol: Protocol
+    protocol: Any  # Protocol, or BenchDocument from load_bench_file
     document: dict[str, Any]
     source: str
 
 
+def load_bench_file(
+    source: str | Path, overrides: list[str] | tuple[str, ...] = ()
+) -> LoadedProtocol:
+    """A protocol, or a bench file with only ``bench`` and ``model`` (and ``name``)."""
+    text = Path(source).read_text(errors="replace") if Path(source).is_file() else ""
+    try:
+        doc = yaml.safe_load(text)
+    except yaml.YAMLError:
+        doc = None
+    bench_only = isinstance(doc, dict) and set(doc) <= {"name", "bench", "model"}
+    return load_protocol(source, overrides, schema=BenchDocument if bench_only else Protocol)
+
+
 def load_protocol(
-    source: str | Path | dict[str, Any], overrides: list[str] | tuple[str, ...] = ()
+    source: str | Path | dict[str, Any], overrides: list[str] | tuple[str, ...] = (),
+    schema: type[Protocol] | type[BenchDocument] = Protocol,
 ) -> LoadedProtocol:
     """Read, override and validate a protocol; raise :class:`ProtocolError` listing every
     problem. Nothing is created and no bench is touched here."""
@@ -400,7 +446,7 @@ def load_protocol(
         return f"line {line}" if line is not None else ""
 
     try:
-        protocol = Protocol.model_validate(doc)
+        protocol = schema.model_validate(doc)
     except ValidationError as err:
         for error in err.errors():
             loc = _document_loc(doc, tuple(error["loc"]))
@@ -414,8 +460,17 @@ def load_protocol(
     return LoadedProtocol(protocol, doc, label)
 
 
-def cross_check(protocol: Protocol) -> list[tuple[tuple[Any, ...], str]]:
+def cross_check(protocol: Protocol | BenchDocument) -> list[tuple[tuple[Any, ...], str]]:
     """Checks that need the registry or the data; returns (location, message) pairs."""
+    problems = check_bench(protocol)
+    if isinstance(protocol, BenchDocument):
+        return problems
+    problems += check_training(protocol)
+    return problems
+
+
+def check_bench(protocol: Protocol | BenchDocument) -> list[tuple[tuple[Any, ...], str]]:
+    """The bench exists, runs the model, and accepts its options."""
     problems: list[tuple[tuple[Any, ...], str]] = []
     bench = protocol.bench
     if (bench.simulator is None) == (bench.driver is None):
@@ -442,7 +497,12 @@ def cross_check(protocol: Protocol) -> list[tuple[tuple[Any, ...], str]]:
                 problems.append((loc, _describe(error)))
         if bench.kind == "driver" and not bench.resource:
             problems.append((("bench", "resource"), "a driver needs a resource string"))
+    return problems
 
+
+def check_training(protocol: Protocol) -> list[tuple[tuple[Any, ...], str]]:
+    """One learning rate per layer; the dataset is readable and fits the model."""
+    problems: list[tuple[tuple[Any, ...], str]] = []
     n_layers = len(protocol.model.sizes) - 1
     rates = protocol.training.learning_rates
     if len(rates) not in (1, n_layers):

@@ -1,8 +1,9 @@
 """``labep report RUN``: the curves of a run, drawn from the store with matplotlib.
 
-One figure, four panels: the training cost per step (with the per-epoch mean), train and test
-accuracy per epoch, steps to settle in the free and nudged phases, and the histograms of the
-newest parameter snapshot.
+One figure: the training cost per step (with the per-epoch mean), train and test accuracy per
+epoch, steps to settle in the free and nudged phases, and the histograms of the newest parameter
+snapshot; for a bench with quantized parameters also the write-verify mismatch per step and
+the histograms of the codes the bench holds.
 """
 
 from __future__ import annotations
@@ -19,8 +20,11 @@ def draw_report(store: RunStore, run_id: str, out: Path) -> Path:
     """Write the report figure of ``run_id`` to ``out`` (PNG, PDF or SVG by suffix)."""
     summary = store.summary(run_id, with_protocol=False)
     run_id = summary["id"]
-    fig = Figure(figsize=(11, 7.5), layout="constrained")
-    axes = fig.subplots(2, 2)
+    codes = store.arrays(run_id, "codes")
+    _, mismatch = store.metric_series(run_id, "write_mismatch_mean_lsb")
+    rows = 3 if (codes is not None or len(mismatch)) else 2
+    fig = Figure(figsize=(11, 3.75 * rows), layout="constrained")
+    axes = fig.subplots(rows, 2)
     fig.suptitle(f"{summary['name']}  ({run_id}, {summary['status']}, bench "
                  f"{summary['bench']['name']})")
 
@@ -64,6 +68,25 @@ def draw_report(store: RunStore, run_id: str, out: Path) -> Path:
         ax.set(title=f"parameters at step {at_step}", xlabel="value", ylabel="density",
                yscale="log")
         ax.legend(loc="upper right", fontsize="small")
+    if rows == 3:
+        ax = axes[2, 0]
+        for name, label in (("write_mismatch_mean_lsb", "mean"),
+                            ("write_mismatch_max_lsb", "max")):
+            at, values = store.metric_series(run_id, name)
+            if len(values):
+                ax.plot(at, values, lw=0.7, label=label)
+        ax.set(xlabel="step", ylabel="|realized - requested| (LSB)",
+               title="write-verify mismatch" if len(mismatch) else "write-verify: off")
+        if len(mismatch):
+            ax.legend(loc="upper right")
+        ax = axes[2, 1]
+        if codes is not None:
+            for name, held in sorted(codes[1].items()):
+                counts = np.bincount(held.ravel())
+                ax.step(np.arange(len(counts)), counts, where="mid", label=name)
+            ax.set(xlabel="code", ylabel="channels", yscale="log",
+                   title=f"codes held at step {codes[0]}")
+            ax.legend(loc="upper right", fontsize="small")
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=110)
     return out

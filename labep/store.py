@@ -9,6 +9,12 @@ Tables (schema version in ``meta``):
 - ``arrays``: parameter snapshots (checkpoints) and other arrays, each a ``.npy`` blob
   (``numpy.load(io.BytesIO(blob))``; no pickle).
 - ``events``: faults and notable events (unsettled phases, refused writes), with detail JSON.
+- ``calibrations`` and ``calibration_arrays``: calibration records (bench identity, time,
+  raw sweep, fitted maps, residual); never overwritten, a newer record supersedes an older one
+  of the same bench. ``runs.calibration_id`` names the record a run used.
+
+An older store is upgraded on open by forward migrations, after a backup copy
+(``NAME.vN.bak``) of the file as it was.
 """
 
 from __future__ import annotations
@@ -22,11 +28,14 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-SCHEMA_VERSION = 1
+if TYPE_CHECKING:
+    from labep.calibration import CalibrationRecord
+
+SCHEMA_VERSION = 2
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -43,7 +52,8 @@ CREATE TABLE IF NOT EXISTS runs (
     seed INTEGER NOT NULL,
     protocol TEXT NOT NULL,
     error TEXT,
-    traceback TEXT
+    traceback TEXT,
+    calibration_id TEXT
 );
 CREATE TABLE IF NOT EXISTS steps (
     run_id TEXT NOT NULL REFERENCES runs(id),
@@ -77,6 +87,39 @@ CREATE TABLE IF NOT EXISTS events (
 );
 CREATE INDEX IF NOT EXISTS metrics_by_name ON metrics (run_id, name, step);
 """
+
+_CALIBRATION_TABLES = """
+CREATE TABLE IF NOT EXISTS calibrations (
+    id TEXT PRIMARY KEY,
+    created TEXT NOT NULL,
+    bench_name TEXT NOT NULL,
+    vendor TEXT NOT NULL,
+    model TEXT NOT NULL,
+    serial TEXT NOT NULL,
+    identity TEXT NOT NULL,
+    parameters TEXT NOT NULL,
+    points INTEGER NOT NULL,
+    repeats INTEGER NOT NULL,
+    residual_rms_lsb REAL NOT NULL,
+    summary TEXT NOT NULL,
+    superseded_by TEXT
+);
+CREATE TABLE IF NOT EXISTS calibration_arrays (
+    calibration_id TEXT NOT NULL REFERENCES calibrations(id),
+    parameter TEXT NOT NULL,
+    name TEXT NOT NULL,
+    npy BLOB NOT NULL,
+    PRIMARY KEY (calibration_id, parameter, name)
+);
+"""
+
+_SCHEMA += _CALIBRATION_TABLES
+
+#: forward migrations: MIGRATIONS[v] takes a store from schema version v to v + 1
+MIGRATIONS: dict[int, str] = {
+    1: "ALTER TABLE runs ADD COLUMN calibration_id TEXT;\n" + _CALIBRATION_TABLES,
+}
+
 
 
 class StoreError(RuntimeError):
@@ -119,21 +162,44 @@ class RunStore:
             self.db.execute("PRAGMA journal_mode=WAL")
             self.db.execute("PRAGMA synchronous=NORMAL")
             self.db.execute("PRAGMA foreign_keys=ON")
-            self.db.executescript(_SCHEMA)  # idempotent: CREATE ... IF NOT EXISTS
-            with self.transaction():
-                self.db.execute(
-                    "INSERT OR IGNORE INTO meta (key, value) VALUES ('schema_version', ?)",
-                    (str(SCHEMA_VERSION),),
-                )
+            has_meta = self.db.execute(
+                "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'meta'").fetchone()
+            if not has_meta:
+                self.db.executescript(_SCHEMA)
+                with self.transaction():
+                    self.db.execute(
+                        "INSERT INTO meta (key, value) VALUES ('schema_version', ?)",
+                        (str(SCHEMA_VERSION),))
         except sqlite3.Error as err:
             raise StoreError(f"cannot open the run store {self.path}: {err}") from err
-        version = int(self.db.execute(
-            "SELECT value FROM meta WHERE key = 'schema_version'").fetchone()[0])
-        if version > SCHEMA_VERSION:
+        self.schema_version = self._version()
+        if self.schema_version > SCHEMA_VERSION:
             raise StoreError(
-                f"{self.path} has schema version {version}, newer than this labep "
+                f"{self.path} has schema version {self.schema_version}, newer than this labep "
                 f"({SCHEMA_VERSION}); upgrade labep to read it"
             )
+        if self.schema_version < SCHEMA_VERSION:
+            self._migrate()
+
+    def _version(self) -> int:
+        return int(self.db.execute(
+            "SELECT value FROM meta WHERE key = 'schema_version'").fetchone()[0])
+
+    def _migrate(self) -> None:
+        """Upgrade an older store in place, after a backup copy of it as it was."""
+        old = self.schema_version
+        self.backup_path = self.path.with_name(f"{self.path.name}.v{old}.bak")
+        with sqlite3.connect(self.backup_path) as backup:
+            self.db.backup(backup)
+        backup.close()
+        with self.transaction() as db:
+            for version in range(old, SCHEMA_VERSION):
+                for statement in MIGRATIONS[version].split(";"):
+                    if statement.strip():
+                        db.execute(statement)
+            db.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'",
+                       (str(SCHEMA_VERSION),))
+        self.schema_version = SCHEMA_VERSION
 
     def close(self) -> None:
         self.db.close()
@@ -175,16 +241,16 @@ class RunStore:
                        (json.dumps(identity), _now(), run_id))
 
     def commit_step(self, run_id: str, step: int, epoch: int, metrics: dict[str, float],
-                    arrays: dict[str, np.ndarray] | None = None,
+                    arrays: dict[str, dict[str, np.ndarray]] | None = None,
                     events: list[tuple[str, str, dict[str, Any]]] | None = None) -> None:
-        """Commit one training step (its metrics, optional checkpoint arrays, events) at once."""
+        """Commit one training step (its metrics, arrays by kind, events) at once."""
         now = _now()
         with self.transaction() as db:
             db.execute("INSERT INTO steps (run_id, step, epoch, time) VALUES (?, ?, ?, ?)",
                        (run_id, step, epoch, now))
             self._metrics(db, run_id, step, metrics)
-            if arrays:
-                self._arrays(db, run_id, step, "checkpoint", arrays)
+            for kind, named in (arrays or {}).items():
+                self._arrays(db, run_id, step, kind, named)
             for kind, message, detail in events or ():
                 db.execute(
                     "INSERT INTO events (run_id, step, time, kind, message, detail) "
@@ -228,6 +294,83 @@ class RunStore:
                 (status, now, now, error, traceback, run_id),
             )
 
+    def set_calibration(self, run_id: str, calibration_id: str | None) -> None:
+        with self.transaction() as db:
+            db.execute("UPDATE runs SET calibration_id = ? WHERE id = ?",
+                       (calibration_id, run_id))
+
+    # -- calibrations -----------------------------------------------------------------------
+
+    def save_calibration(self, record: CalibrationRecord) -> str:
+        """Store a new calibration record; it supersedes the bench's previous valid one."""
+        record.id = "cal-" + time.strftime("%Y%m%d-%H%M%S") + "-" + secrets.token_hex(3)
+        record.created = _now()
+        ident = record.identity
+        with self.transaction() as db:
+            db.execute(
+                "UPDATE calibrations SET superseded_by = ? WHERE vendor = ? AND model = ? "
+                "AND serial = ? AND superseded_by IS NULL",
+                (record.id, ident["vendor"], ident["model"], ident["serial"]))
+            db.execute(
+                "INSERT INTO calibrations (id, created, bench_name, vendor, model, serial, "
+                "identity, parameters, points, repeats, residual_rms_lsb, summary) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (record.id, record.created, record.bench_name, ident["vendor"], ident["model"],
+                 ident["serial"], json.dumps(ident), json.dumps(sorted(record.parameters)),
+                 record.points, record.repeats, record.residual_rms_lsb,
+                 json.dumps(record.summary())))
+            rows = []
+            for name, cal in record.parameters.items():
+                for key in ("codes", "measured", "gain", "offset", "response"):
+                    rows.append((record.id, name, key, to_npy(getattr(cal, key))))
+                rows.append((record.id, name, "residual_lsb",
+                             to_npy(np.array([cal.residual_rms_lsb, cal.residual_max_lsb]))))
+            db.executemany("INSERT INTO calibration_arrays (calibration_id, parameter, name, "
+                           "npy) VALUES (?, ?, ?, ?)", rows)
+        return record.id
+
+    def calibrations(self) -> list[dict[str, Any]]:
+        rows = self.db.execute(
+            "SELECT summary, id, created, superseded_by FROM calibrations ORDER BY created"
+        ).fetchall()
+        out = []
+        for summary, cal_id, created, superseded in rows:
+            entry = json.loads(summary)
+            entry.update(id=cal_id, created=created, superseded_by=superseded)
+            out.append(entry)
+        return out
+
+    def calibration(self, calibration_id: str) -> CalibrationRecord:
+        from labep.calibration import CalibrationRecord, ParameterCalibration
+
+        rows = self.db.execute(
+            "SELECT id, created, bench_name, identity, points, repeats, superseded_by "
+            "FROM calibrations WHERE id LIKE ? || '%'", (calibration_id,)).fetchall()
+        if len(rows) != 1:
+            what = "no calibration" if not rows else f"{len(rows)} calibrations"
+            raise StoreError(f"{self.path}: {what} matching {calibration_id!r}")
+        cal_id, created, bench_name, identity, points, repeats, superseded = rows[0]
+        arrays: dict[str, dict[str, np.ndarray]] = {}
+        for parameter, name, blob in self.db.execute(
+                "SELECT parameter, name, npy FROM calibration_arrays WHERE calibration_id = ?",
+                (cal_id,)):
+            arrays.setdefault(parameter, {})[name] = from_npy(blob)
+        parameters = {}
+        for parameter, found in arrays.items():
+            rms, worst = found.pop("residual_lsb")
+            parameters[parameter] = ParameterCalibration(
+                **found, residual_rms_lsb=float(rms), residual_max_lsb=float(worst))
+        return CalibrationRecord(bench_name, json.loads(identity), parameters, points, repeats,
+                                 id=cal_id, created=created, superseded_by=superseded)
+
+    def newest_calibration(self, identity: dict[str, str]) -> CalibrationRecord | None:
+        """The valid (not superseded) calibration of the bench with this identity."""
+        row = self.db.execute(
+            "SELECT id FROM calibrations WHERE vendor = ? AND model = ? AND serial = ? "
+            "AND superseded_by IS NULL ORDER BY created DESC LIMIT 1",
+            (identity["vendor"], identity["model"], identity["serial"])).fetchone()
+        return None if row is None else self.calibration(row[0])
+
     # -- reading ----------------------------------------------------------------------------
 
     def resolve(self, run_id: str) -> str:
@@ -252,10 +395,12 @@ class RunStore:
         run_id = self.resolve(run_id)
         row = self.db.execute(
             "SELECT id, name, status, created, heartbeat, finished, labep_version, bench_name, "
-            "bench_identity, seed, protocol, error, traceback FROM runs WHERE id = ?", (run_id,)
+            "bench_identity, seed, protocol, error, traceback, calibration_id FROM runs "
+            "WHERE id = ?", (run_id,)
         ).fetchone()
         keys = ("id", "name", "status", "created", "heartbeat", "finished", "labep_version",
-                "bench_name", "bench_identity", "seed", "protocol", "error", "traceback")
+                "bench_name", "bench_identity", "seed", "protocol", "error", "traceback",
+                "calibration_id")
         run = dict(zip(keys, row, strict=True))
         steps = self.db.execute("SELECT COUNT(*), MAX(epoch) FROM steps WHERE run_id = ?",
                                 (run_id,)).fetchone()
@@ -272,14 +417,37 @@ class RunStore:
                 "identity": json.loads(run["bench_identity"]) if run["bench_identity"] else None,
             },
             "seed": run["seed"],
+            "calibration": run["calibration_id"],
             "steps": steps[0],
             "epochs": 0 if steps[1] is None else steps[1] + 1,
             "metrics": self.final_metrics(run_id),
+            "writes": self.write_summary(run_id),
         }
         if with_protocol:
             out["protocol"] = json.loads(run["protocol"])
             out["error"] = run["error"]
             out["traceback"] = run["traceback"]
+        return out
+
+    def write_summary(self, run_id: str) -> dict[str, Any]:
+        """Writes of a run: counts per parameter, most code changes on one channel, clipped
+        channels, the newest write-verify mismatch, and histograms of the codes held."""
+        metrics = self.final_metrics(run_id)
+        out: dict[str, Any] = {
+            "counts": {k[len("writes_"):]: int(v) for k, v in metrics.items()
+                       if k.startswith("writes_") and k != "writes_clipped" and v is not None},
+            "code_changes_max": {k[len("code_changes_max_"):]: int(v)
+                                 for k, v in metrics.items()
+                                 if k.startswith("code_changes_max_") and v is not None},
+            "clipped": int(metrics.get("writes_clipped") or 0),
+            "mismatch": {key: metrics.get(f"write_{key}")
+                         for key in ("mismatch_mean_lsb", "mismatch_max_lsb", "miss_fraction")},
+            "code_histograms": {},
+        }
+        codes = self.arrays(run_id, "codes")
+        if codes is not None:
+            for name, held in codes[1].items():
+                out["code_histograms"][name] = np.bincount(held.ravel()).tolist()
         return out
 
     def final_metrics(self, run_id: str) -> dict[str, float | None]:

@@ -9,8 +9,9 @@ Each sample stops as soon as its residual max|rho(h(s)) - s| is at or below tole
 The clamped input's drive x W_1 + b_1 is constant during a phase: it is computed once per
 clamp (one BLAS product per batch), and reused by every phase with the same inputs.
 
-The simulator is ideal: states are read back exactly, so averaging ``Settle.readouts``
-readouts of a settled state returns that state.
+Imperfections (``device``, see :mod:`labep.simulators.device`) are off by default: then
+parameters are stored exactly and states are read back exactly (averaging ``Settle.readouts``
+readouts returns the state itself). With ``device.bits`` set, parameters are written as codes.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from typing import Literal
 
 import numba
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from labep.bench import (
     BenchIdentity,
@@ -30,6 +31,7 @@ from labep.bench import (
     Settle,
 )
 from labep.models.hopfield import LayeredHopfield
+from labep.simulators.device import DeviceOptions, ParameterDevice, read_out
 
 
 @numba.njit(cache=True, inline="always")
@@ -197,6 +199,15 @@ class HopfieldSimulatorOptions(BaseModel):
     )
     tolerance: float = Field(1e-4, gt=0.0, description="Default settle tolerance.")
     max_steps: int = Field(100, ge=1, description="Default settle step cap.")
+    device: DeviceOptions = Field(
+        default_factory=DeviceOptions,
+        description="Imperfections: resolution, mismatch, nonlinearity, noise (all off).")
+
+    @model_validator(mode="after")
+    def _ranges_for_codes(self) -> HopfieldSimulatorOptions:
+        if self.device.quantized and (self.weight_range is None or self.bias_range is None):
+            raise ValueError("device.bits needs a finite weight_range and bias_range")
+        return self
 
 
 class HopfieldSimulator:
@@ -211,11 +222,13 @@ class HopfieldSimulator:
         self.options = options or HopfieldSimulatorOptions()
         self.dtype = np.dtype(self.options.dtype)
         shapes = model.parameter_shapes()
+        device = self.options.device
+        levels = None if device.bits is None else 2 ** device.bits
         params = []
         for name, shape in shapes.items():
             limit = self.options.weight_range if name[0] == "W" else self.options.bias_range
             limit = np.inf if limit is None else limit
-            params.append(ParameterSpec(name, shape, -limit, limit, unit="1"))
+            params.append(ParameterSpec(name, shape, -limit, limit, unit="1", levels=levels))
         self.spec = BenchSpec(
             parameters=tuple(params),
             input_size=model.input_size,
@@ -237,12 +250,25 @@ class HopfieldSimulator:
         self._version = 0
         self._clamp: tuple[np.ndarray, int, np.ndarray] | None = None
         self._open = False
+        #: the hidden truth of each quantized parameter (None: ideal continuous storage)
+        self.devices: dict[str, ParameterDevice] | None = None
+        if device.quantized:
+            truth = np.random.default_rng([device.seed, 0])
+            self.devices = {
+                spec.name: ParameterDevice(spec, device, truth, self.name)
+                for spec in self.spec.parameters
+            }
+            for name, dev in self.devices.items():
+                self._view(name)[...] = dev.values
+        self._readout_rng = np.random.default_rng([device.seed, 1])
 
     # -- lifecycle --------------------------------------------------------------------------
 
     def open(self) -> BenchIdentity:
         self._open = True
-        return BenchIdentity("labep", "hopfield-simulator", f"sizes={list(self.model.sizes)}",
+        sizes = "-".join(str(n) for n in self.model.sizes)
+        return BenchIdentity("labep", "hopfield-simulator",
+                             f"hopfield-{sizes}-device{self.options.device.seed}",
                              "numba-" + numba.__version__)
 
     def close(self) -> None:
@@ -275,14 +301,33 @@ class HopfieldSimulator:
         return self._weight_view(index) if name[0] == "W" else self._bias_view(index)
 
     def write(self, params: dict[str, np.ndarray]) -> None:
+        """Continuous storage: physical values. Quantized storage (``device.bits``): integer
+        codes in [0, levels - 1]. Everything is checked before anything is stored."""
         for name, values in params.items():
-            self.spec.parameter(name).check_range(values, bench=self.name)
+            spec = self.spec.parameter(name)
+            if self.devices is None:
+                spec.check_range(values, bench=self.name)
+            else:
+                self.devices[name].check(values)
         for name, values in params.items():
-            self._view(name)[...] = values
+            if self.devices is None:
+                self._view(name)[...] = values
+            else:
+                self._view(name)[...] = self.devices[name].store(values)
         self._version += 1
 
     def read_params(self) -> dict[str, np.ndarray]:
+        """What the bench holds: codes (quantized storage) or values (continuous)."""
+        if self.devices is not None:
+            return {name: dev.codes.copy() for name, dev in self.devices.items()}
         return {name: self._view(name).copy() for name in self.spec.parameter_names}
+
+    def measure_params(self, names: list[str] | None = None) -> dict[str, np.ndarray]:
+        """A measurement of the physical values the channels realize (with readback noise)."""
+        names = list(self.spec.parameter_names) if names is None else names
+        if self.devices is not None:
+            return {name: self.devices[name].measure() for name in names}
+        return {name: self._view(name).astype(np.float64) for name in names}
 
     # -- physics ----------------------------------------------------------------------------
 
@@ -328,4 +373,5 @@ class HopfieldSimulator:
                        float(settle.tolerance), int(settle.max_steps),
                        float(self.options.damping), bool(self.options.asynchronous),
                        steps, residual)
+        state = read_out(state, self.options.device, self._readout_rng, settle.readouts)
         return Relaxation(state, residual <= settle.tolerance, steps, residual)
