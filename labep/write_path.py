@@ -170,6 +170,9 @@ class WritePath:
         """What the bench stores for ``values`` of ``name``, and how many channels were
         clipped. Raises :class:`OutOfRangeError` under the ``refuse`` policy."""
         spec = self.specs[name]
+        if not np.all(np.isfinite(values)):
+            raise OutOfRangeError(f"write {name}: non-finite value(s) refused "
+                                  f"({int(np.count_nonzero(~np.isfinite(values)))} channels)")
         if spec.levels is None:
             outside = (values < spec.low) | (values > spec.high)
             count = int(np.count_nonzero(outside))
