@@ -117,7 +117,8 @@ def evaluate(bench: Bench, model: Model, inputs: np.ndarray, labels: np.ndarray,
 def write_policy(protocol: Protocol) -> WritePolicy:
     cfg = protocol.writes
     return WritePolicy(cfg.rounding, cfg.out_of_range, cfg.accumulate, cfg.verify,
-                       cfg.verify_tolerance_lsb, cfg.verify_stop_fraction, cfg.write_budget)
+                       cfg.verify_tolerance_lsb, cfg.verify_stop_fraction, cfg.write_budget,
+                       cfg.shadow)
 
 
 def choose_calibration(protocol: Protocol, store: RunStore, bench: Bench,

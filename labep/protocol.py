@@ -185,6 +185,10 @@ class WritesConfig(_Strict):
         None, ge=0.0, le=1.0, description="Stop the run when more channels than this miss.")
     write_budget: PositiveInt | None = Field(
         None, description="Most code changes any channel may see in the run.")
+    shadow: bool = Field(
+        True, description="Keep full-precision host copies of quantized parameters; false: "
+        "the bench's codes are the only copy (sub-LSB updates need stochastic rounding or "
+        "error feedback).")
     calibration: str = Field(
         "newest", min_length=1, max_length=100,
         description="newest: the bench's newest valid record (nominal map if none); none: "

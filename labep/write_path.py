@@ -1,7 +1,8 @@
 """The one write path from the host's parameters to a bench, for every bench.
 
-The host keeps full-precision *shadow* parameters theta (float64). An update changes the
-shadow; a write maps each logical value to what the bench stores:
+The host keeps full-precision *shadow* parameters theta (float64) (or, with ``shadow: false``,
+only what the bench's codes realize). An update changes the shadow; a write maps each logical
+value to what the bench stores:
 
 - continuous parameters (``ParameterSpec.levels is None``): the value itself;
 - quantized parameters: a hardware code, through the active calibration (:class:`CodeMap`:
@@ -100,7 +101,13 @@ class CodeMap:
 
 @dataclass
 class WritePolicy:
-    """How the write path treats values (the protocol's ``writes`` section)."""
+    """How the write path treats values (the protocol's ``writes`` section).
+
+    ``shadow=False`` models a bench that holds the only copy of a quantized parameter (a
+    device trained by pulses): after each write the host's value snaps to what the written code
+    realizes, so an update smaller than half an LSB survives only through ``stochastic``
+    rounding or ``error_feedback``; with ``nearest`` it is lost.
+    """
 
     rounding: Rounding = "nearest"
     out_of_range: Literal["refuse", "clip"] = "refuse"
@@ -109,6 +116,7 @@ class WritePolicy:
     verify_tolerance_lsb: float = 1.0
     verify_stop_fraction: float | None = None
     write_budget: int | None = None
+    shadow: bool = True
 
 
 @dataclass
@@ -258,6 +266,8 @@ class WritePath:
             if name in changes:
                 self.changes[name] += changes[name]
                 self.codes[name] = payload[name]
+                if not self.policy.shadow:
+                    self.shadow[name] = self.maps[name].value(payload[name])
         self.clipped_total += report.clipped
         if self.policy.verify:
             self._verify(names, report)

@@ -205,6 +205,25 @@ def test_rounding_modes_on_average(tmp_path: Path) -> None:
     assert averages["stochastic"] < 0.05 and averages["error_feedback"] < 0.01
 
 
+def test_without_shadow_nearest_loses_sub_lsb_updates() -> None:
+    """Updates of a quarter LSB: with the bench as the only copy, nearest rounding never moves
+    a code; stochastic rounding and error feedback follow the updates on average."""
+    levels = 65
+    lsb = 2.0 / (levels - 1)
+    moved = {}
+    for rounding in ("nearest", "stochastic", "error_feedback"):
+        bench = RecordingBench(levels, shape=(200,))
+        path = WritePath(bench, {"W": np.zeros(200)},
+                         WritePolicy(rounding=rounding, shadow=False), rng=np.random.default_rng(1))
+        path.write_all()
+        for _ in range(20):
+            path.apply({"W": np.full(200, lsb / 4)})
+        moved[rounding] = float(np.mean(path.shadow["W"]) / lsb)  # expected: 20 / 4 = 5 LSB
+    assert moved["nearest"] == 0.0
+    assert moved["stochastic"] == pytest.approx(5, abs=0.5)
+    assert moved["error_feedback"] == pytest.approx(5, abs=0.5)
+
+
 def test_clip_is_counted_and_refuse_raises() -> None:
     bench = RecordingBench(16)
     wide = {"W": np.full((5, 3), 1.5)}
