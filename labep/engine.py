@@ -263,6 +263,10 @@ class Trainer:
                         report = writes.apply({k: -rates[k] * g
                                                for k, g in estimate.gradient.items()})
                         write_metrics = report.metrics()
+                        if report.clipped:
+                            events.append(("clipped", "parameter values clipped to the range "
+                                           "(writes.out_of_range: clip)",
+                                           {"channels": report.clipped}))
                     cost = model.cost(free.state, target)
                     hits = int(np.sum(model.predict(free.state) == labels))
                     loss_sum += float(cost.sum())
@@ -281,6 +285,8 @@ class Trainer:
                         "unsettled": int(np.count_nonzero(~ok)),
                         **write_metrics,
                     }, arrays=snapshot, events=events)
+                    if last:
+                        writes.flush()  # evaluate what the shadow holds
                     bar.update(1)
                     bar.set_postfix(epoch=epoch + 1, loss=f"{loss_sum / seen:.4f}",
                                     acc=f"{correct / seen:.3f}",

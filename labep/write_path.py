@@ -235,6 +235,14 @@ class WritePath:
         self.pending = 0
         return report
 
+    def flush(self) -> WriteReport:
+        """Write updates still accumulating in the shadow (before an evaluation, at the end)."""
+        if not self.pending:
+            return WriteReport()
+        report = self._write(list(self.shadow))
+        self.pending = 0
+        return report
+
     def _write(self, names: list[str]) -> WriteReport:
         report = WriteReport(written=True)
         payload: dict[str, np.ndarray] = {}

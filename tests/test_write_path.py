@@ -238,17 +238,22 @@ def test_clip_is_counted_and_refuse_raises() -> None:
 
 def test_accumulate_and_budget() -> None:
     bench = RecordingBench(256)
-    path = WritePath(bench, {"W": np.zeros((5, 3))}, WritePolicy(accumulate=3, write_budget=3))
+    path = WritePath(bench, {"W": np.zeros((5, 3))}, WritePolicy(accumulate=3, write_budget=4))
     path.write_all()
     step = {"W": np.full((5, 3), 0.02)}
     for _ in range(6):
         path.apply(step)
     assert len(bench.received) == 1 + 2  # one write per three updates
     np.testing.assert_allclose(path.shadow["W"], 0.12)
-    with pytest.raises(WriteBudgetError, match="write budget of 3"):
+    assert path.writes["W"] == 3
+    path.apply(step)
+    assert len(bench.received) == 3 and path.pending == 1
+    path.flush()
+    assert len(bench.received) == 4 and path.pending == 0
+    with pytest.raises(WriteBudgetError, match="write budget of 4"):
         for _ in range(3):
             path.apply(step)
-    assert len(bench.received) == 3, "the budget stops before the write"
+    assert len(bench.received) == 4, "the budget stops before the write"
 
 
 def test_verify_stops_on_large_mismatch(tmp_path: Path, store: Path) -> None:
