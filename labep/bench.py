@@ -140,6 +140,18 @@ class BenchIdentity:
         }
 
 
+class BenchLifecycle:
+    """Mixin for a class with ``open()`` and ``close()``: ``with bench:`` opens it (connect,
+    identify, safe state) and always closes it, on error too."""
+
+    def __enter__(self) -> BenchLifecycle:
+        self.open()  # type: ignore[attr-defined]
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()  # type: ignore[attr-defined]
+
+
 @runtime_checkable
 class Bench(Protocol):
     """The one contract for simulators and drivers (see DESIGN.md, "The one contract")."""

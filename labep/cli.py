@@ -40,6 +40,19 @@ def _dump(payload: Any) -> None:
     click.echo(json.dumps(payload, indent=2, default=str))
 
 
+def _listing(rows: list[dict[str, Any]], as_json: bool, empty: str, header: str,
+             line: Any) -> None:
+    """Print a listing as JSON, or as a header and one ``line(row)`` per row."""
+    if as_json:
+        _dump(rows)
+    elif not rows:
+        click.echo(empty)
+    else:
+        click.echo(header)
+        for row in rows:
+            click.echo(line(row))
+
+
 store_option = click.option(
     "--store", "store_path", type=click.Path(dir_okay=False),
     help="Run store (SQLite). Default: $LABEP_STORE, the protocol's 'store', or ./labep.db.")
@@ -88,19 +101,15 @@ def run(protocol: str, store_path: str | None, overrides: tuple[str, ...],
 def runs(store_path: str | None, as_json: bool) -> None:
     """List the runs in the store."""
     store = _open_store(store_path, create=False)
-    listing = store.runs()
-    if as_json:
-        _dump(listing)
-        return
-    if not listing:
-        click.echo(f"no runs in {store.path}")
-        return
-    click.echo(f"{'id':24} {'status':11} {'bench':12} {'steps':>6} {'test acc':>8}  name")
-    for run in listing:
+
+    def line(run: dict[str, Any]) -> str:
         acc = run["metrics"].get("test_accuracy")
         acc_text = "-" if acc is None else f"{acc:.4f}"
-        click.echo(f"{run['id']:24} {run['status']:11} {run['bench']['name']:12} "
-                   f"{run['steps']:>6} {acc_text:>8}  {run['name']}")
+        return (f"{run['id']:24} {run['status']:11} {run['bench']['name']:12} "
+                f"{run['steps']:>6} {acc_text:>8}  {run['name']}")
+
+    _listing(store.runs(), as_json, f"no runs in {store.path}",
+             f"{'id':24} {'status':11} {'bench':12} {'steps':>6} {'test acc':>8}  name", line)
 
 
 @main.command()
@@ -184,18 +193,14 @@ def calibrate(protocol_or_bench: str, store_path: str | None, overrides: tuple[s
 def calibrations(store_path: str | None, as_json: bool) -> None:
     """List the calibration records (superseded ones too)."""
     store = _open_store(store_path, create=False)
-    listing = store.calibrations()
-    if as_json:
-        _dump(listing)
-        return
-    if not listing:
-        click.echo(f"no calibrations in {store.path}")
-        return
-    click.echo(f"{'id':28} {'created':30} {'bench serial':32} {'rms LSB':>8}  state")
-    for cal in listing:
+
+    def line(cal: dict[str, Any]) -> str:
         state = "valid" if cal["superseded_by"] is None else f"superseded by {cal['superseded_by']}"
-        click.echo(f"{cal['id']:28} {cal['created']:30} {cal['identity']['serial']:32} "
-                   f"{cal['residual_rms_lsb']:8.3f}  {state}")
+        return (f"{cal['id']:28} {cal['created']:30} {cal['identity']['serial']:32} "
+                f"{cal['residual_rms_lsb']:8.3f}  {state}")
+
+    _listing(store.calibrations(), as_json, f"no calibrations in {store.path}",
+             f"{'id':28} {'created':30} {'bench serial':32} {'rms LSB':>8}  state", line)
 
 
 @main.command()

@@ -24,6 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from labep.bench import (
     BenchIdentity,
+    BenchLifecycle,
     BenchSpec,
     Nudge,
     ParameterSpec,
@@ -210,7 +211,7 @@ class HopfieldSimulatorOptions(BaseModel):
         return self
 
 
-class HopfieldSimulator:
+class HopfieldSimulator(BenchLifecycle):
     """The layered Hopfield network as a Bench, relaxed by a numba kernel."""
 
     name = "hopfield"
@@ -274,13 +275,6 @@ class HopfieldSimulator:
     def close(self) -> None:
         self._open = False
         self._clamp = None
-
-    def __enter__(self) -> HopfieldSimulator:
-        self.open()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     # -- parameters -------------------------------------------------------------------------
 
