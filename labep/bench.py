@@ -48,6 +48,8 @@ class ParameterSpec:
             )
         if not values.size:
             return
+        if self.low == -math.inf and self.high == math.inf and np.isfinite(np.sum(values)):
+            return  # unbounded: a finite sum means every value is finite (one pass)
         lo, hi = float(values.min()), float(values.max())
         if not (self.low <= lo and hi <= self.high):  # False for NaN too
             if not (np.isfinite(lo) and np.isfinite(hi)):

@@ -260,8 +260,10 @@ class Trainer:
                     if ok.any():
                         estimate = estimator.estimate(model, x, free, nudged, strengths,
                                                       ok.astype(np.float64))
-                        report = writes.apply({k: -rates[k] * g
-                                               for k, g in estimate.gradient.items()})
+                        update = estimate.gradient
+                        for name, gradient in update.items():
+                            gradient *= -rates[name]  # in place: theta <- theta - lr * g
+                        report = writes.apply(update)
                         write_metrics = report.metrics()
                         if report.clipped:
                             events.append(("clipped", "parameter values clipped to the range "

@@ -66,8 +66,8 @@ class OneSided(Estimator):
 
     def estimate(self, model, inputs, free, nudged, strengths, weights):
         (beta,) = strengths
-        diff = model.contrast(inputs, nudged[0].state, free.state, weights)
-        return Estimate({k: v / beta for k, v in diff.items()}, int(np.count_nonzero(weights)))
+        gradient = model.contrast(inputs, nudged[0].state, free.state, weights, 1.0 / beta)
+        return Estimate(gradient, int(np.count_nonzero(weights)))
 
 
 class Symmetric(Estimator):
@@ -80,9 +80,9 @@ class Symmetric(Estimator):
 
     def estimate(self, model, inputs, free, nudged, strengths, weights):
         beta = strengths[0]
-        diff = model.contrast(inputs, nudged[0].state, nudged[1].state, weights)
-        scale = 1.0 / (2.0 * beta)
-        return Estimate({k: v * scale for k, v in diff.items()}, int(np.count_nonzero(weights)))
+        gradient = model.contrast(inputs, nudged[0].state, nudged[1].state, weights,
+                                  1.0 / (2.0 * beta))
+        return Estimate(gradient, int(np.count_nonzero(weights)))
 
 
 def make_estimator(name: str, random_sign: bool = False) -> Estimator:

@@ -167,6 +167,7 @@ class WritePath:
                         for name, spec in self.specs.items() if spec.levels is not None}
         self.clipped_total = 0
         self.pending = 0
+        self._spare = {k: np.empty_like(v) for k, v in self.shadow.items()}
 
     @property
     def quantized(self) -> bool:
@@ -178,15 +179,17 @@ class WritePath:
         """What the bench stores for ``values`` of ``name``, and how many channels were
         clipped. Raises :class:`OutOfRangeError` under the ``refuse`` policy."""
         spec = self.specs[name]
+        if spec.levels is None and self.policy.out_of_range == "refuse":
+            return values, 0  # the bench itself refuses non-finite and out-of-range values
         if not np.all(np.isfinite(values)):
             raise OutOfRangeError(f"write {name}: non-finite value(s) refused "
                                   f"({int(np.count_nonzero(~np.isfinite(values)))} channels)")
         if spec.levels is None:
             outside = (values < spec.low) | (values > spec.high)
             count = int(np.count_nonzero(outside))
-            if count and self.policy.out_of_range == "clip":
+            if count:
                 return np.clip(values, spec.low, spec.high), count
-            return values, 0  # the bench refuses what is out of range
+            return values, 0
         fractional = self.maps[name].fractional_code(values)
         if self.policy.rounding == "error_feedback":
             fractional = fractional + self.residue[name]
@@ -220,19 +223,22 @@ class WritePath:
     def apply(self, update: Params) -> WriteReport:
         """theta <- theta + update; every ``accumulate`` updates, write the changed
         parameters. The shadow changes only once the write was accepted (or deferred)."""
-        candidate = {name: self.shadow[name] + delta for name, delta in update.items()}
-        if self.pending + 1 < self.policy.accumulate:
-            self.shadow.update(candidate)
-            self.pending += 1
-            return WriteReport()
+        # the candidate goes into a spare buffer; the buffers swap roles once accepted
+        candidate = {name: np.add(self.shadow[name], delta, out=self._spare[name])
+                     for name, delta in update.items()}
         previous = {name: self.shadow[name] for name in candidate}
         self.shadow.update(candidate)
-        try:
-            report = self._write(list(candidate))
-        except BaseException:
-            self.shadow.update(previous)
-            raise
-        self.pending = 0
+        report = WriteReport()
+        if self.pending + 1 < self.policy.accumulate:
+            self.pending += 1
+        else:
+            try:
+                report = self._write(list(candidate))
+            except BaseException:
+                self.shadow.update(previous)
+                raise
+            self.pending = 0
+        self._spare.update(previous)
         return report
 
     def flush(self) -> WriteReport:

@@ -240,8 +240,11 @@ class HopfieldSimulator(BenchLifecycle):
         n_layers = model.n_layers
         w_sizes = [model.sizes[i - 1] * model.sizes[i] for i in range(1, n_layers + 1)]
         self._weight_offsets = np.concatenate(([0], np.cumsum(w_sizes)[:-1])).astype(np.int64)
+        # W_1 only feeds the input drive (a BLAS product), so it stays row-major; deeper
+        # couplings are stored so that the kernel's inner loops run over the larger layer
         self._transposed = np.array(
-            [model.sizes[i - 1] > model.sizes[i] for i in range(1, n_layers + 1)], dtype=np.bool_
+            [i > 1 and model.sizes[i - 1] > model.sizes[i] for i in range(1, n_layers + 1)],
+            dtype=np.bool_,
         )
         self._bias_offsets = np.concatenate(
             ([0], np.cumsum(model.sizes[1:])[:-1])

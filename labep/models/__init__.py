@@ -40,8 +40,10 @@ class Model(Protocol):
         state_a: np.ndarray,
         state_b: np.ndarray,
         weights: np.ndarray | None = None,
+        scale: float = 1.0,
     ) -> Params:
-        """Sample-weighted mean of dE/dtheta(s_a) - dE/dtheta(s_b) for every parameter."""
+        """``scale`` times the sample-weighted mean of dE/dtheta(s_a) - dE/dtheta(s_b), for
+        every parameter, as fresh arrays (the caller may modify them in place)."""
         ...
 
     def cost(self, state: np.ndarray, target: np.ndarray) -> np.ndarray:

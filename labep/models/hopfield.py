@@ -139,16 +139,18 @@ class LayeredHopfield:
         state_a: np.ndarray,
         state_b: np.ndarray,
         weights: np.ndarray | None = None,
+        scale: float = 1.0,
     ) -> Params:
-        """Weighted batch mean of dE/dtheta(s_a) - dE/dtheta(s_b).
+        """``scale`` times the weighted batch mean of dE/dtheta(s_a) - dE/dtheta(s_b).
 
         dE/dW_l = -s_{l-1} s_l^T, so for the clamped input layer the difference is one product
-        -x^T (s_a1 - s_b1); deeper layers need both outer products.
+        -x^T (s_a1 - s_b1); deeper layers need both outer products. The scale rides on the
+        per-sample weights, so it costs nothing on the parameter-sized arrays.
         """
         batch = state_a.shape[0]
         inputs = np.asarray(inputs, dtype=state_a.dtype)
         w = np.full(batch, 1.0 / batch) if weights is None else weights / max(weights.sum(), 1e-300)
-        w = w.astype(state_a.dtype, copy=False)[:, None]
+        w = (w * scale).astype(state_a.dtype, copy=False)[:, None]
         grads: Params = {}
         for index in range(1, self.n_layers + 1):
             a, b = self.layer(state_a, index), self.layer(state_b, index)
