@@ -1,7 +1,8 @@
 """Datasets: a real IDX (MNIST-format) loader, scikit-learn's bundled 8x8 digits, and XOR.
 
 Every loader returns inputs scaled to [0, 1] (what a clamped input unit or a pixel drive
-expects) as float64 rows, and integer class labels.
+expects) as float32 rows (exact for 8-bit pixels, and what the simulators compute in by
+default), and integer class labels.
 """
 
 from __future__ import annotations
@@ -97,7 +98,7 @@ def load_idx_pair(
         )
     flat = pixels[start:stop].reshape(stop - start, -1).astype(np.float64)
     scale = 255.0 if pixels.dtype == np.uint8 else max(float(np.abs(flat).max()), 1e-12)
-    return flat / scale, classes[start:stop].astype(np.int64)
+    return (flat / scale).astype(np.float32), classes[start:stop].astype(np.int64)
 
 
 def load_digits(test_fraction: float, split_seed: int) -> Split:
@@ -105,7 +106,7 @@ def load_digits(test_fraction: float, split_seed: int) -> Split:
     from sklearn.datasets import load_digits as sklearn_digits
 
     data = sklearn_digits()
-    inputs = data.data / 16.0
+    inputs = (data.data / 16.0).astype(np.float32)
     labels = data.target.astype(np.int64)
     order = np.random.default_rng(split_seed).permutation(len(labels))
     n_test = round(test_fraction * len(labels))
@@ -115,6 +116,6 @@ def load_digits(test_fraction: float, split_seed: int) -> Split:
 
 def load_xor(repeats: int) -> Split:
     """The four XOR points (class = x1 xor x2); the training set repeats them ``repeats`` times."""
-    inputs = np.array([[0.0, 0.0], [0.0, 1.0], [1.0, 0.0], [1.0, 1.0]])
+    inputs = np.array([[0.0, 0.0], [0.0, 1.0], [1.0, 0.0], [1.0, 1.0]], dtype=np.float32)
     labels = np.array([0, 1, 1, 0], dtype=np.int64)
     return Split(np.tile(inputs, (repeats, 1)), np.tile(labels, repeats), inputs, labels, 2)

@@ -240,8 +240,8 @@ class Trainer:
                     x, labels = data.train_inputs[rows], data.train_labels[rows]
                     target = model.encode_target(labels)
                     free = bench.relax(x, settle=free_settle)
-                    strengths = estimator.strengths(protocol.estimator.beta,
-                                                    stream(protocol.seed, 2, epoch, index))
+                    signs = stream(protocol.seed, 2, epoch, index) if estimator.random else None
+                    strengths = estimator.strengths(protocol.estimator.beta, signs)
                     nudged = [bench.relax(x, Nudge(s, target), start=free.state,
                                           settle=nudged_settle) for s in strengths]
                     ok = settled_mask([free, *nudged])

@@ -34,6 +34,8 @@ class Estimator(ABC):
     """Base: ``strengths(beta, rng)`` lists the nudged phases, ``estimate`` combines them."""
 
     name = ""
+    #: whether ``strengths`` draws from its random stream (the engine skips making one if not)
+    random = False
 
     @abstractmethod
     def strengths(self, beta: float, rng: np.random.Generator) -> list[float]:
@@ -59,8 +61,10 @@ class OneSided(Estimator):
 
     def __init__(self, random_sign: bool = False) -> None:
         self.random_sign = random_sign
+        self.random = random_sign
 
-    def strengths(self, beta: float, rng: np.random.Generator) -> list[float]:
+    def strengths(self, beta: float, rng: np.random.Generator | None) -> list[float]:
+        assert rng is not None or not self.random_sign
         sign = rng.choice((-1.0, 1.0)) if self.random_sign else 1.0
         return [sign * beta]
 

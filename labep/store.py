@@ -36,6 +36,8 @@ if TYPE_CHECKING:
     from labep.calibration import CalibrationRecord
 
 SCHEMA_VERSION = 2
+#: a running run refreshes ``runs.heartbeat`` at most this often (with its step commits)
+HEARTBEAT_SECONDS = 1.0
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -152,6 +154,7 @@ class RunStore:
 
     def __init__(self, path: str | Path, *, create: bool = True) -> None:
         self.path = Path(path)
+        self._beat = -float("inf")
         if not create and not self.path.exists():
             raise StoreError(f"no run store at {self.path}")
         parent = self.path.resolve().parent
@@ -257,7 +260,9 @@ class RunStore:
                     "VALUES (?, ?, ?, ?, ?, ?)",
                     (run_id, step, now, kind, message, json.dumps(detail)),
                 )
-            db.execute("UPDATE runs SET heartbeat = ? WHERE id = ?", (now, run_id))
+            if time.monotonic() - self._beat >= HEARTBEAT_SECONDS:
+                db.execute("UPDATE runs SET heartbeat = ? WHERE id = ?", (now, run_id))
+                self._beat = time.monotonic()
 
     def record_metrics(self, run_id: str, step: int, metrics: dict[str, float]) -> None:
         with self.transaction() as db:
