@@ -16,23 +16,14 @@ readouts returns the state itself). With ``device.bits`` set, parameters are wri
 
 from __future__ import annotations
 
-from typing import Literal
-
 import numba
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field
 
-from labep.bench import (
-    BenchIdentity,
-    BenchLifecycle,
-    BenchSpec,
-    Nudge,
-    ParameterSpec,
-    Relaxation,
-    Settle,
-)
+from labep.bench import Nudge, Relaxation, Settle
 from labep.models.hopfield import LayeredHopfield
-from labep.simulators.device import DeviceOptions, ParameterDevice, read_out
+from labep.simulators.device import read_out
+from labep.simulators.layered import LayeredSimulator, LayeredSimulatorOptions
 
 
 @numba.njit(cache=True, inline="always")
@@ -178,165 +169,28 @@ def settle_layered(sizes, weights, weight_offsets, transposed, biases, bias_offs
         residual_out[sample] = residual
 
 
-class HopfieldSimulatorOptions(BaseModel):
+class HopfieldSimulatorOptions(LayeredSimulatorOptions):
     """Options of the Hopfield simulator bench (``bench.options`` in a protocol)."""
 
-    model_config = ConfigDict(extra="forbid")
-
-    dtype: Literal["float32", "float64"] = Field(
-        "float32", description="Arithmetic precision of states and parameters."
-    )
     asynchronous: bool = Field(
         True, description="Even/odd layer order (block coordinate descent); False: all at once."
     )
     damping: float = Field(
         1.0, gt=0.0, le=1.0, description="a in s <- (1 - a) s + a rho(h); 1 is undamped."
     )
-    weight_range: float | None = Field(
-        None, gt=0.0, description="Physical range |W| <= weight_range; writes outside are refused."
-    )
-    bias_range: float | None = Field(
-        None, gt=0.0, description="Physical range |b| <= bias_range; writes outside are refused."
-    )
-    tolerance: float = Field(1e-4, gt=0.0, description="Default settle tolerance.")
-    max_steps: int = Field(100, ge=1, description="Default settle step cap.")
-    device: DeviceOptions = Field(
-        default_factory=DeviceOptions,
-        description="Imperfections: resolution, mismatch, nonlinearity, noise (all off).")
-
-    @model_validator(mode="after")
-    def _ranges_for_codes(self) -> HopfieldSimulatorOptions:
-        if self.device.quantized and (self.weight_range is None or self.bias_range is None):
-            raise ValueError("device.bits needs a finite weight_range and bias_range")
-        return self
 
 
-class HopfieldSimulator(BenchLifecycle):
+class HopfieldSimulator(LayeredSimulator):
     """The layered Hopfield network as a Bench, relaxed by a numba kernel."""
 
     name = "hopfield"
+    identity_model = "hopfield-simulator"
     model_kinds = ("layered_hopfield",)
     options_model = HopfieldSimulatorOptions
 
     def __init__(self, model: LayeredHopfield, options: HopfieldSimulatorOptions | None = None):
-        self.model = model
-        self.options = options or HopfieldSimulatorOptions()
-        self.dtype = np.dtype(self.options.dtype)
-        shapes = model.parameter_shapes()
-        device = self.options.device
-        levels = None if device.bits is None else 2 ** device.bits
-        params = []
-        for name, shape in shapes.items():
-            limit = self.options.weight_range if name[0] == "W" else self.options.bias_range
-            limit = np.inf if limit is None else limit
-            params.append(ParameterSpec(name, shape, -limit, limit, unit="1", levels=levels))
-        self.spec = BenchSpec(
-            parameters=tuple(params),
-            input_size=model.input_size,
-            state_size=model.state_size,
-            output_slice=model.output_slice,
-        )
-        self._sizes = np.asarray(model.sizes, dtype=np.int64)
-        n_layers = model.n_layers
-        w_sizes = [model.sizes[i - 1] * model.sizes[i] for i in range(1, n_layers + 1)]
-        self._weight_offsets = np.concatenate(([0], np.cumsum(w_sizes)[:-1])).astype(np.int64)
-        # W_1 only feeds the input drive (a BLAS product), so it stays row-major; deeper
-        # couplings are stored so that the kernel's inner loops run over the larger layer
-        self._transposed = np.array(
-            [i > 1 and model.sizes[i - 1] > model.sizes[i] for i in range(1, n_layers + 1)],
-            dtype=np.bool_,
-        )
-        self._bias_offsets = np.concatenate(
-            ([0], np.cumsum(model.sizes[1:])[:-1])
-        ).astype(np.int64)
-        self._weights = np.zeros(int(sum(w_sizes)), dtype=self.dtype)
-        self._biases = np.zeros(model.state_size, dtype=self.dtype)
-        self._version = 0
-        self._clamp: tuple[np.ndarray, int, np.ndarray] | None = None
-        self._open = False
-        #: the hidden truth of each quantized parameter (None: ideal continuous storage)
-        self.devices: dict[str, ParameterDevice] | None = None
-        if device.quantized:
-            truth = np.random.default_rng([device.seed, 0])
-            self.devices = {
-                spec.name: ParameterDevice(spec, device, truth, self.name)
-                for spec in self.spec.parameters
-            }
-            for name, dev in self.devices.items():
-                self._view(name)[...] = dev.values
-        self._readout_rng = np.random.default_rng([device.seed, 1])
-
-    # -- lifecycle --------------------------------------------------------------------------
-
-    def open(self) -> BenchIdentity:
-        self._open = True
-        sizes = "-".join(str(n) for n in self.model.sizes)
-        return BenchIdentity("labep", "hopfield-simulator",
-                             f"hopfield-{sizes}-device{self.options.device.seed}",
-                             "numba-" + numba.__version__)
-
-    def close(self) -> None:
-        self._open = False
-        self._clamp = None
-
-    # -- parameters -------------------------------------------------------------------------
-
-    def _weight_view(self, index: int) -> np.ndarray:
-        rows, cols = self.model.sizes[index - 1], self.model.sizes[index]
-        start = self._weight_offsets[index - 1]
-        flat = self._weights[start:start + rows * cols]
-        if self._transposed[index - 1]:
-            return flat.reshape(cols, rows).T
-        return flat.reshape(rows, cols)
-
-    def _bias_view(self, index: int) -> np.ndarray:
-        start = self._bias_offsets[index - 1]
-        return self._biases[start:start + self.model.sizes[index]]
-
-    def _view(self, name: str) -> np.ndarray:
-        index = int(name[1:])
-        return self._weight_view(index) if name[0] == "W" else self._bias_view(index)
-
-    def write(self, params: dict[str, np.ndarray]) -> None:
-        """Continuous storage: physical values. Quantized storage (``device.bits``): integer
-        codes in [0, levels - 1]. Everything is checked before anything is stored."""
-        for name, values in params.items():
-            spec = self.spec.parameter(name)
-            if self.devices is None:
-                spec.check_range(values, bench=self.name)
-            else:
-                self.devices[name].check(values)
-        for name, values in params.items():
-            if self.devices is None:
-                self._view(name)[...] = values
-            else:
-                self._view(name)[...] = self.devices[name].store(values)
-        self._version += 1
-
-    def read_params(self) -> dict[str, np.ndarray]:
-        """What the bench holds: codes (quantized storage) or values (continuous)."""
-        if self.devices is not None:
-            return {name: dev.codes.copy() for name, dev in self.devices.items()}
-        return {name: self._view(name).copy() for name in self.spec.parameter_names}
-
-    def measure_params(self, names: list[str] | None = None) -> dict[str, np.ndarray]:
-        """A measurement of the physical values the channels realize (with readback noise)."""
-        names = list(self.spec.parameter_names) if names is None else names
-        if self.devices is not None:
-            return {name: self.devices[name].measure() for name in names}
-        return {name: self._view(name).astype(np.float64) for name in names}
-
-    # -- physics ----------------------------------------------------------------------------
-
-    def _drive(self, inputs: np.ndarray) -> np.ndarray:
-        """x W_1 + b_1, computed once per (inputs, parameters) and reused across phases."""
-        if self._clamp is not None:
-            clamped, version, drive = self._clamp
-            if version == self._version and np.array_equal(clamped, inputs):
-                return drive
-        drive = np.ascontiguousarray(inputs @ self._weight_view(1) + self._bias_view(1))
-        self._clamp = (inputs.copy(), self._version, drive)
-        return drive
+        # W_1 only feeds the input drive (a BLAS product), so it stays row-major
+        super().__init__(model, options or HopfieldSimulatorOptions())
 
     def relax(
         self,
@@ -346,27 +200,15 @@ class HopfieldSimulator(BenchLifecycle):
         settle: Settle | None = None,
     ) -> Relaxation:
         settle = settle or Settle(self.options.tolerance, self.options.max_steps)
-        inputs = np.ascontiguousarray(inputs, dtype=self.dtype)
+        inputs, state, strength, target = self._prepare(inputs, nudge, start)
+        # x W_1 + b_1: constant during a phase, computed once per clamp
+        drive = self._clamped(inputs, lambda x: np.ascontiguousarray(
+            x @ self._views["W1"] + self._views["b1"]))
         batch = inputs.shape[0]
-        if inputs.ndim != 2 or inputs.shape[1] != self.model.input_size:
-            raise ValueError(f"{self.name}: inputs must be (batch, {self.model.input_size}), "
-                             f"got {inputs.shape}")
-        drive = self._drive(inputs)
-        if start is None:
-            state = np.zeros((batch, self.model.state_size), dtype=self.dtype)
-        else:
-            state = np.array(start, dtype=self.dtype, order="C", copy=True)
-        if nudge is None:
-            strength = 0.0
-            target = np.zeros((batch, self.model.output_size), dtype=self.dtype)
-        else:
-            strength = float(nudge.strength)
-            target = np.ascontiguousarray(nudge.target, dtype=self.dtype)
         steps = np.zeros(batch, dtype=np.int64)
         residual = np.zeros(batch, dtype=np.float64)
         settle_layered(self._sizes, self._weights, self._weight_offsets, self._transposed,
-                       self._biases,
-                       self._bias_offsets, drive, state, target, strength,
+                       self._biases, self._bias_offsets, drive, state, target, strength,
                        float(settle.tolerance), int(settle.max_steps),
                        float(self.options.damping), bool(self.options.asynchronous),
                        steps, residual)

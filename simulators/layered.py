@@ -1,0 +1,185 @@
+"""Parameter storage shared by the simulators of layered networks.
+
+A layered model has couplings between consecutive layers (2-D parameters, layer l-1 to l, shape
+(n_{l-1}, n_l)) and per-unit biases (1-D). This base class keeps them in flat buffers the numba
+kernels read, each coupling block row-major or transposed so that kernel inner loops run over
+the larger layer, and implements the storage half of the Bench contract: the physical ranges,
+quantized storage with the device's hidden truth (:mod:`labep.simulators.device`), ``write``,
+``read_params``, ``measure_params``, ``open`` and ``close``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import numba
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from labep.bench import BenchIdentity, BenchLifecycle, BenchSpec, ParameterSpec
+from labep.simulators.device import DeviceOptions, ParameterDevice
+
+
+class LayeredSimulatorOptions(BaseModel):
+    """Options every layered simulator has (``bench.options`` in a protocol)."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    dtype: Literal["float32", "float64"] = Field(
+        "float32", description="Arithmetic precision of states and parameters."
+    )
+    weight_range: float | None = Field(
+        None, gt=0.0,
+        description="Physical range |coupling| <= weight_range; writes outside are refused."
+    )
+    bias_range: float | None = Field(
+        None, gt=0.0, description="Physical range |bias| <= bias_range; writes outside are refused."
+    )
+    tolerance: float = Field(1e-4, gt=0.0, description="Default settle tolerance.")
+    max_steps: int = Field(100, ge=1, description="Default settle step cap.")
+    device: DeviceOptions = Field(
+        default_factory=DeviceOptions,
+        description="Imperfections: resolution, mismatch, nonlinearity, noise (all off).")
+
+    @model_validator(mode="after")
+    def _ranges_for_codes(self) -> Any:
+        if self.device.quantized and (self.weight_range is None or self.bias_range is None):
+            raise ValueError("device.bits needs a finite weight_range and bias_range")
+        return self
+
+
+class LayeredSimulator(BenchLifecycle):
+    """Storage of a layered model's couplings and biases, ideal or through a device."""
+
+    name = ""
+    #: the ``model`` field of the identity; the serial adds the sizes and the device seed
+    identity_model = ""
+    #: couplings l >= this index are stored transposed when n_{l-1} > n_l (kernel layout)
+    transpose_from = 2
+
+    def __init__(self, model: Any, options: LayeredSimulatorOptions) -> None:
+        self.model = model
+        self.options = options
+        self.dtype = np.dtype(options.dtype)
+        device = options.device
+        levels = None if device.bits is None else 2 ** device.bits
+        shapes = model.parameter_shapes()
+        params = []
+        for name, shape in shapes.items():
+            limit = options.weight_range if len(shape) == 2 else options.bias_range
+            limit = np.inf if limit is None else limit
+            params.append(ParameterSpec(name, shape, -limit, limit, unit="1", levels=levels))
+        self.spec = BenchSpec(
+            parameters=tuple(params),
+            input_size=model.input_size,
+            state_size=model.state_size,
+            output_slice=model.output_slice,
+        )
+        sizes = model.sizes
+        n_layers = len(sizes) - 1
+        self._sizes = np.asarray(sizes, dtype=np.int64)
+        w_sizes = [sizes[i - 1] * sizes[i] for i in range(1, n_layers + 1)]
+        self._weight_offsets = np.concatenate(([0], np.cumsum(w_sizes)[:-1])).astype(np.int64)
+        self._transposed = np.array(
+            [i >= self.transpose_from and sizes[i - 1] > sizes[i]
+             for i in range(1, n_layers + 1)], dtype=np.bool_)
+        self._bias_offsets = np.concatenate(([0], np.cumsum(sizes[1:])[:-1])).astype(np.int64)
+        self._weights = np.zeros(int(sum(w_sizes)), dtype=self.dtype)
+        self._biases = np.zeros(int(sum(sizes[1:])), dtype=self.dtype)
+        self._version = 0
+        self._clamp: tuple[np.ndarray, int, Any] | None = None
+        self._views = {name: self._make_view(name, shape) for name, shape in shapes.items()}
+        #: the hidden truth of each quantized parameter (None: ideal continuous storage)
+        self.devices: dict[str, ParameterDevice] | None = None
+        if device.quantized:
+            truth = np.random.default_rng([device.seed, 0])
+            self.devices = {spec.name: ParameterDevice(spec, device, truth, self.name)
+                            for spec in self.spec.parameters}
+            for name, dev in self.devices.items():
+                self._views[name][...] = dev.values
+        self._readout_rng = np.random.default_rng([device.seed, 1])
+
+    def _make_view(self, name: str, shape: tuple[int, ...]) -> np.ndarray:
+        index = self.model.layer_of(name)
+        if len(shape) == 1:
+            start = self._bias_offsets[index - 1]
+            return self._biases[start:start + shape[0]]
+        rows, cols = shape
+        start = self._weight_offsets[index - 1]
+        flat = self._weights[start:start + rows * cols]
+        return flat.reshape(cols, rows).T if self._transposed[index - 1] else flat.reshape(
+            rows, cols)
+
+    # -- lifecycle --------------------------------------------------------------------------
+
+    def open(self) -> BenchIdentity:
+        sizes = "-".join(str(n) for n in self.model.sizes)
+        return BenchIdentity("labep", self.identity_model,
+                             f"{self.name}-{sizes}-device{self.options.device.seed}",
+                             "numba-" + numba.__version__)
+
+    def close(self) -> None:
+        self._clamp = None
+
+    # -- parameters -------------------------------------------------------------------------
+
+    def write(self, params: dict[str, np.ndarray]) -> None:
+        """Continuous storage: physical values. Quantized storage (``device.bits``): integer
+        codes in [0, levels - 1]. Everything is checked before anything is stored."""
+        for name, values in params.items():
+            if self.devices is None:
+                self.spec.parameter(name).check_range(values, bench=self.name)
+            else:
+                self.devices[name].check(values)
+        for name, values in params.items():
+            if self.devices is None:
+                self._views[name][...] = values
+            else:
+                self._views[name][...] = self.devices[name].store(values)
+        self._version += 1
+
+    def read_params(self) -> dict[str, np.ndarray]:
+        """What the bench holds: codes (quantized storage) or values (continuous)."""
+        if self.devices is not None:
+            return {name: dev.codes.copy() for name, dev in self.devices.items()}
+        return {name: view.copy() for name, view in self._views.items()}
+
+    def measure_params(self, names: list[str] | None = None) -> dict[str, np.ndarray]:
+        """A measurement of the physical values the channels realize (with readback noise)."""
+        names = list(self.spec.parameter_names) if names is None else names
+        if self.devices is not None:
+            return {name: self.devices[name].measure() for name in names}
+        return {name: self._views[name].astype(np.float64) for name in names}
+
+    # -- shared physics helpers -------------------------------------------------------------
+
+    def _clamped(self, inputs: np.ndarray, compute: Any) -> Any:
+        """``compute(inputs)`` (the clamped input's constant drive), cached per inputs and
+        parameters so that every phase of a batch reuses it."""
+        if self._clamp is not None:
+            clamped, version, drive = self._clamp
+            if version == self._version and np.array_equal(clamped, inputs):
+                return drive
+        drive = compute(inputs)
+        self._clamp = (inputs.copy(), self._version, drive)
+        return drive
+
+    def _prepare(self, inputs: np.ndarray, nudge: Any, start: np.ndarray | None,
+                 rest: float = 0.0) -> tuple[np.ndarray, np.ndarray, float, np.ndarray]:
+        """Inputs (checked, contiguous), the start state, the nudge strength and target."""
+        inputs = np.ascontiguousarray(inputs, dtype=self.dtype)
+        if inputs.ndim != 2 or inputs.shape[1] != self.model.input_size:
+            raise ValueError(f"{self.name}: inputs must be (batch, {self.model.input_size}), "
+                             f"got {inputs.shape}")
+        batch = inputs.shape[0]
+        if start is None:
+            state = np.full((batch, self.model.state_size), rest, dtype=self.dtype)
+        else:
+            state = np.array(start, dtype=self.dtype, order="C", copy=True)
+        if nudge is None:
+            strength = 0.0
+            target = np.zeros((batch, self.model.output_size), dtype=self.dtype)
+        else:
+            strength = float(nudge.strength)
+            target = np.ascontiguousarray(nudge.target, dtype=self.dtype)
+        return inputs, state, strength, target
