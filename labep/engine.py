@@ -52,7 +52,7 @@ class RunResult:
 def build_model(protocol: Protocol) -> Model:
     cfg = protocol.model
     cls = registry.load_model_class(cfg.kind)
-    return cls(cfg.sizes, init_gain=cfg.init_gain)
+    return cls(**cfg.model_dump(exclude={"kind", "activation"}))
 
 
 def build_bench(protocol: Protocol, model: Model, **overrides: Any) -> Bench:

@@ -81,7 +81,8 @@ def gradcheck(
                 f"free phase did not settle: residual {worst:.3g} > tolerance {tolerance:.3g} "
                 f"on {int(np.count_nonzero(~free.converged))} of {count} samples after "
                 f"{int(free.steps.max())} steps; refusing to compare a gradient at a state "
-                "that is not a fixed point (try asynchronous updates or damping < 1)"
+                "that is not a fixed point (see the bench's settle options: more steps, damping, "
+                "asynchronous order, a smaller step)"
             )
         est = make_estimator(name)
         strengths = est.strengths(beta, stream(seed, 2))

@@ -74,7 +74,19 @@ class LayeredHopfieldConfig(_Strict):
         return sizes
 
 
-ModelConfig = Annotated[LayeredHopfieldConfig, Field(discriminator="kind")]
+class LayeredOIMConfig(_Strict):
+    """Layered oscillator Ising machine: sizes [n_0 (inputs), n_1, ..., n_L (outputs)]."""
+
+    kind: Literal["layered_oim"]
+    sizes: list[PositiveInt] = Field(min_length=2, max_length=64)
+    shil: float = Field(0.0, ge=0.0, le=1e3,
+                        description="K_s, second-harmonic injection locking strength.")
+    init_gain: PositiveFloat = Field(1.0, description="J, h ~ U(-g/sqrt(n_in), g/sqrt(n_in)).")
+
+    _not_huge = field_validator("sizes")(LayeredHopfieldConfig._not_huge.__func__)
+
+
+ModelConfig = Annotated[LayeredHopfieldConfig | LayeredOIMConfig, Field(discriminator="kind")]
 
 
 class DigitsConfig(_Strict):

@@ -24,10 +24,12 @@ class BenchEntry:
 
 BENCHES: dict[str, BenchEntry] = {
     "hopfield": BenchEntry("simulator", "labep.simulators.hopfield:HopfieldSimulator"),
+    "oim": BenchEntry("simulator", "labep.simulators.oim:OIMSimulator"),
 }
 
 MODELS: dict[str, str] = {
     "layered_hopfield": "labep.models.hopfield:LayeredHopfield",
+    "layered_oim": "labep.models.oim:LayeredOIM",
 }
 
 

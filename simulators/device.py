@@ -137,17 +137,37 @@ class ParameterDevice:
 
 
 def read_out(state: np.ndarray, options: DeviceOptions, rng: np.random.Generator,
-             readouts: int, low: float = 0.0, high: float = 1.0) -> np.ndarray:
+             readouts: int, low: float = 0.0, high: float = 1.0,
+             periodic: bool = False) -> np.ndarray:
     """The state as a detector reports it: the mean of ``readouts`` noisy readouts, each
-    quantized to ``readout_bits`` over [low, high]. The ideal readout returns the state."""
+    quantized to ``readout_bits`` over [low, high]. The ideal readout returns the state.
+
+    ``periodic`` (phases): readouts wrap into [low, high), are quantized to 2^bits steps of
+    the period, and are averaged on the circle.
+    """
     if options.ideal_readout:
         return state
+    span = high - low
     total = np.zeros(state.shape, dtype=np.float64)
+    total_sin = np.zeros(state.shape, dtype=np.float64)
     for _ in range(readouts):
         sample = state + options.readout_noise * rng.standard_normal(state.shape)
+        if periodic:
+            sample = low + np.mod(sample - low, span)
+            if options.readout_bits is not None:
+                steps = 2 ** options.readout_bits
+                sample = low + np.mod(np.round((sample - low) / span * steps), steps) * (
+                    span / steps)
+            angle = (sample - low) * (2 * np.pi / span)
+            total += np.cos(angle)
+            total_sin += np.sin(angle)
+            continue
         if options.readout_bits is not None:
             top = 2 ** options.readout_bits - 1
-            unit = (np.clip(sample, low, high) - low) / (high - low)
-            sample = low + (high - low) * np.round(unit * top) / top
+            unit = (np.clip(sample, low, high) - low) / span
+            sample = low + span * np.round(unit * top) / top
         total += sample
+    if periodic:
+        mean = np.mod(np.arctan2(total_sin, total), 2 * np.pi) * (span / (2 * np.pi)) + low
+        return mean.astype(state.dtype)
     return (total / readouts).astype(state.dtype)

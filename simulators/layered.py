@@ -83,9 +83,15 @@ class LayeredSimulator(BenchLifecycle):
         self._transposed = np.array(
             [i >= self.transpose_from and sizes[i - 1] > sizes[i]
              for i in range(1, n_layers + 1)], dtype=np.bool_)
+        # 1-D parameters (biases) lie one after another in the order of the model's shapes:
+        # b_1 .. b_L at the state's offsets, then any further per-unit parameters
+        vectors = [(name, shape[0]) for name, shape in shapes.items() if len(shape) == 1]
+        starts = np.concatenate(([0], np.cumsum([n for _, n in vectors])[:-1])).astype(np.int64)
+        self._vector_offsets = {name: int(start) for (name, _), start in zip(vectors, starts,
+                                                                             strict=True)}
         self._bias_offsets = np.concatenate(([0], np.cumsum(sizes[1:])[:-1])).astype(np.int64)
         self._weights = np.zeros(int(sum(w_sizes)), dtype=self.dtype)
-        self._biases = np.zeros(int(sum(sizes[1:])), dtype=self.dtype)
+        self._biases = np.zeros(int(sum(n for _, n in vectors)), dtype=self.dtype)
         self._version = 0
         self._clamp: tuple[np.ndarray, int, Any] | None = None
         self._views = {name: self._make_view(name, shape) for name, shape in shapes.items()}
@@ -102,7 +108,7 @@ class LayeredSimulator(BenchLifecycle):
     def _make_view(self, name: str, shape: tuple[int, ...]) -> np.ndarray:
         index = self.model.layer_of(name)
         if len(shape) == 1:
-            start = self._bias_offsets[index - 1]
+            start = self._vector_offsets[name]
             return self._biases[start:start + shape[0]]
         rows, cols = shape
         start = self._weight_offsets[index - 1]

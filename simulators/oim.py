@@ -1,0 +1,241 @@
+"""Numba simulator of a layered oscillator Ising machine (the physics of the FPGA OIM boards).
+
+Physics: :class:`labep.models.oim.LayeredOIM` (the biases h, g act as A += h, B += g).
+Each sample integrates the gradient flow d(phi)/dt = -dE/dphi - beta dC/dphi + sqrt(2 T) xi
+with Euler or Heun steps of size ``dt``, until the residual max |dE/dphi + beta dC/dphi| is
+at or below tolerance (each sample stops on its own). Coupling forces use
+cos(a - b) = cos a cos b + sin a sin b: per unit the fields A = sum J cos(phi_nb) and
+B = sum J sin(phi_nb) give -dE/dphi = cos(phi) B - sin(phi) A - K_s sin(2 phi),
+so no n x n tensor is ever formed; the clamped input layer's contribution to layer 1 is two
+BLAS products, computed once per clamp and reused by every phase.
+
+Phase noise (``phase_noise``, the temperature T) comes from a counter-based generator keyed by
+(device seed, relaxation, sample, step, unit): deterministic given the seed, whatever the
+number of threads. Readout noise and resolution (``device.readout_noise``,
+``device.readout_bits``) act on the read-back phases, averaged on the circle.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import numba
+import numpy as np
+from pydantic import Field
+
+from labep.bench import Nudge, Relaxation, Settle
+from labep.models.oim import LayeredOIM
+from labep.simulators.device import read_out
+from labep.simulators.layered import LayeredSimulator, LayeredSimulatorOptions
+
+TWO_PI = 2.0 * math.pi
+
+
+@numba.njit(cache=True, inline="always")
+def _mix(value):
+    """splitmix64 finaliser: a well-mixed 64-bit word from a counter."""
+    value = (value ^ (value >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    value = (value ^ (value >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return value ^ (value >> np.uint64(31))
+
+
+@numba.njit(cache=True)
+def _gauss(key, step, unit):
+    """A standard normal sample for (key, step, unit) by Box-Muller on two hashed uniforms."""
+    base = _mix(np.uint64(key) ^ _mix(np.uint64(step) * np.uint64(0x9E3779B97F4A7C15)
+                                      + np.uint64(unit)))
+    u1 = (float(base >> np.uint64(11)) + 0.5) / 9007199254740992.0
+    u2 = (float(_mix(base) >> np.uint64(11)) + 0.5) / 9007199254740992.0
+    return math.sqrt(-2.0 * math.log(u1)) * math.cos(TWO_PI * u2)
+
+
+@numba.njit(cache=True)
+def _forces(sizes, offsets, weights, weight_offsets, transposed, biases, drive_a, drive_b,
+            phases, cos, sin, field_a, field_b, shil, strength, target, out):
+    """-dE/dphi - beta dC/dphi for every free unit of one sample into ``out``; returns the
+    largest magnitude (the residual)."""
+    n_layers = sizes.shape[0] - 1
+    for unit in range(phases.shape[0]):
+        cos[unit] = math.cos(phases[unit])
+        sin[unit] = math.sin(phases[unit])
+    worst = 0.0
+    for layer in range(1, n_layers + 1):
+        n_here = sizes[layer]
+        here = offsets[layer - 1]
+        if layer == 1:
+            for j in range(n_here):
+                field_a[j] = drive_a[j]
+                field_b[j] = drive_b[j]
+        else:
+            n_below = sizes[layer - 1]
+            below = offsets[layer - 2]
+            w0 = weight_offsets[layer - 1]
+            if transposed[layer - 1]:
+                for j in range(n_here):
+                    acc_a = 0.0
+                    acc_b = 0.0
+                    base = w0 + j * n_below
+                    for i in range(n_below):
+                        acc_a += weights[base + i] * cos[below + i]
+                        acc_b += weights[base + i] * sin[below + i]
+                    field_a[j] = acc_a
+                    field_b[j] = acc_b
+            else:
+                for j in range(n_here):
+                    field_a[j] = 0.0
+                    field_b[j] = 0.0
+                for i in range(n_below):
+                    c_i = cos[below + i]
+                    s_i = sin[below + i]
+                    base = w0 + i * n_here
+                    for j in range(n_here):
+                        field_a[j] += c_i * weights[base + j]
+                        field_b[j] += s_i * weights[base + j]
+        if layer < n_layers:
+            n_above = sizes[layer + 1]
+            above = offsets[layer]
+            w0 = weight_offsets[layer]
+            if transposed[layer]:
+                for k in range(n_above):
+                    c_k = cos[above + k]
+                    s_k = sin[above + k]
+                    base = w0 + k * n_here
+                    for i in range(n_here):
+                        field_a[i] += c_k * weights[base + i]
+                        field_b[i] += s_k * weights[base + i]
+            else:
+                for i in range(n_here):
+                    acc_a = 0.0
+                    acc_b = 0.0
+                    base = w0 + i * n_above
+                    for k in range(n_above):
+                        acc_a += weights[base + k] * cos[above + k]
+                        acc_b += weights[base + k] * sin[above + k]
+                    field_a[i] += acc_a
+                    field_b[i] += acc_b
+        quadrature = phases.shape[0] + here  # h_l lies like the state, then g_l
+        for j in range(n_here):
+            c = cos[here + j]
+            s = sin[here + j]
+            a = field_a[j] + biases[here + j]
+            b = field_b[j] + biases[quadrature + j]
+            force = c * b - s * a - 2.0 * shil * s * c
+            if layer == n_layers and strength != 0.0:
+                force += strength * (c - target[j]) * s
+            out[here + j] = force
+            worst = max(worst, abs(force))
+    return worst
+
+
+@numba.njit(cache=True, parallel=True)
+def settle_oim(sizes, weights, weight_offsets, transposed, biases, drive_a, drive_b, state,
+               target, strength, shil, dt, heun, temperature, noise_key, tolerance, max_steps,
+               steps_out, residual_out):
+    """Integrate a batch of OIM phases in place until each sample's residual max |dphi/dt| is
+    at or below tolerance (or ``max_steps`` steps); phases are returned wrapped to [0, 2 pi)."""
+    batch, n_state = state.shape
+    n_layers = sizes.shape[0] - 1
+    offsets = np.zeros(n_layers, dtype=np.int64)
+    width = 0
+    for layer in range(1, n_layers + 1):
+        width = max(width, sizes[layer])
+        if layer < n_layers:
+            offsets[layer] = offsets[layer - 1] + sizes[layer]
+    kick = math.sqrt(2.0 * temperature * dt)
+    for sample in numba.prange(batch):
+        phases = state[sample]
+        cos = np.empty(n_state)
+        sin = np.empty(n_state)
+        field_a = np.empty(width)
+        field_b = np.empty(width)
+        first = np.empty(n_state)
+        second = np.empty(n_state)
+        trial = np.empty(n_state)
+        key = noise_key * 1000003 + sample
+        steps = 0
+        residual = _forces(sizes, offsets, weights, weight_offsets, transposed, biases,
+                           drive_a[sample], drive_b[sample], phases, cos, sin, field_a,
+                           field_b, shil, strength, target[sample], first)
+        while residual > tolerance and steps < max_steps:
+            if heun:
+                for u in range(n_state):
+                    trial[u] = phases[u] + dt * first[u]
+                _forces(sizes, offsets, weights, weight_offsets, transposed, biases,
+                        drive_a[sample], drive_b[sample], trial, cos, sin, field_a, field_b,
+                        shil, strength, target[sample], second)
+                for u in range(n_state):
+                    phases[u] += 0.5 * dt * (first[u] + second[u])
+            else:
+                for u in range(n_state):
+                    phases[u] += dt * first[u]
+            if temperature > 0.0:
+                for u in range(n_state):
+                    phases[u] += kick * _gauss(key, steps, u)
+            steps += 1
+            residual = _forces(sizes, offsets, weights, weight_offsets, transposed, biases,
+                               drive_a[sample], drive_b[sample], phases, cos, sin, field_a,
+                               field_b, shil, strength, target[sample], first)
+        for u in range(n_state):
+            phases[u] = phases[u] % TWO_PI
+        steps_out[sample] = steps
+        residual_out[sample] = residual
+
+
+class OIMSimulatorOptions(LayeredSimulatorOptions):
+    """Options of the OIM simulator bench (``bench.options`` in a protocol)."""
+
+    tolerance: float = Field(1e-4, gt=0.0, description="Settle tolerance on max |dphi/dt|.")
+    max_steps: int = Field(2000, ge=1, description="Default cap on integration steps.")
+    dt: float = Field(0.2, gt=0.0, le=10.0, description="Integration step (units of 1/J).")
+    integrator: Literal["euler", "heun"] = Field(
+        "euler", description="euler: first order; heun: second order (two forces a step).")
+    phase_noise: float = Field(
+        0.0, ge=0.0, description="Temperature T of the phase noise sqrt(2 T) xi (off: 0).")
+    rest_phase: float = Field(
+        math.pi / 2, description="Phase every oscillator starts from when no start is given.")
+
+
+class OIMSimulator(LayeredSimulator):
+    """The layered oscillator Ising machine as a Bench, integrated by a numba kernel."""
+
+    name = "oim"
+    identity_model = "oim-simulator"
+    model_kinds = ("layered_oim",)
+    options_model = OIMSimulatorOptions
+
+    def __init__(self, model: LayeredOIM, options: OIMSimulatorOptions | None = None):
+        super().__init__(model, options or OIMSimulatorOptions())
+        self._relaxations = 0
+
+    def _input_fields(self, inputs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """cos(phi_0) J_1 and sin(phi_0) J_1: the clamped layer's constant pull on layer 1."""
+        phases = self.model.input_phases(inputs)
+        coupling = self._views["J1"]
+        return (np.ascontiguousarray(np.cos(phases).astype(self.dtype) @ coupling),
+                np.ascontiguousarray(np.sin(phases).astype(self.dtype) @ coupling))
+
+    def relax(
+        self,
+        inputs: np.ndarray,
+        nudge: Nudge | None = None,
+        start: np.ndarray | None = None,
+        settle: Settle | None = None,
+    ) -> Relaxation:
+        settle = settle or Settle(self.options.tolerance, self.options.max_steps)
+        inputs, state, strength, target = self._prepare(inputs, nudge, start,
+                                                        rest=self.options.rest_phase)
+        drive_a, drive_b = self._clamped(inputs, self._input_fields)
+        batch = inputs.shape[0]
+        steps = np.zeros(batch, dtype=np.int64)
+        residual = np.zeros(batch, dtype=np.float64)
+        self._relaxations += 1
+        settle_oim(self._sizes, self._weights, self._weight_offsets, self._transposed,
+                   self._biases, drive_a, drive_b, state, target, strength, self.model.shil,
+                   float(self.options.dt), self.options.integrator == "heun",
+                   float(self.options.phase_noise),
+                   self.options.device.seed * 1_000_003 + self._relaxations,
+                   float(settle.tolerance), int(settle.max_steps), steps, residual)
+        state = read_out(state, self.options.device, self._readout_rng, settle.readouts,
+                         0.0, TWO_PI, periodic=True)
+        return Relaxation(state, residual <= settle.tolerance, steps, residual)
