@@ -107,8 +107,8 @@ class XorConfig(_Strict):
 class IdxPart(_Strict):
     """Rows [start, stop) of an IDX image file and its label file."""
 
-    images: str
-    labels: str
+    images: str = "t10k-images-idx3-ubyte.gz"
+    labels: str = "t10k-labels-idx1-ubyte.gz"
     start: int = Field(0, ge=0)
     stop: int | None = Field(None, gt=0)
 
@@ -119,14 +119,8 @@ class IdxConfig(_Strict):
 
     name: Literal["idx"]
     path: DirectoryPath
-    train: IdxPart = IdxPart(
-        images="t10k-images-idx3-ubyte.gz", labels="t10k-labels-idx1-ubyte.gz", start=0,
-        stop=8000,
-    )
-    test: IdxPart = IdxPart(
-        images="t10k-images-idx3-ubyte.gz", labels="t10k-labels-idx1-ubyte.gz", start=8000,
-        stop=10000,
-    )
+    train: IdxPart = IdxPart(start=0, stop=8000)
+    test: IdxPart = IdxPart(start=8000, stop=10000)
 
 
 DatasetConfig = Annotated[DigitsConfig | XorConfig | IdxConfig, Field(discriminator="name")]

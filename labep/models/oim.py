@@ -9,9 +9,10 @@ g_l (in quadrature) and second-harmonic injection locking (SHIL) of strength K_s
 
 (the last sums over the free units). The bias pair is a reference injection of amplitude
 |h + i g| and phase arg(h + i g). The quadrature part matters: with binary inputs clamped at
-0 or pi and only in-phase terms, E is symmetric under phi -> -phi, the free state settles with
-every phase at 0 or pi, where sin(phi) = 0 and both the nudge force and the gradient vanish
-identically; g breaks that symmetry. Dynamics d(phi)/dt = -dE/dphi (+ sqrt(2 T) xi).
+0 or pi and only in-phase terms, E is symmetric under phi -> -phi and every configuration with
+all phases at 0 or pi is a fixed point where sin(phi) = 0, so both the nudge force and the
+gradient vanish there; the free phase can settle on such a point (small XOR networks do) and
+then learns nothing. g breaks the symmetry. Dynamics d(phi)/dt = -dE/dphi (+ sqrt(2 T) xi).
 A pixel x in [0, 1] is clamped as phi_0 = arccos(2x - 1); an output is read as cos(phi_L).
 Cost C = 1/2 |cos(phi_L) - t|^2 with targets t = +1 (the class) and -1 (the others).
 

@@ -1,0 +1,168 @@
+"""Oscillator Ising machine: physics, exact gradient, EP agreement, training, noise, readout."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from labep.bench import Nudge, Settle
+from labep.engine import Trainer
+from labep.models.oim import LayeredOIM
+from labep.protocol import ProtocolError, load_protocol
+from labep.simulators.device import DeviceOptions, read_out
+from labep.simulators.oim import OIMSimulator, OIMSimulatorOptions
+from labep.store import RunStore
+
+from .conftest import PROTOCOLS, cli_json
+
+TIGHT = Settle(1e-12, 200_000)
+XOR = np.array([[0, 0], [0, 1], [1, 0], [1, 1]], dtype=float)
+
+
+def make(sizes=(2, 5, 3), shil=0.2, seed=0, **options):
+    model = LayeredOIM(sizes, shil=shil)
+    sim = OIMSimulator(model, OIMSimulatorOptions(dtype="float64", **options))
+    params = model.init_params(np.random.default_rng(seed))
+    sim.write(params)
+    return model, sim, params
+
+
+def mean_cost(sim, model, params, x, target):
+    sim.write(params)
+    return model.cost(sim.relax(x, settle=TIGHT).state, target).mean()
+
+
+def test_force_is_minus_the_energy_gradient() -> None:
+    model, _, params = make()
+    x = np.random.default_rng(1).random((3, 2))
+    phases = np.random.default_rng(2).uniform(0, 2 * np.pi, (3, model.state_size))
+    eps = 1e-6
+    for unit in range(model.state_size):
+        step = np.zeros_like(phases)
+        step[:, unit] = eps
+        numeric = (model.energy(x, phases + step, params)
+                   - model.energy(x, phases - step, params)) / (2 * eps)
+        np.testing.assert_allclose(-numeric, model.force(x, phases, params)[:, unit],
+                                   atol=1e-7)
+
+
+def test_exact_gradient_matches_finite_differences() -> None:
+    model, sim, params = make(sizes=(2, 4, 3, 2))
+    x = np.random.default_rng(3).random((3, 2))
+    target = model.encode_target(np.array([0, 1, 1]))
+    state = sim.relax(x, settle=TIGHT).state
+    exact = model.exact_gradient(x, state, target, params)
+    rng = np.random.default_rng(4)
+    for name in exact:
+        index = tuple(rng.integers(0, n) for n in params[name].shape)
+        plus = {k: v.copy() for k, v in params.items()}
+        minus = {k: v.copy() for k, v in params.items()}
+        plus[name][index] += 1e-6
+        minus[name][index] -= 1e-6
+        numeric = (mean_cost(sim, model, plus, x, target)
+                   - mean_cost(sim, model, minus, x, target)) / 2e-6
+        assert numeric == pytest.approx(exact[name][index], rel=1e-4, abs=1e-8), name
+
+
+def test_binary_inputs_without_quadrature_bias_have_no_gradient() -> None:
+    """phi -> -phi symmetry: with inputs at 0 or pi and g = 0, phases on the axis stay there
+    (a fixed point with sin(phi) = 0: no nudge force, no gradient). The quadrature bias g
+    breaks it."""
+    model, sim, params = make()
+    target = model.encode_target(np.array([0, 1, 1, 0]))
+    on_axis = np.zeros((4, model.state_size))
+    flat = {k: (np.zeros_like(v) if k.startswith("g") else v) for k, v in params.items()}
+    sim.write(flat)
+    state = sim.relax(XOR, start=on_axis, settle=TIGHT).state
+    assert np.allclose(np.sin(state), 0.0, atol=1e-9)
+    nudged = sim.relax(XOR, Nudge(0.5, target), start=state, settle=TIGHT).state
+    np.testing.assert_allclose(np.cos(nudged), np.cos(state), atol=1e-9)
+    exact = model.exact_gradient(XOR, state, target, flat)
+    assert max(np.abs(v).max() for v in exact.values()) < 1e-9
+    sim.write(params)
+    state = sim.relax(XOR, start=on_axis, settle=TIGHT).state
+    exact = model.exact_gradient(XOR, state, target, params)
+    assert max(np.abs(v).max() for v in exact.values()) > 1e-3
+
+
+@pytest.mark.parametrize("integrator", ["euler", "heun", "adaptive"])
+def test_integrators_settle_to_minima(integrator: str) -> None:
+    """Every integrator descends to a fixed point that is a local minimum of E (the energy is
+    not convex: different paths may end in different minima)."""
+    model, sim, params = make(integrator=integrator, dt=0.3)
+    x = np.random.default_rng(5).random((4, 2))
+    relax = sim.relax(x, settle=TIGHT)
+    assert relax.all_converged
+    assert np.max(model.residual(x, relax.state, params)) < 1e-10
+    start = np.full_like(relax.state, sim.options.rest_phase)
+    assert np.all(model.energy(x, relax.state, params) < model.energy(x, start, params))
+    for sample in range(4):  # no direction lowers E: a minimum, not a saddle
+        for trial in range(20):
+            kick = 1e-3 * np.random.default_rng((sample, trial)).standard_normal(
+                model.state_size)
+            assert (model.energy(x[sample:sample + 1], relax.state[sample:sample + 1] + kick,
+                                 params) >= model.energy(x[sample:sample + 1],
+                                                         relax.state[sample:sample + 1],
+                                                         params) - 1e-12)
+
+
+def test_nudge_moves_outputs_toward_the_target() -> None:
+    model, sim, _ = make()
+    target = model.encode_target(np.array([0, 1, 2, 0]))
+    free = sim.relax(XOR, settle=TIGHT)
+    nudged = sim.relax(XOR, Nudge(0.5, target), start=free.state, settle=TIGHT)
+    assert model.cost(nudged.state, target).mean() < model.cost(free.state, target).mean()
+
+
+def test_oim_xor_gradcheck_cli() -> None:
+    report = cli_json("gradcheck", str(PROTOCOLS / "oim_xor.yaml"), "--estimator", "symmetric",
+                      "--beta", "0.001", "--json")
+    assert report["cosine"] >= 0.999
+    assert {"J1", "J2", "h1", "h2", "g1", "g2"} == set(report["parameters"])
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_oim_xor_is_learned(tmp_path, seed: int) -> None:
+    loaded = load_protocol(PROTOCOLS / "oim_xor.yaml", [f"seed={seed}"])
+    with RunStore(tmp_path / "runs.db") as store:
+        assert Trainer(loaded, store, progress=False).run().test_accuracy == 1.0
+
+
+def test_phase_noise_is_seeded_and_thread_independent() -> None:
+    x = np.random.default_rng(6).random((6, 2))
+    runs = []
+    for seed in (0, 0, 1):
+        _, sim, _ = make(phase_noise=1e-3, device=DeviceOptions(seed=seed))
+        runs.append(sim.relax(x, settle=Settle(1e-12, 300)).state)
+    np.testing.assert_array_equal(runs[0], runs[1])
+    assert not np.array_equal(runs[0], runs[2])
+    _, quiet, _ = make()
+    assert np.abs(np.cos(quiet.relax(x, settle=Settle(1e-12, 300)).state)
+                  - np.cos(runs[0])).max() > 1e-4
+
+
+def test_phase_readout_wraps_quantizes_and_averages_on_the_circle() -> None:
+    options = DeviceOptions(readout_bits=4, readout_noise=0.05)
+    state = np.array([[0.01, 2 * np.pi - 0.01, 1.0]])
+    mean = read_out(state, options, np.random.default_rng(0), 64, 0.0, 2 * np.pi,
+                    periodic=True)
+    distance = np.abs(np.angle(np.exp(1j * (mean - state))))
+    assert distance.max() < 0.1  # not pi: the readouts straddle the wrap
+    single = read_out(state, DeviceOptions(readout_bits=4), np.random.default_rng(0), 1, 0.0,
+                      2 * np.pi, periodic=True)
+    step = 2 * np.pi / 16
+    np.testing.assert_allclose(np.mod(single / step + 0.5, 1.0) - 0.5, 0.0, atol=1e-9)
+
+
+def test_adaptive_integrator_refuses_noise() -> None:
+    doc = load_protocol(PROTOCOLS / "oim_xor.yaml").document
+    doc["bench"]["options"].update(integrator="adaptive", phase_noise=0.1)
+    with pytest.raises(ProtocolError, match="adaptive integrator"):
+        load_protocol(doc)
+
+
+def test_input_encoding() -> None:
+    phases = LayeredOIM.input_phases(np.array([0.0, 0.5, 1.0]))
+    np.testing.assert_allclose(phases, [math.pi, math.pi / 2, 0.0])
