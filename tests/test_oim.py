@@ -15,7 +15,7 @@ from labep.simulators.device import DeviceOptions, read_out
 from labep.simulators.oim import OIMSimulator, OIMSimulatorOptions
 from labep.store import RunStore
 
-from .conftest import PROTOCOLS, cli_json
+from .conftest import MNIST, PROTOCOLS, cli_json, needs_mnist
 
 TIGHT = Settle(1e-12, 200_000)
 XOR = np.array([[0, 0], [0, 1], [1, 0], [1, 1]], dtype=float)
@@ -166,3 +166,12 @@ def test_adaptive_integrator_refuses_noise() -> None:
 def test_input_encoding() -> None:
     phases = LayeredOIM.input_phases(np.array([0.0, 0.5, 1.0]))
     np.testing.assert_allclose(phases, [math.pi, math.pi / 2, 0.0])
+
+
+@pytest.mark.slow
+@needs_mnist
+def test_oim_mnist_reaches_95_percent(tmp_path) -> None:
+    """The paper's 784-500-10 OIM on the 8k/2k split, the protocol as shipped."""
+    loaded = load_protocol(PROTOCOLS / "oim_mnist.yaml", [f"dataset.path={MNIST}"])
+    with RunStore(tmp_path / "runs.db") as store:
+        assert Trainer(loaded, store, progress=False).run().test_accuracy >= 0.95
