@@ -228,11 +228,14 @@ class OIMSimulator(LayeredSimulator):
         self._relaxations = 0
 
     def _input_fields(self, inputs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """cos(phi_0) J_1 and sin(phi_0) J_1: the clamped layer's constant pull on layer 1."""
+        """cos(phi_0) J_1 and sin(phi_0) J_1: the clamped layer's constant pull on layer 1.
+
+        Computed in float64 whatever the bench's dtype: it is summed over every input once per
+        clamp and then acts on every step, so its rounding error would bias the whole phase."""
         phases = self.model.input_phases(inputs)
-        coupling = self._views["J1"]
-        return (np.ascontiguousarray(np.cos(phases).astype(self.dtype) @ coupling),
-                np.ascontiguousarray(np.sin(phases).astype(self.dtype) @ coupling))
+        coupling = self._views["J1"].astype(np.float64)
+        return (np.ascontiguousarray((np.cos(phases) @ coupling).astype(self.dtype)),
+                np.ascontiguousarray((np.sin(phases) @ coupling).astype(self.dtype)))
 
     def relax(
         self,
