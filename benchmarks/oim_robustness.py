@@ -11,7 +11,8 @@ and once per imperfection, each alone:
   Euler steps; the settle tolerance is raised to the noise floor, 4 sqrt(T), since a noisy
   phase never has zero force);
 - phase readout: the read-back phases quantized to 2^bits steps of 2 pi
-  (``bench.options.device.readout_bits``).
+  (``bench.options.device.readout_bits``);
+- combined: 10-bit couplings and a 4-bit phase readout together (the paper's claim).
 
 Prints the test accuracy (mean over seeds) of every setting against float and saves a plot.
 
@@ -50,6 +51,8 @@ def settings(limit: float, base_tolerance: float) -> list[tuple[str, str, list[s
             f"phases.nudged.tolerance={tolerance}"]))
     for bits in (2, 3, 4, 6, 8):
         runs.append(("readout bits", str(bits), [f"bench.options.device.readout_bits={bits}"]))
+    runs.append(("combined", "10b+4b", [  # the paper's claim: both at once
+        *runs[4][2], "bench.options.device.readout_bits=4"]))
     return runs
 
 
