@@ -17,9 +17,10 @@ from __future__ import annotations
 import numpy as np
 
 from labep.models import Params
+from labep.models.layered import LayeredModel
 
 
-class LayeredHopfield:
+class LayeredHopfield(LayeredModel):
     """Layered Hopfield energy with hard-sigmoid units; the model shared by simulator and host.
 
     Parameters are named ``W1..WL`` (W_l couples layer l-1 to l, shape (n_{l-1}, n_l)) and
@@ -27,56 +28,8 @@ class LayeredHopfield:
     """
 
     kind = "layered_hopfield"
-
-    def __init__(self, sizes: list[int] | tuple[int, ...], init_gain: float = 1.0) -> None:
-        if len(sizes) < 2 or any(int(n) < 1 for n in sizes):
-            raise ValueError(f"layer sizes must be >= 2 positive integers, got {sizes}")
-        self.sizes = tuple(int(n) for n in sizes)
-        self.init_gain = float(init_gain)
-        self.input_size = self.sizes[0]
-        self.output_size = self.sizes[-1]
-        self.state_size = int(sum(self.sizes[1:]))
-        offsets = np.cumsum((0, *self.sizes[1:]))
-        #: (start, stop) of layer l (1..L) inside a state row; index 0 is unused (the input).
-        self.layer_slices: tuple[tuple[int, int], ...] = (
-            (0, 0),
-            *((int(offsets[i]), int(offsets[i + 1])) for i in range(len(self.sizes) - 1)),
-        )
-
-    @property
-    def n_layers(self) -> int:
-        """L, the number of non-input layers."""
-        return len(self.sizes) - 1
-
-    @property
-    def output_slice(self) -> tuple[int, int]:
-        return self.layer_slices[-1]
-
-    def layer(self, state: np.ndarray, index: int) -> np.ndarray:
-        """s_l of a batch of read-back states (index 1..L)."""
-        start, stop = self.layer_slices[index]
-        return state[:, start:stop]
-
-    def parameter_shapes(self) -> dict[str, tuple[int, ...]]:
-        shapes: dict[str, tuple[int, ...]] = {}
-        for index in range(1, self.n_layers + 1):
-            shapes[f"W{index}"] = (self.sizes[index - 1], self.sizes[index])
-        for index in range(1, self.n_layers + 1):
-            shapes[f"b{index}"] = (self.sizes[index],)
-        return shapes
-
-    def layer_of(self, name: str) -> int:
-        """W_l and b_l belong to coupling layer l."""
-        return int(name[1:])
-
-    def init_params(self, rng: np.random.Generator) -> Params:
-        """Uniform(-g/sqrt(n_in), g/sqrt(n_in)) for W_l and b_l (the PyTorch Linear default)."""
-        params: Params = {}
-        for name, shape in self.parameter_shapes().items():
-            fan_in = self.sizes[self.layer_of(name) - 1]
-            bound = self.init_gain / np.sqrt(fan_in)
-            params[name] = rng.uniform(-bound, bound, size=shape)
-        return params
+    coupling = "W"
+    vectors = ("b",)
 
     # -- activation -------------------------------------------------------------------------
 

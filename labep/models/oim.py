@@ -26,9 +26,10 @@ from __future__ import annotations
 import numpy as np
 
 from labep.models import Params
+from labep.models.layered import LayeredModel
 
 
-class LayeredOIM:
+class LayeredOIM(LayeredModel):
     """The OIM model shared by the OIM simulator and the FPGA board driver.
 
     Parameters ``J1..JL``, ``h1..hL`` and ``g1..gL``; a read-back state is the phases
@@ -36,55 +37,13 @@ class LayeredOIM:
     """
 
     kind = "layered_oim"
+    coupling = "J"
+    vectors = ("h", "g")
 
     def __init__(self, sizes: list[int] | tuple[int, ...], shil: float = 0.0,
                  init_gain: float = 1.0) -> None:
-        if len(sizes) < 2 or any(int(n) < 1 for n in sizes):
-            raise ValueError(f"layer sizes must be >= 2 positive integers, got {sizes}")
-        self.sizes = tuple(int(n) for n in sizes)
+        super().__init__(sizes, init_gain)
         self.shil = float(shil)
-        self.init_gain = float(init_gain)
-        self.input_size = self.sizes[0]
-        self.output_size = self.sizes[-1]
-        self.state_size = int(sum(self.sizes[1:]))
-        offsets = np.cumsum((0, *self.sizes[1:]))
-        self.layer_slices: tuple[tuple[int, int], ...] = (
-            (0, 0),
-            *((int(offsets[i]), int(offsets[i + 1])) for i in range(len(self.sizes) - 1)),
-        )
-
-    @property
-    def n_layers(self) -> int:
-        return len(self.sizes) - 1
-
-    @property
-    def output_slice(self) -> tuple[int, int]:
-        return self.layer_slices[-1]
-
-    def layer(self, state: np.ndarray, index: int) -> np.ndarray:
-        start, stop = self.layer_slices[index]
-        return state[:, start:stop]
-
-    def parameter_shapes(self) -> dict[str, tuple[int, ...]]:
-        shapes: dict[str, tuple[int, ...]] = {}
-        for index in range(1, self.n_layers + 1):
-            shapes[f"J{index}"] = (self.sizes[index - 1], self.sizes[index])
-        for index in range(1, self.n_layers + 1):
-            shapes[f"h{index}"] = (self.sizes[index],)
-        for index in range(1, self.n_layers + 1):
-            shapes[f"g{index}"] = (self.sizes[index],)
-        return shapes
-
-    def layer_of(self, name: str) -> int:
-        return int(name[1:])
-
-    def init_params(self, rng: np.random.Generator) -> Params:
-        """J, h, g ~ U(-a/sqrt(n_in), a/sqrt(n_in)), a the init gain."""
-        params: Params = {}
-        for name, shape in self.parameter_shapes().items():
-            bound = self.init_gain / np.sqrt(self.sizes[self.layer_of(name) - 1])
-            params[name] = rng.uniform(-bound, bound, size=shape)
-        return params
 
     # -- encodings --------------------------------------------------------------------------
 
