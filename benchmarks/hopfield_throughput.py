@@ -69,13 +69,20 @@ import shlex  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
-from contextlib import AbstractContextManager, nullcontext  # noqa: E402
 from dataclasses import asdict, dataclass, field  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Any, Literal  # noqa: E402
 
 import numba  # noqa: E402
 import numpy as np  # noqa: E402
+from machine import (  # noqa: E402
+    best_of,
+    blas_thread_counts,
+    blas_threads,
+    load_average,
+    log,
+    print_machine,
+)
 
 from labep import __version__ as labep_version  # noqa: E402
 from labep.datasets import Split  # noqa: E402
@@ -95,10 +102,6 @@ try:
 except ImportError:  # the torch side is optional
     torch = None  # type: ignore[assignment]
 
-try:
-    from threadpoolctl import threadpool_info, threadpool_limits
-except ImportError:  # numpy's BLAS is then left at its own default
-    threadpool_info = threadpool_limits = None  # type: ignore[assignment]
 
 DEFAULT_PROTOCOL = Path(__file__).resolve().parents[1] / "protocols" / "hopfield_mnist.yaml"
 WARMUP_SAMPLES = 40
@@ -118,9 +121,6 @@ class MethodResult:
     details: dict[str, Any] = field(default_factory=dict)
 
 
-def log(message: str) -> None:
-    """Progress goes to stderr, so stdout holds only the table (or the JSON)."""
-    print(message, file=sys.stderr, flush=True)
 
 
 # -- labep ----------------------------------------------------------------------------------
@@ -322,21 +322,8 @@ def run_torch(protocol: Protocol, data: Split, mode: Mode) -> tuple[MethodResult
 # -- report ---------------------------------------------------------------------------------
 
 
-def load_average() -> float | None:
-    """The 1-minute load average (other processes competing for the cores), if known."""
-    try:
-        return os.getloadavg()[0]
-    except (AttributeError, OSError):
-        return None
 
 
-def best_of(runs: list[MethodResult]) -> MethodResult:
-    """The fastest of repeated runs, with every run's throughput and the median attached."""
-    rates = [r.samples_per_second for r in runs]
-    best = runs[int(np.argmax(rates))]
-    best.details["runs_samples_per_second"] = rates
-    best.details["median_samples_per_second"] = float(np.median(rates))
-    return best
 
 
 def ratio(a: MethodResult, b: MethodResult | None) -> float | None:
@@ -404,18 +391,7 @@ def print_table(report: dict[str, Any]) -> None:
     if report.get("torch_variants_max_param_diff") is not None:
         print(f"max |theta_autograd - theta_explicit| after training: "
               f"{report['torch_variants_max_param_diff']:.2e}")
-    threads = report["threads"]
-    blas = ", ".join(threads["numpy_blas"]) or "not known"
-    print(f"threads: numba {threads['numba']} ({threads['numba_layer']} layer, "
-          f"NUMBA_NUM_THREADS={threads['numba_env']}), torch {threads['torch']}, numpy BLAS "
-          f"{blas}; {threads['cpus']} CPU(s)")
-    load = report["load_average_1min"]
-    if load["start"] is not None:
-        busy = load["start"] > (threads["cpus"] or 1) / 2  # "end" includes this benchmark
-        print(f"load average (1 min) at start / end: {load['start']:.2f} / {load['end']:.2f}"
-              + ("  (the machine was busy: figures are noisy)" if busy else ""))
-    print(f"versions: {report['versions']}")
-    print(f"command: {report['command']}")
+    print_machine(report)
 
 
 # -- main -----------------------------------------------------------------------------------
@@ -443,19 +419,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def blas_threads(count: int) -> AbstractContextManager[Any]:
-    """Limit numpy's BLAS (used by labep's host-side products) to ``count`` threads."""
-    if threadpool_limits is None:
-        return nullcontext()
-    return threadpool_limits(limits=count, user_api="blas")
 
 
-def blas_thread_counts() -> list[str]:
-    """Threads of numpy's own BLAS (other copies, e.g. scipy's, are not on the hot path)."""
-    if threadpool_info is None:
-        return []
-    return [f"{pool['internal_api']} {pool['num_threads']}" for pool in threadpool_info()
-            if pool["user_api"] == "blas" and "numpy" in Path(pool["filepath"]).parent.name]
 
 
 def run_all(args: argparse.Namespace, loaded: LoadedProtocol, overrides: list[str],

@@ -89,13 +89,20 @@ import shlex  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 from collections.abc import Callable  # noqa: E402
-from contextlib import AbstractContextManager, nullcontext  # noqa: E402
 from dataclasses import asdict, dataclass, field  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
 
 import numba  # noqa: E402
 import numpy as np  # noqa: E402
+from machine import (  # noqa: E402
+    best_of,
+    blas_thread_counts,
+    blas_threads,
+    load_average,
+    log,
+    print_machine,
+)
 
 from labep import __version__ as labep_version  # noqa: E402
 from labep.bench import Settle  # noqa: E402
@@ -110,10 +117,6 @@ try:
 except ImportError:  # the torch side is optional
     torch = None  # type: ignore[assignment]
 
-try:
-    from threadpoolctl import threadpool_info, threadpool_limits
-except ImportError:  # numpy's BLAS is then left at its own default
-    threadpool_info = threadpool_limits = None  # type: ignore[assignment]
 
 DEFAULT_PROTOCOL = Path(__file__).resolve().parents[1] / "protocols" / "oim_mnist.yaml"
 START_PHASE = math.pi / 2
@@ -134,32 +137,12 @@ class MethodResult:
     details: dict[str, Any] = field(default_factory=dict)
 
 
-def log(message: str) -> None:
-    """Progress goes to stderr, so stdout holds only the table (or the JSON)."""
-    print(message, file=sys.stderr, flush=True)
 
 
-def blas_threads(count: int) -> AbstractContextManager[Any]:
-    """Limit numpy's BLAS to ``count`` threads (no-op without threadpoolctl)."""
-    if threadpool_limits is None:
-        return nullcontext()
-    return threadpool_limits(limits=count, user_api="blas")
 
 
-def blas_thread_counts() -> list[str]:
-    """Threads of numpy's own BLAS (other copies, e.g. scipy's, are not on the hot path)."""
-    if threadpool_info is None:
-        return []
-    return [f"{pool['internal_api']} {pool['num_threads']}" for pool in threadpool_info()
-            if pool["user_api"] == "blas" and "numpy" in Path(pool["filepath"]).parent.name]
 
 
-def load_average() -> float | None:
-    """The 1-minute load average (other processes competing for the cores), if known."""
-    try:
-        return os.getloadavg()[0]
-    except (AttributeError, OSError):
-        return None
 
 
 # -- labep ----------------------------------------------------------------------------------
@@ -328,13 +311,6 @@ def circular_gap(a: np.ndarray, b: np.ndarray) -> dict[str, Any]:
             "entries": int(gap.size), "samples": n}
 
 
-def best_of(runs: list[MethodResult]) -> MethodResult:
-    """The fastest of repeated runs, with every run's throughput and the median attached."""
-    rates = [r.samples_per_second for r in runs]
-    best = runs[int(np.argmax(rates))]
-    best.details["runs_samples_per_second"] = rates
-    best.details["median_samples_per_second"] = float(np.median(rates))
-    return best
 
 
 def print_table(report: dict[str, Any]) -> None:
@@ -381,18 +357,7 @@ def print_table(report: dict[str, Any]) -> None:
     residual = report["methods"]["labep"]["details"]["final_max_residual"]
     print(f"labep after {cfg['steps']} steps: max residual |dE/dphi| {residual:.2e} "
           "(each relax(...).steps checked equal to --steps)")
-    threads = report["threads"]
-    blas = ", ".join(threads["numpy_blas"]) or "not known"
-    print(f"threads: numba {threads['numba']} ({threads['numba_layer']} layer, "
-          f"NUMBA_NUM_THREADS={threads['numba_env']}), torch {threads['torch']}, numpy BLAS "
-          f"{blas} (1 during labep's calls); {threads['cpus']} CPU(s)")
-    load = report["load_average_1min"]
-    if load["start"] is not None:
-        busy = load["start"] > (threads["cpus"] or 1) / 2  # "end" includes this benchmark
-        print(f"load average (1 min) at start / end: {load['start']:.2f} / {load['end']:.2f}"
-              + ("  (the machine was busy: figures are noisy)" if busy else ""))
-    print(f"versions: {report['versions']}")
-    print(f"command: {report['command']}")
+    print_machine(report, " (1 during labep's calls)")
 
 
 # -- main -----------------------------------------------------------------------------------
