@@ -6,6 +6,8 @@ Tables (schema version in ``meta``):
   seed, status (running / completed / failed / interrupted), heartbeat, error and traceback.
 - ``steps``: one row per committed training step; written in the same transaction as the
   step's ``metrics`` rows (name, value), so a step is either wholly there or not at all.
+  ``metrics`` is keyed (run_id, step, name) and has no other index, so a step's commit appends
+  to one B-tree; a series (one name over the steps) is read by scanning the run's rows.
 - ``arrays``: parameter snapshots (checkpoints) and other arrays, each a ``.npy`` blob
   (``numpy.load(io.BytesIO(blob))``; no pickle).
 - ``events``: faults and notable events (unsettled phases, refused writes), with detail JSON.
@@ -35,7 +37,7 @@ import numpy as np
 if TYPE_CHECKING:
     from labep.calibration import CalibrationRecord
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 #: a running run refreshes ``runs.heartbeat`` at most this often (with its step commits)
 HEARTBEAT_SECONDS = 1.0
 
@@ -87,7 +89,6 @@ CREATE TABLE IF NOT EXISTS events (
     message TEXT NOT NULL,
     detail TEXT
 );
-CREATE INDEX IF NOT EXISTS metrics_by_name ON metrics (run_id, name, step);
 """
 
 _CALIBRATION_TABLES = """
@@ -120,6 +121,9 @@ _SCHEMA += _CALIBRATION_TABLES
 #: forward migrations: MIGRATIONS[v] takes a store from schema version v to v + 1
 MIGRATIONS: dict[int, str] = {
     1: "ALTER TABLE runs ADD COLUMN calibration_id TEXT;\n" + _CALIBRATION_TABLES,
+    # a secondary index on metrics (run_id, name, step) cost more than half of every step's
+    # commit; series are read by scanning the run's rows in primary-key order instead
+    2: "DROP INDEX IF EXISTS metrics_by_name",
 }
 
 

@@ -23,7 +23,11 @@ from pydantic import Field
 from labep.bench import Nudge, Relaxation, Settle
 from labep.models.hopfield import LayeredHopfield
 from labep.simulators.device import read_out
-from labep.simulators.layered import LayeredSimulator, LayeredSimulatorOptions
+from labep.simulators.layered import (
+    LayeredSimulator,
+    LayeredSimulatorOptions,
+    coupling_block,
+)
 
 
 @numba.njit(cache=True, inline="always")
@@ -44,57 +48,78 @@ def _output_update(field: float, target: float, strength: float) -> float:
 
 
 @numba.njit(cache=True)
+def _update(units, field, output, target, strength, damping):
+    """s <- s + a (rho(h) - s) for one layer's ``units`` (a view), hard sigmoid or, for the
+    output layer, the nudged block update; returns max |rho(h) - s| before the move."""
+    residual = 0.0
+    if output:
+        for j in range(units.shape[0]):
+            change = _output_update(field[j], target[j], strength) - units[j]
+            residual = max(residual, abs(change))
+            units[j] += damping * change
+    else:
+        for j in range(units.shape[0]):
+            change = min(max(field[j], 0.0), 1.0) - units[j]
+            residual = max(residual, abs(change))
+            units[j] += damping * change
+    return residual
+
+
+@numba.njit(cache=True, fastmath={"reassoc"})
 def _layer_field(layer, sizes, state_offsets, weights, weight_offsets, transposed, biases,
                  bias_offsets, drive_row, row, out):
     """h_l for one sample into ``out``: input drive (l = 1) or b_l + W_l^T s_{l-1}, plus
     W_{l+1} s_{l+1} from the layer above.
 
     W_l is stored row-major (n_{l-1}, n_l), or transposed (n_l, n_{l-1}) where n_{l-1} > n_l,
-    so that every inner loop runs over the larger of the two layers.
+    so that every inner loop runs over the larger of the two layers. Inner loops index views
+    from zero (see :func:`coupling_block`); ``reassoc`` lets the dot products vectorize (it
+    reorders sums only: NaN and inf still propagate).
     """
     n_here = sizes[layer]
     n_layers = sizes.shape[0] - 1
     if layer == 1:
-        for j in range(n_here):
-            out[j] = drive_row[j]
+        out[:n_here] = drive_row[:n_here]
     else:
         n_below = sizes[layer - 1]
-        b0 = bias_offsets[layer - 1]
-        w0 = weight_offsets[layer - 1]
-        s0 = state_offsets[layer - 2]
+        bias = biases[bias_offsets[layer - 1]:bias_offsets[layer - 1] + n_here]
+        below = row[state_offsets[layer - 2]:state_offsets[layer - 2] + n_below]
         if transposed[layer - 1]:
+            block = coupling_block(weights, weight_offsets[layer - 1], n_here, n_below)
             for j in range(n_here):
-                base = w0 + j * n_below
-                acc = biases[b0 + j]
+                coupling = block[j]
+                acc = bias[j]
                 for i in range(n_below):
-                    acc += weights[base + i] * row[s0 + i]
+                    acc += coupling[i] * below[i]
                 out[j] = acc
         else:
+            block = coupling_block(weights, weight_offsets[layer - 1], n_below, n_here)
             for j in range(n_here):
-                out[j] = biases[b0 + j]
+                out[j] = bias[j]
             for i in range(n_below):
-                s_i = row[s0 + i]
+                s_i = below[i]
                 if s_i != 0.0:
-                    base = w0 + i * n_here
+                    coupling = block[i]
                     for j in range(n_here):
-                        out[j] += s_i * weights[base + j]
+                        out[j] += s_i * coupling[j]
     if layer < n_layers:
         n_above = sizes[layer + 1]
-        w0 = weight_offsets[layer]
-        s0 = state_offsets[layer]
+        above = row[state_offsets[layer]:state_offsets[layer] + n_above]
         if transposed[layer]:
+            block = coupling_block(weights, weight_offsets[layer], n_above, n_here)
             for j in range(n_above):
-                s_j = row[s0 + j]
+                s_j = above[j]
                 if s_j != 0.0:
-                    base = w0 + j * n_here
+                    coupling = block[j]
                     for i in range(n_here):
-                        out[i] += s_j * weights[base + i]
+                        out[i] += s_j * coupling[i]
         else:
+            block = coupling_block(weights, weight_offsets[layer], n_here, n_above)
             for i in range(n_here):
-                base = w0 + i * n_above
+                coupling = block[i]
                 acc = 0.0
                 for j in range(n_above):
-                    acc += weights[base + j] * row[s0 + j]
+                    acc += coupling[j] * above[j]
                 out[i] += acc
 
 
@@ -136,32 +161,22 @@ def settle_layered(sizes, weights, weight_offsets, transposed, biases, bias_offs
                         _layer_field(layer, sizes, state_offsets, weights, weight_offsets,
                                      transposed, biases, bias_offsets, drive[sample], row,
                                      field)
-                        s0 = state_offsets[layer - 1]
-                        for j in range(sizes[layer]):
-                            if layer == n_layers:
-                                new = _output_update(field[j], target[sample, j], strength)
-                            else:
-                                new = min(max(field[j], 0.0), 1.0)
-                            change = abs(new - row[s0 + j])
-                            residual = max(residual, change)
-                            row[s0 + j] += damping * (new - row[s0 + j])
+                        units = row[state_offsets[layer - 1]:
+                                    state_offsets[layer - 1] + sizes[layer]]
+                        residual = max(residual, _update(units, field, layer == n_layers,
+                                                         target[sample], strength, damping))
             else:
                 for layer in range(1, n_layers + 1):
                     s0 = state_offsets[layer - 1]
                     _layer_field(layer, sizes, state_offsets, weights, weight_offsets,
                                  transposed, biases, bias_offsets, drive[sample], row, field)
-                    for j in range(sizes[layer]):
-                        fields[s0 + j] = field[j]
+                    fields[s0:s0 + sizes[layer]] = field[:sizes[layer]]
                 for layer in range(1, n_layers + 1):
                     s0 = state_offsets[layer - 1]
-                    for j in range(sizes[layer]):
-                        if layer == n_layers:
-                            new = _output_update(fields[s0 + j], target[sample, j], strength)
-                        else:
-                            new = min(max(fields[s0 + j], 0.0), 1.0)
-                        change = abs(new - row[s0 + j])
-                        residual = max(residual, change)
-                        row[s0 + j] += damping * (new - row[s0 + j])
+                    residual = max(residual, _update(row[s0:s0 + sizes[layer]],
+                                                     fields[s0:s0 + sizes[layer]],
+                                                     layer == n_layers, target[sample],
+                                                     strength, damping))
             steps += 1
             if residual <= tolerance:
                 break

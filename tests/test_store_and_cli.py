@@ -122,6 +122,47 @@ def test_newer_schema_is_refused(store: Path) -> None:
         RunStore(store)
 
 
+def _downgrade(store: Path, version: int) -> None:
+    """Turn a current store into the layout of an older schema version (what that labep
+    wrote), keeping its rows."""
+    db = sqlite3.connect(store)
+    if version <= 2:
+        db.execute("CREATE INDEX metrics_by_name ON metrics (run_id, name, step)")
+    if version <= 1:
+        db.execute("DROP TABLE calibration_arrays")
+        db.execute("DROP TABLE calibrations")
+        db.execute("ALTER TABLE runs DROP COLUMN calibration_id")
+    db.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", (str(version),))
+    db.commit()
+    db.close()
+
+
+@pytest.mark.parametrize("version", [1, 2])
+def test_older_store_is_upgraded_after_a_backup(tmp_path: Path, store: Path,
+                                                version: int) -> None:
+    path = write_protocol(tmp_path / "xor.yaml", tiny_xor())
+    assert cli("run", str(path), "--store", str(store), "--no-progress").exit_code == 0
+    _downgrade(store, version)
+    before = sqlite3.connect(store).execute("SELECT COUNT(*) FROM metrics").fetchone()[0]
+
+    shown = cli_json("show", "latest", "--store", str(store), "--json")  # opens and upgrades
+    assert shown["status"] == "completed" and shown["metrics"]["test_accuracy"] is not None
+    db = sqlite3.connect(store)
+    assert db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone() == (
+        str(SCHEMA_VERSION),)
+    assert db.execute("SELECT COUNT(*) FROM metrics").fetchone()[0] == before
+    indexes = {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type = "
+                                            "'index' AND sql IS NOT NULL")}
+    assert "metrics_by_name" not in indexes
+    backup = store.with_name(f"{store.name}.v{version}.bak")
+    old = sqlite3.connect(backup)  # the file as it was, untouched
+    assert old.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone() == (
+        str(version),)
+    assert old.execute("SELECT COUNT(*) FROM metrics").fetchone()[0] == before
+    # the upgraded store takes new runs
+    assert cli("run", str(path), "--store", str(store), "--no-progress").exit_code == 0
+
+
 def test_console_script_entry_point(tmp_path: Path) -> None:
     """`labep` as installed: the console script (python -m labep.cli as fallback)."""
     result = subprocess.run([sys.executable, "-m", "labep.cli", "--help"],
