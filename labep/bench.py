@@ -25,6 +25,43 @@ class OutOfRangeError(BenchError, ValueError):
 
 
 @dataclass(frozen=True)
+class Fault:
+    """One fault a bench met: which instrument, which command, what happened, and whether the
+    bench recovered by itself (a retried frame, a reconnect) or gave up (raised
+    :class:`BenchFaultError`). The engine records every one in the run store."""
+
+    kind: str  # e.g. timeout, crc, garbled, error_frame, link_closed, reconnect, unsettled
+    instrument: str
+    command: str
+    message: str
+    recovered: bool
+    detail: dict[str, Any] = field(default_factory=dict)
+
+    def as_event(self) -> dict[str, Any]:
+        return {"instrument": self.instrument, "command": self.command,
+                "recovered": self.recovered, **self.detail}
+
+
+class BenchFaultError(BenchError):
+    """A bench could not complete a command, after its own bounded retries. The bench is left
+    in its safe state; the engine's fault policy decides (retry the phase, skip, stop)."""
+
+    def __init__(self, message: str, *, kind: str, instrument: str, command: str) -> None:
+        super().__init__(f"{instrument}: {command}: {message}")
+        self.fault = Fault(kind, instrument, command, message, recovered=False)
+
+
+@runtime_checkable
+class FaultReporting(Protocol):
+    """A bench that keeps a log of the faults it met (drivers); the engine drains it after
+    every phase and stores each fault as an event."""
+
+    def drain_faults(self) -> list[Fault]:
+        """The faults met since the last call, oldest first; the log is emptied."""
+        ...
+
+
+@dataclass(frozen=True)
 class ParameterSpec:
     """One named, writable parameter of a bench.
 
