@@ -17,6 +17,10 @@ and once per imperfection, each alone:
 Prints the test accuracy (mean over seeds) of every setting against float and saves a plot.
 
     python benchmarks/oim_robustness.py [--protocol P] [--seeds 0 1] [--epochs N] [--json]
+    python benchmarks/oim_robustness.py --protocol protocols/oim_mnist.yaml \
+        --only "coupling bits=10" --only "readout bits=4" --only combined
+
+``--only STUDY[=SETTING]`` (repeatable) runs those settings alone, with the float reference.
 """
 
 from __future__ import annotations
@@ -56,6 +60,13 @@ def settings(limit: float, base_tolerance: float) -> list[tuple[str, str, list[s
     return runs
 
 
+def selected(only: list[str], study: str, label: str) -> bool:
+    """Whether ``--only`` choices (``STUDY`` or ``STUDY=SETTING``) include this run."""
+    if not only:
+        return True
+    return any(choice in (study, f"{study}={label}") for choice in only)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--protocol", type=Path, default=REPO / "protocols" / "oim_digits.yaml")
@@ -67,6 +78,9 @@ def main() -> None:
                         help="Extra protocol override (repeatable).")
     parser.add_argument("--plot", type=Path,
                         default=REPO / "benchmarks" / "out" / "oim_robustness.png")
+    parser.add_argument("--only", action="append", default=[], metavar="STUDY[=SETTING]",
+                        help="Run only these settings (and the float reference), e.g. "
+                        "'coupling bits=10', 'readout bits', 'combined'. Repeatable.")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
 
@@ -76,7 +90,11 @@ def main() -> None:
     protocol = load_protocol(args.protocol, base).protocol
     results: dict[str, dict[str, list[float]]] = {}
     with tempfile.TemporaryDirectory() as tmp, RunStore(Path(tmp) / "runs.db") as store:
-        for study, label, overrides in settings(args.limit, protocol.phases.free.tolerance):
+        chosen = [run for run in settings(args.limit, protocol.phases.free.tolerance)
+                  if run[0] == "reference" or selected(args.only, run[0], run[1])]
+        if len(chosen) == 1 and args.only:
+            parser.error(f"--only {args.only} matches no setting")
+        for study, label, overrides in chosen:
             accuracies = []
             for seed in args.seeds:
                 loaded = load_protocol(args.protocol, [*base, *overrides, f"seed={seed}"])

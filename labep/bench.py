@@ -160,6 +160,11 @@ class Relaxation:
     def all_converged(self) -> bool:
         return bool(np.all(self.converged))
 
+    def rows(self, mask: np.ndarray) -> Relaxation:
+        """The samples selected by a boolean ``mask`` (e.g. the settled ones)."""
+        return Relaxation(self.state[mask], self.converged[mask], self.steps[mask],
+                          self.residual[mask], self.info)
+
 
 @dataclass(frozen=True)
 class BenchIdentity:

@@ -27,6 +27,7 @@ from labep.bench import Bench, BenchIdentity, Nudge, Relaxation, Settle
 from labep.calibration import CalibrationError
 from labep.datasets import Split, load_digits, load_idx_pair, load_xor
 from labep.estimators import make_estimator
+from labep.faults import FaultPolicy, SkipBatch
 from labep.models import Model, Params
 from labep.protocol import DigitsConfig, IdxConfig, LoadedProtocol, Protocol, XorConfig
 from labep.store import RunStore
@@ -101,12 +102,19 @@ def learning_rates(protocol: Protocol, model: Model) -> dict[str, float]:
 
 
 def evaluate(bench: Bench, model: Model, inputs: np.ndarray, labels: np.ndarray,
-             settle: Settle, batch_size: int) -> dict[str, float]:
-    """Free-phase accuracy and cost on a labelled set."""
+             settle: Settle, batch_size: int,
+             faults: FaultPolicy | None = None) -> dict[str, float]:
+    """Free-phase accuracy and cost on a labelled set. A batch the fault policy gave up on
+    counts as wrong and unsettled."""
     correct, cost, unsettled = 0, 0.0, 0
     for start in range(0, len(labels), batch_size):
         x, y = inputs[start:start + batch_size], labels[start:start + batch_size]
-        free = bench.relax(x, settle=settle)
+        try:
+            free = (bench.relax(x, settle=settle) if faults is None else
+                    faults.call("evaluation", bench.relax, x, settle=settle))
+        except SkipBatch:
+            unsettled += len(y)
+            continue
         correct += int(np.sum(model.predict(free.state) == y))
         cost += float(np.sum(model.cost(free.state, model.encode_target(y))))
         unsettled += int(np.count_nonzero(~free.converged))
@@ -219,7 +227,8 @@ class Trainer:
         self.store.set_calibration(run_id, calibration_id)
         writes = WritePath(bench, model.init_params(stream(protocol.seed, 0)),
                            write_policy(protocol), maps, stream(protocol.seed, 4))
-        writes.write_all()
+        faults = FaultPolicy(protocol.faults, bench)
+        faults.call("write", writes.write_all)
         for kind, named in code_snapshot(writes).items():
             self.store.save_arrays(run_id, 0, kind, named)
 
@@ -239,74 +248,93 @@ class Trainer:
                     rows = order[index * training.batch_size:(index + 1) * training.batch_size]
                     x, labels = data.train_inputs[rows], data.train_labels[rows]
                     target = model.encode_target(labels)
-                    free = bench.relax(x, settle=free_settle)
                     signs = stream(protocol.seed, 2, epoch, index) if estimator.random else None
                     strengths = estimator.strengths(protocol.estimator.beta, signs)
-                    nudged = [bench.relax(x, Nudge(s, target), start=free.state,
-                                          settle=nudged_settle) for s in strengths]
-                    ok = settled_mask([free, *nudged])
-                    events = []
-                    if not ok.all():
-                        detail = {"samples": int(np.count_nonzero(~ok)),
-                                  "free_residual": float(np.max(free.residual)),
-                                  "nudged_residual": max(float(np.max(p.residual))
-                                                         for p in nudged)}
-                        if protocol.phases.on_unsettled == "stop":
-                            raise UnsettledPhaseError(
-                                f"step {step}: {detail['samples']} sample(s) did not settle "
-                                f"(residuals {detail}); protocol says on_unsettled: stop")
-                        events.append(("unsettled", "samples left out of the update", detail))
-                    write_metrics: dict[str, float] = {}
-                    if ok.any():
-                        estimate = estimator.estimate(model, x, free, nudged, strengths,
-                                                      ok.astype(np.float64))
-                        update = estimate.gradient
-                        for name, gradient in update.items():
-                            gradient *= -rates[name]  # in place: theta <- theta - lr * g
-                        report = writes.apply(update)
-                        write_metrics = report.metrics()
-                        if report.clipped:
-                            events.append(("clipped", "parameter values clipped to the range "
-                                           "(writes.out_of_range: clip)",
-                                           {"channels": report.clipped}))
-                    cost = model.cost(free.state, target)
-                    hits = int(np.sum(model.predict(free.state) == labels))
-                    loss_sum += float(cost.sum())
-                    correct += hits
-                    seen += len(rows)
+                    events: list[tuple[str, str, dict[str, Any]]] = []
+                    metrics: dict[str, float] = {}
+                    try:
+                        free = faults.call("free phase", bench.relax, x, settle=free_settle)
+                        nudged = [faults.call(f"nudged phase (beta {s:+g})", bench.relax, x,
+                                              Nudge(s, target), start=free.state,
+                                              settle=nudged_settle) for s in strengths]
+                        ok = settled_mask([free, *nudged])
+                        if not ok.all():
+                            detail = {"samples": int(np.count_nonzero(~ok)),
+                                      "free_residual": float(np.max(free.residual)),
+                                      "nudged_residual": max(float(np.max(p.residual))
+                                                             for p in nudged)}
+                            if protocol.phases.on_unsettled == "stop":
+                                raise UnsettledPhaseError(
+                                    f"step {step}: {detail['samples']} sample(s) did not "
+                                    f"settle (residuals {detail}); protocol says "
+                                    "on_unsettled: stop")
+                            events.append(("unsettled", "samples left out of the update",
+                                           detail))
+                        if ok.any():
+                            # only settled, finite samples enter the estimate (a zero weight
+                            # would still carry a NaN readout into the contrast: 0 * NaN)
+                            used = (x, free, nudged) if ok.all() else (
+                                x[ok], free.rows(ok), [p.rows(ok) for p in nudged])
+                            estimate = estimator.estimate(model, *used, strengths,
+                                                          np.ones(int(ok.sum())))
+                            update = estimate.gradient
+                            for name, gradient in update.items():
+                                gradient *= -rates[name]  # in place: theta <- theta - lr * g
+                            report = faults.call("write", writes.apply, update)
+                            metrics.update(report.metrics())
+                            if report.clipped:
+                                events.append(("clipped", "parameter values clipped to the "
+                                               "range (writes.out_of_range: clip)",
+                                               {"channels": report.clipped}))
+                        cost = model.cost(free.state, target)
+                        hits = int(np.sum(model.predict(free.state) == labels))
+                        loss_sum += float(cost.sum())
+                        correct += hits
+                        seen += len(rows)
+                        metrics.update({
+                            "loss": float(cost.mean()),
+                            "batch_accuracy": hits / len(rows),
+                            "free_steps": float(np.mean(free.steps)),
+                            "nudged_steps": float(np.mean([p.steps.mean() for p in nudged])),
+                            "free_residual": float(np.max(free.residual)),
+                            "unsettled": int(np.count_nonzero(~ok)),
+                        })
+                    except SkipBatch:
+                        metrics["skipped"] = 1
                     step += 1
                     last = index == batches - 1
                     snapshot = code_snapshot(writes) if (step % training.checkpoint_every == 0
                                                          or last) else None
-                    self.store.commit_step(run_id, step, epoch, {
-                        "loss": float(cost.mean()),
-                        "batch_accuracy": hits / len(rows),
-                        "free_steps": float(np.mean(free.steps)),
-                        "nudged_steps": float(np.mean([p.steps.mean() for p in nudged])),
-                        "free_residual": float(np.max(free.residual)),
-                        "unsettled": int(np.count_nonzero(~ok)),
-                        **write_metrics,
-                    }, arrays=snapshot, events=events)
+                    events += faults.take_events()
+                    if faults.total:
+                        metrics["faults"] = sum(1 for kind, _, _ in events if kind == "fault")
+                    self.store.commit_step(run_id, step, epoch, metrics, arrays=snapshot,
+                                           events=events)
                     if last:
                         writes.flush()  # evaluate what the shadow holds
                     bar.update(1)
-                    bar.set_postfix(epoch=epoch + 1, loss=f"{loss_sum / seen:.4f}",
-                                    acc=f"{correct / seen:.3f}",
+                    bar.set_postfix(epoch=epoch + 1, loss=f"{loss_sum / max(seen, 1):.4f}",
+                                    acc=f"{correct / max(seen, 1):.3f}",
                                     test=f"{test['accuracy']:.3f}" if test else "-")
                 train_seconds = time.perf_counter() - started
                 epoch_loss = loss_sum / max(seen, 1)
-                epoch_metrics = {"train_loss": epoch_loss, "train_accuracy": correct / seen,
+                epoch_metrics = {"train_loss": epoch_loss,
+                                 "train_accuracy": correct / max(seen, 1),
                                  "train_seconds": train_seconds,
                                  "samples_per_second": seen / max(train_seconds, 1e-12)}
                 final = epoch == training.epochs - 1
                 if (epoch + 1) % protocol.evaluation.every_epochs == 0 or final:
                     test = evaluate(bench, model, data.test_inputs, data.test_labels, free_settle,
-                                    protocol.evaluation.batch_size)
+                                    protocol.evaluation.batch_size, faults)
+                    self.store.record_events(run_id, step, faults.take_events())
                     epoch_metrics.update({"test_accuracy": test["accuracy"],
                                           "test_loss": test["loss"],
                                           "test_unsettled": test["unsettled"]})
                 epoch_metrics["epoch"] = epoch + 1
                 epoch_metrics.update(write_totals(writes))
+                if faults.total:
+                    epoch_metrics.update({"faults_total": faults.total,
+                                          "skipped_batches": faults.skipped_batches})
                 self.store.record_metrics(run_id, step, epoch_metrics)
                 if self.on_epoch is not None:
                     self.on_epoch(epoch, epoch_metrics)

@@ -148,6 +148,20 @@ class PhasesConfig(_Strict):
     )
 
 
+class FaultsConfig(_Strict):
+    """What the engine does when a bench command fails after the bench's own retries
+    (:class:`labep.bench.BenchFaultError`: a dropped link that would not come back, a command
+    that kept timing out). Every fault, recovered or not, is recorded in the run store."""
+
+    policy: Literal["retry_phase", "skip", "stop"] = Field(
+        "retry_phase",
+        description="retry_phase: run the failed phase (or write) again, up to max_retries "
+        "times, then skip the batch; skip: the batch makes no update; stop: end the run "
+        "(status failed), the bench left in its safe state.",
+    )
+    max_retries: int = Field(3, ge=0, le=1000, description="Retries of a failed phase.")
+
+
 class EstimatorConfig(_Strict):
     """The EP gradient estimator and its nudge strength beta."""
 
@@ -216,6 +230,7 @@ class Protocol(_Strict):
     model: ModelConfig
     dataset: DatasetConfig
     phases: PhasesConfig = PhasesConfig()
+    faults: FaultsConfig = FaultsConfig()
     estimator: EstimatorConfig = EstimatorConfig()
     training: TrainingConfig
     evaluation: EvaluationConfig = EvaluationConfig()

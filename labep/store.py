@@ -268,6 +268,19 @@ class RunStore:
                 db.execute("UPDATE runs SET heartbeat = ? WHERE id = ?", (now, run_id))
                 self._beat = time.monotonic()
 
+    def record_events(self, run_id: str, step: int,
+                      events: list[tuple[str, str, dict[str, Any]]]) -> None:
+        """Events outside a training step's commit (e.g. faults during an evaluation)."""
+        if not events:
+            return
+        now = _now()
+        with self.transaction() as db:
+            db.executemany(
+                "INSERT INTO events (run_id, step, time, kind, message, detail) "
+                "VALUES (?, ?, ?, ?, ?, ?)",
+                [(run_id, step, now, kind, message, json.dumps(detail))
+                 for kind, message, detail in events])
+
     def record_metrics(self, run_id: str, step: int, metrics: dict[str, float]) -> None:
         with self.transaction() as db:
             self._metrics(db, run_id, step, metrics)
