@@ -86,7 +86,27 @@ class LayeredOIMConfig(_Strict):
     _not_huge = field_validator("sizes")(LayeredHopfieldConfig._not_huge.__func__)
 
 
-ModelConfig = Annotated[LayeredHopfieldConfig | LayeredOIMConfig, Field(discriminator="kind")]
+class DenseOIMConfig(_Strict):
+    """All-to-all oscillator Ising machine: sizes [n_0 (inputs), n_hidden, n_out]; every free
+    oscillator is coupled to every other (J, symmetric) and to every input (K)."""
+
+    kind: Literal["dense_oim"]
+    sizes: list[PositiveInt] = Field(min_length=3, max_length=3)
+    shil: float = Field(0.0, ge=0.0, le=1e3,
+                        description="K_s, second-harmonic injection locking strength.")
+    init_gain: PositiveFloat = Field(1.0, description="K, h, g ~ U(-g/sqrt(n_0), g/sqrt(n_0)); "
+                                     "J ~ U(-g/sqrt(N), g/sqrt(N)).")
+
+    @field_validator("sizes")
+    @classmethod
+    def _small(cls, sizes: list[int]) -> list[int]:
+        if sizes[1] + sizes[2] > 4096 or sizes[0] > 1_000_000:
+            raise ValueError("a dense machine has at most 4,096 free oscillators (N^2 couplings)")
+        return sizes
+
+
+ModelConfig = Annotated[LayeredHopfieldConfig | LayeredOIMConfig | DenseOIMConfig,
+                        Field(discriminator="kind")]
 
 
 class DigitsConfig(_Strict):

@@ -30,6 +30,7 @@ BENCHES: dict[str, BenchEntry] = {
 MODELS: dict[str, str] = {
     "layered_hopfield": "labep.models.hopfield:LayeredHopfield",
     "layered_oim": "labep.models.oim:LayeredOIM",
+    "dense_oim": "labep.models.dense_oim:DenseOIM",
 }
 
 

@@ -87,13 +87,17 @@ class LayeredSimulator(BenchLifecycle):
             output_slice=model.output_slice,
         )
         sizes = model.sizes
-        n_layers = len(sizes) - 1
         self._sizes = np.asarray(sizes, dtype=np.int64)
-        w_sizes = [sizes[i - 1] * sizes[i] for i in range(1, n_layers + 1)]
+        # 2-D parameters (couplings) lie one after another in the order of the model's shapes
+        # (W_1 .. W_L for a layered model); block i is stored transposed where the kernels
+        # want it (see transpose_from)
+        couplings = [(name, shape) for name, shape in shapes.items() if len(shape) == 2]
+        self._coupling_index = {name: i for i, (name, _) in enumerate(couplings)}
+        w_sizes = [rows * cols for _, (rows, cols) in couplings]
         self._weight_offsets = np.concatenate(([0], np.cumsum(w_sizes)[:-1])).astype(np.int64)
         self._transposed = np.array(
-            [i >= self.transpose_from and sizes[i - 1] > sizes[i]
-             for i in range(1, n_layers + 1)], dtype=np.bool_)
+            [model.layer_of(name) >= self.transpose_from and rows > cols
+             for name, (rows, cols) in couplings], dtype=np.bool_)
         # 1-D parameters (biases) lie one after another in the order of the model's shapes:
         # b_1 .. b_L at the state's offsets, then any further per-unit parameters
         vectors = [(name, shape[0]) for name, shape in shapes.items() if len(shape) == 1]
@@ -117,14 +121,14 @@ class LayeredSimulator(BenchLifecycle):
         self._readout_rng = np.random.default_rng([device.seed, 1])
 
     def _make_view(self, name: str, shape: tuple[int, ...]) -> np.ndarray:
-        index = self.model.layer_of(name)
         if len(shape) == 1:
             start = self._vector_offsets[name]
             return self._biases[start:start + shape[0]]
         rows, cols = shape
-        start = self._weight_offsets[index - 1]
+        index = self._coupling_index[name]
+        start = self._weight_offsets[index]
         flat = self._weights[start:start + rows * cols]
-        return flat.reshape(cols, rows).T if self._transposed[index - 1] else flat.reshape(
+        return flat.reshape(cols, rows).T if self._transposed[index] else flat.reshape(
             rows, cols)
 
     # -- lifecycle --------------------------------------------------------------------------

@@ -25,6 +25,7 @@ import numpy as np
 from pydantic import Field, model_validator
 
 from labep.bench import Nudge, Relaxation, Settle
+from labep.models.dense_oim import DenseOIM
 from labep.models.oim import LayeredOIM
 from labep.simulators.device import read_out
 from labep.simulators.layered import (
@@ -139,16 +140,65 @@ def _forces(sizes, offsets, weights, weight_offsets, transposed, biases, drive_a
     return worst
 
 
+@numba.njit(cache=True, fastmath={"reassoc"})
+def _dense_forces(sizes, offsets, weights, weight_offsets, transposed, biases, drive_a,
+                  drive_b, phases, cos, sin, field_a, field_b, shil, strength, target, out,
+                  stiffness):
+    """:func:`_forces` for an all-to-all machine (:class:`labep.models.dense_oim.DenseOIM`):
+    J, the second coupling block (after the input couplings K), is (N, N) row-major and
+    A_i = sum_{j != i} J_ij cos(phi_j) + (K^T cos phi_0)_i + h_i (B likewise with sin, g); the
+    outputs are the last n_out oscillators. Same signature, so one settle loop runs both."""
+    n = phases.shape[0]
+    for unit in range(n):
+        cos[unit] = math.cos(phases[unit])
+        sin[unit] = math.sin(phases[unit])
+    block = coupling_block(weights, weight_offsets[1], n, n)
+    first_output = n - sizes[sizes.shape[0] - 1]
+    worst = 0.0
+    for i in range(n):
+        coupling = block[i]
+        acc_a = 0.0
+        acc_b = 0.0
+        for j in range(n):
+            acc_a += coupling[j] * cos[j]
+            acc_b += coupling[j] * sin[j]
+        # no self-coupling, even if a quantized diagonal does not store exactly 0
+        a = acc_a - coupling[i] * cos[i] + drive_a[i] + biases[i]
+        b = acc_b - coupling[i] * sin[i] + drive_b[i] + biases[n + i]
+        c = cos[i]
+        s = sin[i]
+        force = c * b - s * a - 2.0 * shil * s * c
+        if i >= first_output and strength != 0.0:
+            force += strength * (c - target[i - first_output]) * s
+        out[i] = force
+        stiffness[i] = math.sqrt(a * a + b * b) + 2.0 * shil + abs(strength)
+        worst = max(worst, abs(force))
+    return worst
+
+
+@numba.njit(cache=True, inline="always")
+def _any_forces(dense, sizes, offsets, weights, weight_offsets, transposed, biases, drive_a,
+                drive_b, phases, cos, sin, field_a, field_b, shil, strength, target, out,
+                stiffness):
+    if dense:
+        return _dense_forces(sizes, offsets, weights, weight_offsets, transposed, biases,
+                             drive_a, drive_b, phases, cos, sin, field_a, field_b, shil,
+                             strength, target, out, stiffness)
+    return _forces(sizes, offsets, weights, weight_offsets, transposed, biases, drive_a,
+                   drive_b, phases, cos, sin, field_a, field_b, shil, strength, target, out,
+                   stiffness)
+
+
 @numba.njit(cache=True, parallel=True)
 def settle_oim(sizes, weights, weight_offsets, transposed, biases, drive_a, drive_b, state,
                target, strength, shil, dt, method, temperature, noise_key, tolerance, max_steps,
-               steps_out, residual_out):
+               steps_out, residual_out, dense=False):
     """Integrate a batch of OIM phases in place until each sample's residual max |dphi/dt| is
     at or below tolerance (or ``max_steps`` steps); phases are returned wrapped to [0, 2 pi).
 
     ``method`` 0: Euler; 1: Heun; 2: adaptive (each unit steps dt / stiffness, a diagonal
     preconditioner: the same fixed points, reached at a rate independent of the coupling
-    scale; noiseless only)."""
+    scale; noiseless only). ``dense``: an all-to-all machine (:func:`_dense_forces`)."""
     batch, n_state = state.shape
     n_layers = sizes.shape[0] - 1
     offsets = np.zeros(n_layers, dtype=np.int64)
@@ -157,6 +207,8 @@ def settle_oim(sizes, weights, weight_offsets, transposed, biases, drive_a, driv
         width = max(width, sizes[layer])
         if layer < n_layers:
             offsets[layer] = offsets[layer - 1] + sizes[layer]
+    if dense:
+        width = n_state
     kick = math.sqrt(2.0 * temperature * dt)
     for sample in numba.prange(batch):
         phases = state[sample]
@@ -170,16 +222,17 @@ def settle_oim(sizes, weights, weight_offsets, transposed, biases, drive_a, driv
         stiffness = np.empty(n_state)
         key = noise_key * 1000003 + sample
         steps = 0
-        residual = _forces(sizes, offsets, weights, weight_offsets, transposed, biases,
-                           drive_a[sample], drive_b[sample], phases, cos, sin, field_a,
-                           field_b, shil, strength, target[sample], first, stiffness)
+        residual = _any_forces(dense, sizes, offsets, weights, weight_offsets, transposed,
+                               biases, drive_a[sample], drive_b[sample], phases, cos, sin,
+                               field_a, field_b, shil, strength, target[sample], first,
+                               stiffness)
         while residual > tolerance and steps < max_steps:
             if method == 1:
                 for u in range(n_state):
                     trial[u] = phases[u] + dt * first[u]
-                _forces(sizes, offsets, weights, weight_offsets, transposed, biases,
-                        drive_a[sample], drive_b[sample], trial, cos, sin, field_a, field_b,
-                        shil, strength, target[sample], second, stiffness)
+                _any_forces(dense, sizes, offsets, weights, weight_offsets, transposed, biases,
+                            drive_a[sample], drive_b[sample], trial, cos, sin, field_a,
+                            field_b, shil, strength, target[sample], second, stiffness)
                 for u in range(n_state):
                     phases[u] += 0.5 * dt * (first[u] + second[u])
             elif method == 2:
@@ -192,9 +245,10 @@ def settle_oim(sizes, weights, weight_offsets, transposed, biases, drive_a, driv
                 for u in range(n_state):
                     phases[u] += kick * _gauss(key, steps, u)
             steps += 1
-            residual = _forces(sizes, offsets, weights, weight_offsets, transposed, biases,
-                               drive_a[sample], drive_b[sample], phases, cos, sin, field_a,
-                               field_b, shil, strength, target[sample], first, stiffness)
+            residual = _any_forces(dense, sizes, offsets, weights, weight_offsets, transposed,
+                                   biases, drive_a[sample], drive_b[sample], phases, cos,
+                                   sin, field_a, field_b, shil, strength, target[sample],
+                                   first, stiffness)
         for u in range(n_state):
             phases[u] = phases[u] % TWO_PI
         steps_out[sample] = steps
@@ -229,20 +283,24 @@ class OIMSimulator(LayeredSimulator):
 
     name = "oim"
     identity_model = "oim-simulator"
-    model_kinds = ("layered_oim",)
+    model_kinds = ("layered_oim", "dense_oim")
     options_model = OIMSimulatorOptions
 
     def __init__(self, model: LayeredOIM, options: OIMSimulatorOptions | None = None):
         super().__init__(model, options or OIMSimulatorOptions())
         self._relaxations = 0
+        self._dense = isinstance(model, DenseOIM)
+        #: the couplings from the clamped inputs: J1 (layered) or K (dense)
+        self._input_coupling = "K" if self._dense else "J1"
 
     def _input_fields(self, inputs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """cos(phi_0) J_1 and sin(phi_0) J_1: the clamped layer's constant pull on layer 1.
+        """cos(phi_0) J_1 and sin(phi_0) J_1 (K for a dense machine): the clamped inputs'
+        constant pull on the oscillators they couple to.
 
         Computed in float64 whatever the bench's dtype: it is summed over every input once per
         clamp and then acts on every step, so its rounding error would bias the whole phase."""
         phases = self.model.input_phases(inputs)
-        coupling = self._views["J1"].astype(np.float64)
+        coupling = self._views[self._input_coupling].astype(np.float64)
         return (np.ascontiguousarray((np.cos(phases) @ coupling).astype(self.dtype)),
                 np.ascontiguousarray((np.sin(phases) @ coupling).astype(self.dtype)))
 
@@ -267,7 +325,8 @@ class OIMSimulator(LayeredSimulator):
                    ("euler", "heun", "adaptive").index(self.options.integrator),
                    float(self.options.phase_noise),
                    self.options.device.seed * 1_000_003 + self._relaxations,
-                   float(settle.tolerance), int(settle.max_steps), steps, residual)
+                   float(settle.tolerance), int(settle.max_steps), steps, residual,
+                   self._dense)
         state = read_out(state, self.options.device, self._readout_rng, settle.readouts,
                          0.0, TWO_PI, periodic=True)
         return Relaxation(state, residual <= settle.tolerance, steps, residual)
