@@ -52,6 +52,20 @@ class BenchFaultError(BenchError):
 
 
 @runtime_checkable
+class Resumable(Protocol):
+    """A bench whose whole state can be saved and restored (simulators): what it stores,
+    its counters and every random generator's state. A resumed run then continues exactly as
+    if never interrupted. A bench without it (hardware) gets its parameters written again."""
+
+    def save_state(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+        """JSON-ready metadata and named arrays."""
+        ...
+
+    def load_state(self, meta: dict[str, Any], arrays: dict[str, np.ndarray]) -> None:
+        ...
+
+
+@runtime_checkable
 class FaultReporting(Protocol):
     """A bench that keeps a log of the faults it met (drivers); the engine drains it after
     every phase and stores each fault as an event."""

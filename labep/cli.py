@@ -96,6 +96,32 @@ def run(protocol: str, store_path: str | None, overrides: tuple[str, ...],
 
 
 @main.command()
+@click.argument("run_id", metavar="RUN")
+@store_option
+@click.option("--progress/--no-progress", default=True, help="Show the progress bar.")
+def resume(run_id: str, store_path: str | None, progress: bool) -> None:
+    """Continue RUN (interrupted, failed, or killed) from its last checkpoint, with the
+    protocol as it was run. Refused while another live process writes it."""
+    from labep.engine import Trainer
+
+    store = _open_store(store_path, create=False)
+    try:
+        result = Trainer.resume(store, run_id, progress=progress)
+    except StoreError as err:
+        click.echo(f"error: {err}", err=True)
+        sys.exit(EXIT_FAILED)
+    except KeyboardInterrupt:
+        click.echo("interrupted; the run is recorded as 'interrupted'", err=True)
+        sys.exit(130)
+    except Exception as err:
+        click.echo(f"run failed: {type(err).__name__}: {err}", err=True)
+        sys.exit(EXIT_FAILED)
+    accuracy = "n/a" if result.test_accuracy is None else f"{result.test_accuracy:.4f}"
+    click.echo(f"run {result.run_id} completed: {result.steps} steps, "
+               f"test accuracy {accuracy} (store: {store.path})")
+
+
+@main.command()
 @store_option
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def runs(store_path: str | None, as_json: bool) -> None:
@@ -105,11 +131,14 @@ def runs(store_path: str | None, as_json: bool) -> None:
     def line(run: dict[str, Any]) -> str:
         acc = run["metrics"].get("test_accuracy")
         acc_text = "-" if acc is None else f"{acc:.4f}"
-        return (f"{run['id']:24} {run['status']:11} {run['bench']['name']:12} "
+        status = run["status"] + ("*" if run["resumable"] else "")
+        return (f"{run['id']:24} {status:12} {run['bench']['name']:12} "
                 f"{run['steps']:>6} {acc_text:>8}  {run['name']}")
 
     _listing(store.runs(), as_json, f"no runs in {store.path}",
-             f"{'id':24} {'status':11} {'bench':12} {'steps':>6} {'test acc':>8}  name", line)
+             f"{'id':24} {'status':12} {'bench':12} {'steps':>6} {'test acc':>8}  name", line)
+    if not as_json and any(run["resumable"] for run in store.runs()):
+        click.echo("* resumable: labep resume RUN")
 
 
 @main.command()
@@ -257,6 +286,78 @@ def gradcheck(protocol: str, beta: float | None, estimator: str | None, samples:
     for name, cmp in report["parameters"].items():
         click.echo(f"  {name:9} cosine {cmp['cosine']:.6f}  relative error "
                    f"{cmp['relative_error']:.3e}")
+
+
+@main.group()
+def emulate() -> None:
+    """Serve an emulated instrument on a pseudo-terminal or a loopback TCP port."""
+
+
+@emulate.command("oim-board")
+@click.option("--pty", "transport", flag_value="pty", default=True,
+              help="Serve on a pseudo-terminal (default); the first line printed is a path "
+                   "that stays valid across link drops.")
+@click.option("--tcp", "tcp_port", type=click.IntRange(0, 65535), default=None,
+              help="Serve on 127.0.0.1:PORT instead (0: any free port); the first line printed "
+                   "is socket://127.0.0.1:PORT.")
+@click.option("--link", "link_path", type=click.Path(dir_okay=False),
+              help="Path of the pty symlink (default: a fresh temporary directory).")
+@click.option("--sizes", default="2-8-2", show_default=True,
+              help="Layer sizes n_0-n_1-...-n_L the board is built for.")
+@click.option("--bits", type=click.IntRange(1, 16), default=8, show_default=True,
+              help="Coupling and bias resolution (codes 0 .. 2^bits - 1).")
+@click.option("--coupling-range", type=click.FloatRange(min=0.0, min_open=True), default=2.0,
+              show_default=True, help="J_max: coupling codes span [-J_max, J_max].")
+@click.option("--bias-range", type=click.FloatRange(min=0.0, min_open=True), default=2.0,
+              show_default=True, help="Bias codes span [-range, range].")
+@click.option("--dt", type=click.FloatRange(min=0.0, min_open=True, max=10.0), default=0.2,
+              show_default=True, help="Integration step of the simulator.")
+@click.option("--integrator", type=click.Choice(["euler", "heun", "adaptive"]),
+              default="euler", show_default=True, help="The simulator's integrator.")
+@click.option("--dtype", type=click.Choice(["float32", "float64"]), default="float32",
+              show_default=True, help="The simulator's precision.")
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Device seed and every injected fault.")
+@click.option("--latency-baud", type=click.FloatRange(min=0.0, min_open=True), default=None,
+              help="Wire time model: 10 bits a byte at this rate, each request and reply.")
+@click.option("--faults", "fault_spec", default="", metavar="SPEC",
+              help="Injected faults, e.g. garble=0.01,drop=0.01,delay=0.01:0.5,"
+                   "close_every=200,never_settle=0.0,nan=0.0 (see docs/oim-board-protocol.md).")
+def emulate_oim_board(transport: str, tcp_port: int | None, link_path: str | None, sizes: str,
+                      bits: int, coupling_range: float, bias_range: float, dt: float,
+                      integrator: str, dtype: str, seed: int, latency_baud: float | None,
+                      fault_spec: str) -> None:
+    """Serve an emulated FPGA oscillator Ising board (the OIM simulator behind the board's wire
+    protocol) until SIGINT or SIGTERM. Prints the port's URL or path on the first line."""
+    import signal
+
+    from pydantic import ValidationError
+
+    from labep.simulators.oim_board_emulator import BoardConfig, BoardEmulator, FaultSpec
+
+    try:
+        config = BoardConfig(sizes=BoardConfig.parse_sizes(sizes), bits=bits,
+                             coupling_range=coupling_range, bias_range=bias_range, dt=dt,
+                             integrator=integrator, dtype=dtype, seed=seed)
+        faults = FaultSpec.parse(fault_spec)
+    except (ValueError, ValidationError) as err:
+        click.echo(f"error: {err}", err=True)
+        sys.exit(EXIT_INVALID)
+    emulator = BoardEmulator(config, transport="tcp" if tcp_port is not None else "pty",
+                             port=tcp_port or 0, link_path=link_path, latency_baud=latency_baud,
+                             faults=faults)
+    url = emulator.open()
+    click.echo(url)
+    sys.stdout.flush()
+    click.echo(f"oim board emulator: sizes {'-'.join(map(str, config.sizes))}, {bits} bits, "
+               f"ranges +-{coupling_range:g} / +-{bias_range:g}, faults "
+               f"{fault_spec or 'none'}; serving until SIGINT/SIGTERM", err=True)
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: emulator.request_stop())
+    try:
+        emulator.serve_forever()
+    finally:
+        emulator.close()
 
 
 if __name__ == "__main__":  # pragma: no cover

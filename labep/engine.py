@@ -11,6 +11,7 @@ and nudge signs of any step are known without replaying the run.
 
 from __future__ import annotations
 
+import contextlib
 import time
 import traceback as tb
 from collections.abc import Callable
@@ -23,14 +24,21 @@ from tqdm.auto import tqdm
 
 import labep
 from labep import registry
-from labep.bench import Bench, BenchIdentity, Nudge, Relaxation, Settle
+from labep.bench import Bench, BenchIdentity, Nudge, Relaxation, Resumable, Settle
 from labep.calibration import CalibrationError
 from labep.datasets import Split, load_digits, load_idx_pair, load_xor
 from labep.estimators import make_estimator
 from labep.faults import FaultPolicy, SkipBatch
 from labep.models import Model, Params
-from labep.protocol import DigitsConfig, IdxConfig, LoadedProtocol, Protocol, XorConfig
-from labep.store import RunStore
+from labep.protocol import (
+    DigitsConfig,
+    IdxConfig,
+    LoadedProtocol,
+    Protocol,
+    XorConfig,
+    load_protocol,
+)
+from labep.store import RunStore, StoreError
 from labep.write_path import CodeMap, WritePath, WritePolicy
 
 
@@ -189,13 +197,42 @@ class Trainer:
         self.on_epoch = on_epoch
 
     def run(self) -> RunResult:
+        """A new run of the protocol."""
         protocol = self.protocol
-        data = load_dataset(protocol)
-        model = build_model(protocol)
-        bench = build_bench(protocol, model)
         run_id = self.store.create_run(protocol.name, self.loaded.document, protocol.bench.name,
                                        protocol.seed, labep.__version__)
+        return self._execute(run_id, None)
+
+    @classmethod
+    def resume(cls, store: RunStore, run_id: str, *, progress: bool = True,
+               on_epoch: Callable[[int, dict[str, float]], None] | None = None) -> RunResult:
+        """Continue a run from its newest resume point (its last checkpoint), with the
+        protocol as it was run. Steps committed after that point are removed and run again:
+        on a simulator they come out identical, so a run killed and resumed any number of
+        times ends bit-identical to one never interrupted (checkpoint_every: 1 re-runs
+        nothing). Refused while another live process writes the run."""
+        claimed = store.claim(run_id)
+        run_id = claimed["id"]
+        point = store.resume_point(run_id)
+        if point is None:
+            raise StoreError(f"run {run_id} has no resume point (it stopped before its "
+                             "first checkpoint): start it again with labep run")
+        step, state = point
+        removed = store.truncate_after(run_id, step)
+        store.record_events(run_id, step, [(
+            "resumed", f"resumed at step {step} (was {claimed['status']}); {removed} later "
+            "step(s) run again", {"from_step": step, "rerun_steps": removed,
+                                  "previous_owner": claimed["owner"]})])
+        trainer = cls(load_protocol(claimed["protocol"]), store, progress=progress,
+                      on_epoch=on_epoch)
+        return trainer._execute(run_id, (step, state))
+
+    def _execute(self, run_id: str, point: tuple[int, dict[str, Any]] | None) -> RunResult:
+        protocol = self.protocol
         try:
+            data = load_dataset(protocol)
+            model = build_model(protocol)
+            bench = build_bench(protocol, model)
             # numba kernels parallelize over the samples of a batch; a BLAS pool spinning on
             # the same cores between kernel calls costs several times the work, so BLAS runs
             # on one thread during a run.
@@ -203,7 +240,7 @@ class Trainer:
                 identity = bench.open()
                 try:
                     self.store.set_bench_identity(run_id, identity.as_dict())
-                    result = self._train(run_id, bench, identity, model, data)
+                    result = self._train(run_id, bench, identity, model, data, point)
                 finally:
                     bench.close()  # the bench's safe state, on success and on every error
         except KeyboardInterrupt:
@@ -216,35 +253,94 @@ class Trainer:
         self.store.finish(run_id, "completed")
         return result
 
+    def _restore(self, run_id: str, point: tuple[int, dict[str, Any]], bench: Bench,
+                 identity: BenchIdentity, faults: FaultPolicy) -> WritePath:
+        """The write path and the bench as they were at a resume point: the same calibration
+        (refused if it belongs to another bench), the shadow, the codes, the counters; a
+        simulator's whole state, or a hardware bench's parameters written again."""
+        step, state = point
+        summary = self.store.summary(run_id, with_protocol=False)
+        maps: dict[str, CodeMap] = {}
+        if summary["calibration"] is not None:
+            record = self.store.calibration(summary["calibration"])
+            if not record.matches(identity):
+                raise CalibrationError(
+                    f"run {run_id} was calibrated with {record.id} of {record.identity}; the "
+                    f"bench now answering is {identity.as_dict()}: refused")
+            maps = record.code_maps(bench)
+        found = self.store.arrays(run_id, "checkpoint", step=step)
+        codes = self.store.arrays(run_id, "codes", step=step)
+        extra = self.store.arrays(run_id, "resume", step=step)
+        if found is None or not found[1] or extra is None:
+            raise StoreError(f"run {run_id}: the resume point at step {step} lacks its arrays")
+        writes = WritePath(bench, found[1], write_policy(self.protocol), maps,
+                           stream(self.protocol.seed, 4))
+        prefix = "writes."
+        writes.restore(state["writes"],
+                       {k[len(prefix):]: v for k, v in extra[1].items() if k.startswith(prefix)},
+                       {} if codes is None else codes[1])
+        faults.total = int(state["faults"]["total"])
+        faults.skipped_batches = int(state["faults"]["skipped_batches"])
+        if isinstance(bench, Resumable) and "bench" in state:
+            prefix = "bench."
+            bench.load_state(state["bench"], {k[len(prefix):]: v for k, v in extra[1].items()
+                                              if k.startswith(prefix)})
+        else:
+            faults.call("write", writes.rewrite_held)
+        return writes
+
+    def _resume_state(self, position: dict[str, Any], writes: WritePath, faults: FaultPolicy,
+                      bench: Bench) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+        """The JSON state and arrays of a resume point."""
+        write_meta, write_arrays = writes.state()
+        state: dict[str, Any] = {**position, "writes": write_meta,
+                                 "faults": {"total": faults.total,
+                                            "skipped_batches": faults.skipped_batches}}
+        arrays = {f"writes.{k}": v for k, v in write_arrays.items()}
+        if isinstance(bench, Resumable):
+            bench_meta, bench_arrays = bench.save_state()
+            state["bench"] = bench_meta
+            arrays.update({f"bench.{k}": v for k, v in bench_arrays.items()})
+        return state, arrays
+
     def _train(self, run_id: str, bench: Bench, identity: BenchIdentity, model: Model,
-               data: Split) -> RunResult:
+               data: Split, point: tuple[int, dict[str, Any]] | None) -> RunResult:
         protocol = self.protocol
         training = protocol.training
         estimator = make_estimator(protocol.estimator.name, protocol.estimator.random_sign)
         free_settle, nudged_settle = settles(protocol)
         rates = learning_rates(protocol, model)
-        maps, calibration_id = choose_calibration(protocol, self.store, bench, identity)
-        self.store.set_calibration(run_id, calibration_id)
-        writes = WritePath(bench, model.init_params(stream(protocol.seed, 0)),
-                           write_policy(protocol), maps, stream(protocol.seed, 4))
         faults = FaultPolicy(protocol.faults, bench)
-        faults.call("write", writes.write_all)
-        for kind, named in code_snapshot(writes).items():
-            self.store.save_arrays(run_id, 0, kind, named)
+        position: dict[str, Any] = {"epoch": 0, "batch": 0, "step": 0, "loss_sum": 0.0,
+                                    "correct": 0, "seen": 0, "test": {}}
+        if point is None:
+            maps, calibration_id = choose_calibration(protocol, self.store, bench, identity)
+            self.store.set_calibration(run_id, calibration_id)
+            writes = WritePath(bench, model.init_params(stream(protocol.seed, 0)),
+                               write_policy(protocol), maps, stream(protocol.seed, 4))
+            faults.call("write", writes.write_all)
+            state, arrays = self._resume_state(position, writes, faults, bench)
+            self.store.save_start(run_id, {**code_snapshot(writes), "resume": arrays}, state)
+        else:
+            writes = self._restore(run_id, point, bench, identity, faults)
+            position = {key: point[1][key] for key in position}
 
         n_train = len(data.train_labels)
+        n_train = len(data.train_labels)
         batches = -(-n_train // training.batch_size)
-        step = 0
-        test: dict[str, float] = {}
+        step = position["step"]
+        test: dict[str, float] = position["test"]
         epoch_loss = float("nan")
-        bar = tqdm(total=training.epochs * batches, unit="step", disable=not self.progress,
-                   dynamic_ncols=True, desc=protocol.name)
+        bar = tqdm(total=training.epochs * batches, initial=step, unit="step",
+                   disable=not self.progress, dynamic_ncols=True, desc=protocol.name)
         try:
-            for epoch in range(training.epochs):
+            for epoch in range(position["epoch"], training.epochs):
                 order = stream(protocol.seed, 1, epoch).permutation(n_train)
-                loss_sum, correct, seen = 0.0, 0, 0
+                first = position["batch"] if epoch == position["epoch"] else 0
+                loss_sum, correct, seen = ((position["loss_sum"], position["correct"],
+                                            position["seen"]) if first else (0.0, 0, 0))
                 started = time.perf_counter()
-                for index in range(batches):
+                for index in range(first, batches):
                     rows = order[index * training.batch_size:(index + 1) * training.batch_size]
                     x, labels = data.train_inputs[rows], data.train_labels[rows]
                     target = model.encode_target(labels)
@@ -303,20 +399,27 @@ class Trainer:
                         metrics["skipped"] = 1
                     step += 1
                     last = index == batches - 1
-                    snapshot = code_snapshot(writes) if (step % training.checkpoint_every == 0
-                                                         or last) else None
                     events += faults.take_events()
                     if faults.total:
                         metrics["faults"] = sum(1 for kind, _, _ in events if kind == "fault")
+                    snapshot, resume = None, None
+                    if step % training.checkpoint_every == 0 or last:
+                        resume, resume_arrays = self._resume_state(
+                            {"epoch": epoch, "batch": index + 1, "step": step,
+                             "loss_sum": loss_sum, "correct": correct, "seen": seen,
+                             "test": test}, writes, faults, bench)
+                        snapshot = {**code_snapshot(writes), "resume": resume_arrays}
                     self.store.commit_step(run_id, step, epoch, metrics, arrays=snapshot,
-                                           events=events)
-                    if last:
-                        writes.flush()  # evaluate what the shadow holds
+                                           events=events, resume=resume)
                     bar.update(1)
                     bar.set_postfix(epoch=epoch + 1, loss=f"{loss_sum / max(seen, 1):.4f}",
                                     acc=f"{correct / max(seen, 1):.3f}",
                                     test=f"{test['accuracy']:.3f}" if test else "-")
                 train_seconds = time.perf_counter() - started
+                # evaluate what the shadow holds (after the epoch's last resume point); if the
+                # policy gives up, the pending updates stay in the shadow for the next write
+                with contextlib.suppress(SkipBatch):
+                    faults.call("write", writes.flush)
                 epoch_loss = loss_sum / max(seen, 1)
                 epoch_metrics = {"train_loss": epoch_loss,
                                  "train_accuracy": correct / max(seen, 1),

@@ -434,6 +434,33 @@ def load_bench_file(
     return load_protocol(source, overrides, schema=BenchDocument if bench_only else Protocol)
 
 
+#: a protocol is a short text: larger files, deeper nesting or more nodes (e.g. YAML aliases
+#: expanding exponentially) are refused before validation
+MAX_PROTOCOL_BYTES = 1_000_000
+MAX_DEPTH = 32
+MAX_NODES = 100_000
+
+
+def _too_big(doc: Any) -> str | None:
+    """Why ``doc`` is too deep or too large to be a protocol, or None. Shared (aliased) nodes
+    count every time they are reached, so an alias bomb is caught early."""
+    stack: list[tuple[Any, int]] = [(doc, 0)]
+    nodes = 0
+    while stack:
+        node, depth = stack.pop()
+        nodes += 1
+        if nodes > MAX_NODES:
+            return f"more than {MAX_NODES:,} values (YAML aliases expand every time they appear)"
+        if depth > MAX_DEPTH:
+            return f"nested deeper than {MAX_DEPTH} levels"
+        if isinstance(node, dict):
+            stack.extend((v, depth + 1) for v in node.values())
+            stack.extend((k, depth + 1) for k in node)
+        elif isinstance(node, list | tuple):
+            stack.extend((v, depth + 1) for v in node)
+    return None
+
+
 def load_protocol(
     source: str | Path | dict[str, Any], overrides: list[str] | tuple[str, ...] = (),
     schema: type[Protocol] | type[BenchDocument] = Protocol,
@@ -447,6 +474,10 @@ def load_protocol(
         label = str(source)
         path = Path(source)
         try:
+            if path.is_file() and path.stat().st_size > MAX_PROTOCOL_BYTES:
+                problem = Problem("", f"the file has {path.stat().st_size:,} bytes; a protocol "
+                                  f"has at most {MAX_PROTOCOL_BYTES:,}")
+                raise ProtocolError(label, [problem])
             raw = path.read_bytes()
         except OSError as err:
             problem = Problem("", f"cannot read the file: {err.strerror}")
@@ -457,6 +488,8 @@ def load_protocol(
             raise ProtocolError(label, [Problem("", f"not UTF-8 text ({err.reason})")]) from None
         try:
             doc = yaml.safe_load(text)
+        except RecursionError:
+            raise ProtocolError(label, [Problem("", "not a protocol: nested too deeply")]) from None
         except yaml.YAMLError as err:
             mark = getattr(err, "problem_mark", None)
             where = f"line {mark.line + 1}" if mark is not None else ""
@@ -466,6 +499,9 @@ def load_protocol(
             doc = {}
     if not isinstance(doc, dict):
         raise ProtocolError(label, [Problem("", "a protocol must be a mapping of fields")])
+    reason = _too_big(doc)
+    if reason is not None:
+        raise ProtocolError(label, [Problem("", f"not a protocol: {reason}")])
 
     problems: list[Problem] = []
     overridden: dict[tuple[Any, ...], str] = {}

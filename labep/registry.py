@@ -25,6 +25,7 @@ class BenchEntry:
 BENCHES: dict[str, BenchEntry] = {
     "hopfield": BenchEntry("simulator", "labep.simulators.hopfield:HopfieldSimulator"),
     "oim": BenchEntry("simulator", "labep.simulators.oim:OIMSimulator"),
+    "oim_board": BenchEntry("driver", "labep.drivers.oim_board:OIMBoard"),
 }
 
 MODELS: dict[str, str] = {

@@ -15,6 +15,12 @@ Tables (schema version in ``meta``):
   raw sweep, fitted maps, residual); never overwritten, a newer record supersedes an older one
   of the same bench. ``runs.calibration_id`` names the record a run used.
 
+- ``resume_points``: at every checkpoint, the engine's state as JSON (position in the epoch,
+  accumulators, every random generator's state, write-path and fault counters, the bench's
+  own state where it has one); its arrays are in ``arrays`` under kind ``resume``.
+  ``runs.owner`` (host:pid) is the process writing a run: a second writer is refused while
+  that process lives; a dead owner's run is resumable.
+
 An older store is upgraded on open by forward migrations, after a backup copy
 (``NAME.vN.bak``) of the file as it was.
 """
@@ -23,7 +29,9 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import secrets
+import socket
 import sqlite3
 import time
 from collections.abc import Iterator
@@ -37,7 +45,7 @@ import numpy as np
 if TYPE_CHECKING:
     from labep.calibration import CalibrationRecord
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 #: a running run refreshes ``runs.heartbeat`` at most this often (with its step commits)
 HEARTBEAT_SECONDS = 1.0
 
@@ -57,7 +65,8 @@ CREATE TABLE IF NOT EXISTS runs (
     protocol TEXT NOT NULL,
     error TEXT,
     traceback TEXT,
-    calibration_id TEXT
+    calibration_id TEXT,
+    owner TEXT
 );
 CREATE TABLE IF NOT EXISTS steps (
     run_id TEXT NOT NULL REFERENCES runs(id),
@@ -116,7 +125,16 @@ CREATE TABLE IF NOT EXISTS calibration_arrays (
 );
 """
 
-_SCHEMA += _CALIBRATION_TABLES
+_RESUME_TABLE = """
+CREATE TABLE IF NOT EXISTS resume_points (
+    run_id TEXT NOT NULL REFERENCES runs(id),
+    step INTEGER NOT NULL,
+    state TEXT NOT NULL,
+    PRIMARY KEY (run_id, step)
+);
+"""
+
+_SCHEMA += _CALIBRATION_TABLES + _RESUME_TABLE
 
 #: forward migrations: MIGRATIONS[v] takes a store from schema version v to v + 1
 MIGRATIONS: dict[int, str] = {
@@ -124,12 +142,32 @@ MIGRATIONS: dict[int, str] = {
     # a secondary index on metrics (run_id, name, step) cost more than half of every step's
     # commit; series are read by scanning the run's rows in primary-key order instead
     2: "DROP INDEX IF EXISTS metrics_by_name",
+    3: "ALTER TABLE runs ADD COLUMN owner TEXT;\n" + _RESUME_TABLE,
 }
 
 
 
 class StoreError(RuntimeError):
     """The store cannot be opened or a run cannot be found."""
+
+
+def _owner() -> str:
+    """This process, as ``runs.owner`` names it."""
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def _alive(owner: str) -> bool:
+    """Whether the process ``host:pid`` still runs (assumed so on another host)."""
+    host, _, pid = owner.rpartition(":")
+    if host != socket.gethostname() or not pid.isdigit():
+        return True
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _now() -> str:
@@ -148,8 +186,6 @@ def from_npy(blob: bytes) -> np.ndarray:
 
 def default_store_path(explicit: str | None = None, protocol_store: str | None = None) -> Path:
     """--store wins, then $LABEP_STORE, then the protocol's ``store`` field, then ./labep.db."""
-    import os
-
     return Path(explicit or os.environ.get("LABEP_STORE") or protocol_store or "labep.db")
 
 
@@ -236,11 +272,46 @@ class RunStore:
         with self.transaction() as db:
             db.execute(
                 "INSERT INTO runs (id, name, status, created, heartbeat, labep_version, "
-                "bench_name, seed, protocol) VALUES (?, ?, 'running', ?, ?, ?, ?, ?, ?)",
+                "bench_name, seed, protocol, owner) VALUES (?, ?, 'running', ?, ?, ?, ?, ?, ?, ?)",
                 (run_id, name, now, now, labep_version, bench_name, seed,
-                 json.dumps(protocol, sort_keys=False)),
+                 json.dumps(protocol, sort_keys=False), _owner()),
             )
         return run_id
+
+    def claim(self, run_id: str) -> dict[str, Any]:
+        """Take over a run to resume it: refused if it completed or if another live process
+        writes it (its ``owner``); a dead owner is a stale lock. Returns the run's row."""
+        run_id = self.resolve(run_id)
+        with self.transaction() as db:
+            status, owner, protocol = db.execute(
+                "SELECT status, owner, protocol FROM runs WHERE id = ?", (run_id,)).fetchone()
+            if status == "completed":
+                raise StoreError(f"run {run_id} completed: nothing to resume")
+            if status == "running" and owner and owner != _owner() and _alive(owner):
+                raise StoreError(f"run {run_id} is being written by process {owner}; "
+                                 "refused (one writer per run)")
+            db.execute("UPDATE runs SET status = 'running', owner = ?, heartbeat = ?, "
+                       "finished = NULL, error = NULL, traceback = NULL WHERE id = ?",
+                       (_owner(), _now(), run_id))
+        return {"id": run_id, "status": status, "owner": owner,
+                "protocol": json.loads(protocol)}
+
+    def resume_point(self, run_id: str) -> tuple[int, dict[str, Any]] | None:
+        """The newest resume point of a run: (step, engine state)."""
+        row = self.db.execute("SELECT step, state FROM resume_points WHERE run_id = ? "
+                              "ORDER BY step DESC LIMIT 1", (run_id,)).fetchone()
+        return None if row is None else (int(row[0]), json.loads(row[1]))
+
+    def truncate_after(self, run_id: str, step: int) -> int:
+        """Delete what steps after ``step`` committed (they are run again from the resume
+        point at ``step``); returns how many steps were removed."""
+        with self.transaction() as db:
+            (count,) = db.execute("SELECT COUNT(*) FROM steps WHERE run_id = ? AND step > ?",
+                                  (run_id, step)).fetchone()
+            for table in ("steps", "metrics", "arrays", "events", "resume_points"):
+                db.execute(f"DELETE FROM {table} WHERE run_id = ? AND step > ?",
+                           (run_id, step))
+        return int(count)
 
     def set_bench_identity(self, run_id: str, identity: dict[str, str]) -> None:
         with self.transaction() as db:
@@ -249,12 +320,16 @@ class RunStore:
 
     def commit_step(self, run_id: str, step: int, epoch: int, metrics: dict[str, float],
                     arrays: dict[str, dict[str, np.ndarray]] | None = None,
-                    events: list[tuple[str, str, dict[str, Any]]] | None = None) -> None:
-        """Commit one training step (its metrics, arrays by kind, events) at once."""
+                    events: list[tuple[str, str, dict[str, Any]]] | None = None,
+                    resume: dict[str, Any] | None = None) -> None:
+        """Commit one training step (its metrics, arrays by kind, events and, at a
+        checkpoint, the engine's resume state) at once."""
         now = _now()
         with self.transaction() as db:
             db.execute("INSERT INTO steps (run_id, step, epoch, time) VALUES (?, ?, ?, ?)",
                        (run_id, step, epoch, now))
+            if resume is not None:
+                self._resume(db, run_id, step, resume)
             self._metrics(db, run_id, step, metrics)
             for kind, named in (arrays or {}).items():
                 self._arrays(db, run_id, step, kind, named)
@@ -290,6 +365,19 @@ class RunStore:
         with self.transaction() as db:
             self._arrays(db, run_id, step, kind, arrays)
 
+    def save_start(self, run_id: str, arrays: dict[str, dict[str, np.ndarray]],
+                   resume: dict[str, Any]) -> None:
+        """Step 0 of a run (no training step yet): its arrays and resume state at once."""
+        with self.transaction() as db:
+            for kind, named in arrays.items():
+                self._arrays(db, run_id, 0, kind, named)
+            self._resume(db, run_id, 0, resume)
+
+    @staticmethod
+    def _resume(db: sqlite3.Connection, run_id: str, step: int, state: dict[str, Any]) -> None:
+        db.execute("INSERT OR REPLACE INTO resume_points (run_id, step, state) VALUES (?, ?, ?)",
+                   (run_id, step, json.dumps(state)))
+
     @staticmethod
     def _metrics(db: sqlite3.Connection, run_id: str, step: int,
                  metrics: dict[str, float]) -> None:
@@ -312,7 +400,7 @@ class RunStore:
         with self.transaction() as db:
             db.execute(
                 "UPDATE runs SET status = ?, finished = ?, heartbeat = ?, error = ?, "
-                "traceback = ? WHERE id = ?",
+                "traceback = ?, owner = NULL WHERE id = ?",
                 (status, now, now, error, traceback, run_id),
             )
 
@@ -417,12 +505,12 @@ class RunStore:
         run_id = self.resolve(run_id)
         row = self.db.execute(
             "SELECT id, name, status, created, heartbeat, finished, labep_version, bench_name, "
-            "bench_identity, seed, protocol, error, traceback, calibration_id FROM runs "
+            "bench_identity, seed, protocol, error, traceback, calibration_id, owner FROM runs "
             "WHERE id = ?", (run_id,)
         ).fetchone()
         keys = ("id", "name", "status", "created", "heartbeat", "finished", "labep_version",
                 "bench_name", "bench_identity", "seed", "protocol", "error", "traceback",
-                "calibration_id")
+                "calibration_id", "owner")
         run = dict(zip(keys, row, strict=True))
         steps = self.db.execute("SELECT COUNT(*), MAX(epoch) FROM steps WHERE run_id = ?",
                                 (run_id,)).fetchone()
@@ -439,6 +527,11 @@ class RunStore:
                 "identity": json.loads(run["bench_identity"]) if run["bench_identity"] else None,
             },
             "seed": run["seed"],
+            "owner": run["owner"],
+            # killed (a dead owner), interrupted or failed, with a checkpoint to resume from
+            "resumable": (run["status"] in ("interrupted", "failed") or (
+                run["status"] == "running" and run["owner"] is not None
+                and not _alive(run["owner"]))) and self.resume_point(run_id) is not None,
             "calibration": run["calibration_id"],
             "steps": steps[0],
             "epochs": 0 if steps[1] is None else steps[1] + 1,

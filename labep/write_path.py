@@ -26,6 +26,7 @@ import numba
 import numpy as np
 
 from labep.bench import Bench, OutOfRangeError, ParameterSpec
+from labep.interrupts import deferred_interrupt
 from labep.models import Params
 
 
@@ -295,7 +296,8 @@ class WritePath:
                     raise WriteBudgetError(
                         f"write {name}: a channel would exceed the write budget of {budget} "
                         "code changes; stopping before the write")
-        self.bench.write(payload)
+        with deferred_interrupt():  # Ctrl-C never leaves half a block on the bench
+            self.bench.write(payload)
         for name in names:
             self.writes[name] += 1
             if name in changes:
@@ -338,6 +340,40 @@ class WritePath:
                 f"{report.mismatch_mean_lsb:.3g}, max {report.mismatch_max_lsb:.3g} LSB); "
                 f"the protocol stops above {stop:.1%}. Calibrate the bench (labep calibrate)."
             )
+
+    # -- resume -----------------------------------------------------------------------------
+
+    def state(self) -> tuple[dict[str, object], dict[str, np.ndarray]]:
+        """Everything besides the shadow and the codes (stored with every checkpoint) that a
+        resumed run needs: counters, the rounding residues, the rounding generator's state."""
+        meta: dict[str, object] = {"writes": dict(self.writes), "pending": self.pending,
+                                   "clipped_total": self.clipped_total,
+                                   "rng": self.rng.bit_generator.state}
+        arrays = {f"residue.{n}": r for n, r in self.residue.items()}
+        arrays.update({f"changes.{n}": c for n, c in self.changes.items()})
+        return meta, arrays
+
+    def restore(self, meta: dict[str, object], arrays: dict[str, np.ndarray],
+                codes: dict[str, np.ndarray]) -> None:
+        """Take back a state from :meth:`state` and the codes the bench held."""
+        self.writes = {name: int(count) for name, count in meta["writes"].items()}  # type: ignore[attr-defined]
+        self.pending = int(meta["pending"])  # type: ignore[arg-type]
+        self.clipped_total = int(meta["clipped_total"])  # type: ignore[arg-type]
+        self.rng.bit_generator.state = meta["rng"]
+        for name in self.residue:
+            self.residue[name] = np.array(arrays[f"residue.{name}"], dtype=np.float64)
+        for name in self.changes:
+            self.changes[name] = np.array(arrays[f"changes.{name}"], dtype=np.int64)
+        self.codes = {name: np.array(held, dtype=np.int64) for name, held in codes.items()}
+
+    def rewrite_held(self) -> None:
+        """Write again what the bench held at the checkpoint (its codes, or for continuous
+        parameters the shadow values), e.g. after a resume on a bench that lost its state.
+        Not counted as writes: no code changes."""
+        payload = {name: self.codes[name] if name in self.codes else self.shadow[name]
+                   for name in self.shadow}
+        with deferred_interrupt():
+            self.bench.write(payload)
 
     def summary(self) -> dict[str, object]:
         """Write counts per parameter, code changes per channel, clipped channels."""

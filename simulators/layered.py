@@ -172,6 +172,32 @@ class LayeredSimulator(BenchLifecycle):
             return {name: self.devices[name].measure() for name in names}
         return {name: self._views[name].astype(np.float64) for name in names}
 
+    # -- resume (labep.bench.Resumable) ---------------------------------------------------
+
+    def save_state(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+        """The stored values (with their write noise), the codes, and every generator's state."""
+        meta: dict[str, Any] = {"readout_rng": self._readout_rng.bit_generator.state}
+        arrays = {"weights": self._weights.copy(), "biases": self._biases.copy()}
+        if self.devices is not None:
+            meta["truth_rng"] = next(iter(self.devices.values())).rng.bit_generator.state
+            for name, dev in self.devices.items():
+                arrays[f"codes.{name}"] = dev.codes.copy()
+                arrays[f"values.{name}"] = np.asarray(dev.values, dtype=np.float64)
+        return meta, arrays
+
+    def load_state(self, meta: dict[str, Any], arrays: dict[str, np.ndarray]) -> None:
+        self._weights[...] = arrays["weights"]
+        self._biases[...] = arrays["biases"]
+        self._readout_rng.bit_generator.state = meta["readout_rng"]
+        if self.devices is not None:
+            for name, dev in self.devices.items():
+                dev.codes = np.array(arrays[f"codes.{name}"], dtype=np.int64)
+                dev.values = np.array(arrays[f"values.{name}"], dtype=np.float64)
+            # the devices share one generator (the device truth and its noise)
+            next(iter(self.devices.values())).rng.bit_generator.state = meta["truth_rng"]
+        self._version += 1
+        self._clamp = None
+
     # -- shared physics helpers -------------------------------------------------------------
 
     def _clamped(self, inputs: np.ndarray, compute: Any) -> Any:
@@ -192,7 +218,12 @@ class LayeredSimulator(BenchLifecycle):
         if inputs.ndim != 2 or inputs.shape[1] != self.model.input_size:
             raise ValueError(f"{self.name}: inputs must be (batch, {self.model.input_size}), "
                              f"got {inputs.shape}")
-        batch = inputs.shape[0]
+        return (inputs, *self._start_and_nudge(inputs.shape[0], nudge, start, rest))
+
+    def _start_and_nudge(self, batch: int, nudge: Any, start: np.ndarray | None,
+                         rest: float = 0.0) -> tuple[np.ndarray, float, np.ndarray]:
+        """The start state (``rest`` everywhere when no start is given), the nudge strength
+        and the nudge target of a batch, in the bench's dtype."""
         if start is None:
             state = np.full((batch, self.model.state_size), rest, dtype=self.dtype)
         else:
@@ -203,4 +234,4 @@ class LayeredSimulator(BenchLifecycle):
         else:
             strength = float(nudge.strength)
             target = np.ascontiguousarray(nudge.target, dtype=self.dtype)
-        return inputs, state, strength, target
+        return state, strength, target

@@ -18,7 +18,7 @@ number of threads. Readout noise and resolution (``device.readout_noise``,
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import Any, Literal
 
 import numba
 import numpy as np
@@ -293,13 +293,25 @@ class OIMSimulator(LayeredSimulator):
         #: the couplings from the clamped inputs: J1 (layered) or K (dense)
         self._input_coupling = "K" if self._dense else "J1"
 
+    def save_state(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+        meta, arrays = super().save_state()
+        meta["relaxations"] = self._relaxations  # keys the phase noise of the next relax
+        return meta, arrays
+
+    def load_state(self, meta: dict[str, Any], arrays: dict[str, np.ndarray]) -> None:
+        super().load_state(meta, arrays)
+        self._relaxations = int(meta["relaxations"])
+
     def _input_fields(self, inputs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """:meth:`_phase_fields` of the inputs' phases phi_0 = ``model.input_phases(inputs)``."""
+        return self._phase_fields(self.model.input_phases(inputs))
+
+    def _phase_fields(self, phases: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """cos(phi_0) J_1 and sin(phi_0) J_1 (K for a dense machine): the clamped inputs'
         constant pull on the oscillators they couple to.
 
         Computed in float64 whatever the bench's dtype: it is summed over every input once per
         clamp and then acts on every step, so its rounding error would bias the whole phase."""
-        phases = self.model.input_phases(inputs)
         coupling = self._views[self._input_coupling].astype(np.float64)
         return (np.ascontiguousarray((np.cos(phases) @ coupling).astype(self.dtype)),
                 np.ascontiguousarray((np.sin(phases) @ coupling).astype(self.dtype)))
@@ -311,11 +323,37 @@ class OIMSimulator(LayeredSimulator):
         start: np.ndarray | None = None,
         settle: Settle | None = None,
     ) -> Relaxation:
-        settle = settle or Settle(self.options.tolerance, self.options.max_steps)
         inputs, state, strength, target = self._prepare(inputs, nudge, start,
                                                         rest=self.options.rest_phase)
-        drive_a, drive_b = self._clamped(inputs, self._input_fields)
-        batch = inputs.shape[0]
+        drive = self._clamped(inputs, self._input_fields)
+        return self._settle(drive, state, strength, target, settle)
+
+    def relax_phases(
+        self,
+        input_phases: np.ndarray,
+        nudge: Nudge | None = None,
+        start: np.ndarray | None = None,
+        settle: Settle | None = None,
+    ) -> Relaxation:
+        """:meth:`relax` with the input oscillators clamped at given phases phi_0 (radians,
+        shape (batch, input_size), float64) instead of pixels: what an oscillator board
+        receives (see :mod:`labep.simulators.oim_board_emulator`). ``relax(x)`` equals
+        ``relax_phases(model.input_phases(x))`` for x in the bench's dtype, bit for bit.
+        The clamp's drive is not cached (a board relaxes one sample at a time)."""
+        phases = np.ascontiguousarray(input_phases, dtype=np.float64)
+        if phases.ndim != 2 or phases.shape[1] != self.model.input_size:
+            raise ValueError(f"{self.name}: input phases must be (batch, "
+                             f"{self.model.input_size}), got {phases.shape}")
+        state, strength, target = self._start_and_nudge(phases.shape[0], nudge, start,
+                                                        rest=self.options.rest_phase)
+        return self._settle(self._phase_fields(phases), state, strength, target, settle)
+
+    def _settle(self, drive: tuple[np.ndarray, np.ndarray], state: np.ndarray,
+                strength: float, target: np.ndarray, settle: Settle | None) -> Relaxation:
+        """Integrate ``state`` in place with the clamped inputs' ``drive`` and read it out."""
+        settle = settle or Settle(self.options.tolerance, self.options.max_steps)
+        drive_a, drive_b = drive
+        batch = state.shape[0]
         steps = np.zeros(batch, dtype=np.int64)
         residual = np.zeros(batch, dtype=np.float64)
         self._relaxations += 1

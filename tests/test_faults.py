@@ -4,6 +4,8 @@ update ever comes from a failed or unsettled phase."""
 
 from __future__ import annotations
 
+import os
+import signal
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -50,6 +52,16 @@ class FlakyHopfield(HopfieldSimulator):
         if call in self.plan.get("nan_calls", set()):
             result.state[0] = np.nan
         return result
+
+    def write(self, params: dict[str, np.ndarray]) -> None:
+        """Writes block by block, like a driver; with ``interrupt_write`` a Ctrl-C arrives
+        after the first block of that write (counting writes from 0)."""
+        call, self.writes = getattr(self, "writes", 0), getattr(self, "writes", 0) + 1
+        for position, (name, values) in enumerate(params.items()):
+            super().write({name: values})
+            if position == 0 and call in self.plan.get("interrupt_write", set()):
+                os.kill(os.getpid(), signal.SIGINT)
+        self.completed_writes = getattr(self, "completed_writes", 0) + 1
 
     def drain_faults(self) -> list[Fault]:
         faults, self.log = self.log, []
@@ -145,3 +157,24 @@ def test_fault_policy_is_validated() -> None:
         load_protocol(tiny_xor(**{"faults.policy": "ignore"}))
     with pytest.raises(ProtocolError, match=r"faults\.max_retries"):
         load_protocol(tiny_xor(**{"faults.max_retries": -1}))
+
+
+def test_ctrl_c_during_a_write_finishes_the_block_then_interrupts(
+        tmp_path: Path, flaky: type[FlakyHopfield], monkeypatch: pytest.MonkeyPatch) -> None:
+    flaky.plan = {"interrupt_write": {3}}  # the third update's write (0 is the initial one)
+    benches: list[FlakyHopfield] = []
+    original = FlakyHopfield.__init__
+
+    def keep(self: FlakyHopfield, *args: Any) -> None:
+        original(self, *args)
+        benches.append(self)
+
+    monkeypatch.setattr(FlakyHopfield, "__init__", keep)
+    with pytest.raises(KeyboardInterrupt, match="the write completed"):
+        run(tmp_path / "int.db", "flaky_hopfield")
+    (bench,) = benches
+    assert bench.completed_writes == 4  # the interrupted write went through whole
+    store = RunStore(tmp_path / "int.db")
+    (summary,) = store.runs()
+    assert summary["status"] == "interrupted" and summary["resumable"]
+    assert summary["steps"] == 2  # step 3 wrote its update but never committed

@@ -1,0 +1,603 @@
+"""An emulated FPGA oscillator Ising board: the OIM simulator behind the board's wire protocol.
+
+:class:`EmulatedBoard` holds the registers of a board (``docs/oim-board-protocol.md``) and
+answers one request at a time; its physics is a :class:`labep.simulators.oim.OIMSimulator`
+with quantized storage (``device.bits`` = the board's coupling and bias bits, ``weight_range``
+and ``bias_range`` = the board's ranges, ``device.readout_bits`` = 16 for the phases) relaxing
+one sample per RUN through :meth:`~labep.simulators.oim.OIMSimulator.relax_phases`. A start
+loaded as codes k is the phase k * 2 pi / 65536 exactly, so a run through the driver and this
+emulator matches the same protocol on that simulator (batch relaxations included).
+
+:class:`BoardEmulator` serves a board on a pseudo-terminal or a loopback TCP port
+(:mod:`labep.simulators.emulator_links`), in-process (``start()`` runs it on a thread) or from
+the command line (``labep emulate oim-board``), with a wire time model and fault injection.
+
+Emulator behaviour a real board would not show (documented in the protocol document):
+the integration runs in the serving loop right after RUN's reply is sent, so a request that
+arrives during it is answered when it ends, and RESET cannot cut a run short.
+
+Fault injection (:class:`FaultSpec`, ``--faults``; every draw from ``seed``):
+
+``garble=P``      each byte, either direction, is replaced by a different byte with prob. P
+``drop=P``        each byte, either direction, is lost with probability P
+``delay=P:S``     each reply is held back S seconds (beyond a client's timeout) with prob. P
+``close_every=N`` every N-th request frame is not answered: the link is dropped and the board
+                  power-cycled (codes to the zero code, not configured), as a board powered
+                  through its USB link would be
+``never_settle=P`` a RUN reports UNSETTLED (steps = max_steps, residual >= 10 x tolerance)
+``nan=P``         a READ_PHASES marks one oscillator's readout invalid (code 0xFFFF, bit set)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numba
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+import labep
+from labep.bench import Nudge, Settle
+from labep.drivers import oim_wire as wire
+from labep.models.oim import LayeredOIM
+from labep.simulators.device import DeviceOptions
+from labep.simulators.emulator_links import PtyLink, TcpLink
+from labep.simulators.oim import OIMSimulator, OIMSimulatorOptions
+
+Command = wire.Command
+ErrorCode = wire.ErrorCode
+REST_CODE = 16384  # pi / 2
+
+
+class BoardConfig(BaseModel):
+    """What the emulated board is built for (``labep emulate oim-board`` options)."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    sizes: tuple[int, ...] = Field(
+        (2, 8, 2), description="Layer sizes n_0 (clamped inputs), n_1 .. n_L.")
+    bits: int = Field(8, ge=1, le=16, description="Resolution of couplings and biases (codes "
+                      "0 .. 2^bits - 1; the simulator's device.bits).")
+    coupling_range: float = Field(2.0, gt=0.0, description="J_max: coupling codes span "
+                                  "[-J_max, J_max].")
+    bias_range: float = Field(2.0, gt=0.0, description="Bias codes span [-range, range].")
+    dt: float = Field(0.2, gt=0.0, le=10.0, description="Integration step (units of 1/J).")
+    integrator: Literal["euler", "heun", "adaptive"] = Field(
+        "euler", description="The simulator's integrator.")
+    dtype: Literal["float32", "float64"] = Field("float32", description="Arithmetic precision.")
+    seed: int = Field(0, ge=0, description="Device seed and every fault draw.")
+    serial: str = Field("", max_length=16, description="Serial number (default from sizes "
+                        "and seed).")
+
+    @field_validator("sizes")
+    @classmethod
+    def _sizes(cls, sizes: tuple[int, ...]) -> tuple[int, ...]:
+        if not 2 <= len(sizes) <= 32 or any(not 1 <= n <= 65535 for n in sizes):
+            raise ValueError("give 2 to 32 layer sizes, each 1 .. 65535")
+        return sizes
+
+    @classmethod
+    def parse_sizes(cls, text: str) -> tuple[int, ...]:
+        """'2-8-2' -> (2, 8, 2)."""
+        try:
+            return tuple(int(part) for part in text.replace(",", "-").split("-"))
+        except ValueError:
+            raise ValueError(f"sizes like 2-8-2, got {text!r}") from None
+
+
+class FaultSpec(BaseModel):
+    """Faults the emulator injects (see the module docstring for the SPEC syntax)."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    garble: float = Field(0.0, ge=0.0, le=1.0)
+    drop: float = Field(0.0, ge=0.0, le=1.0)
+    delay: float = Field(0.0, ge=0.0, le=1.0)
+    delay_seconds: float = Field(0.5, ge=0.0, le=600.0)
+    close_every: int = Field(0, ge=0)
+    never_settle: float = Field(0.0, ge=0.0, le=1.0)
+    nan: float = Field(0.0, ge=0.0, le=1.0)
+
+    @classmethod
+    def parse(cls, spec: str) -> FaultSpec:
+        """``garble=0.01,drop=0.01,delay=0.01:0.5,close_every=200,never_settle=0,nan=0``
+        (any subset; empty: no faults)."""
+        values: dict[str, Any] = {}
+        for item in filter(None, (part.strip() for part in spec.split(","))):
+            key, sep, value = item.partition("=")
+            if not sep:
+                raise ValueError(f"fault {item!r}: write NAME=VALUE")
+            if key == "delay":
+                probability, _, seconds = value.partition(":")
+                values["delay"] = probability
+                if seconds:
+                    values["delay_seconds"] = seconds
+            else:
+                values[key] = value
+        return cls.model_validate(values)
+
+    @property
+    def bytes_faulty(self) -> bool:
+        return self.garble > 0 or self.drop > 0
+
+
+@contextmanager
+def one_numba_thread() -> Iterator[None]:
+    """numba kernels launched from this thread use one thread (a board relaxes one sample: a
+    parallel launch only costs, and on a busy machine many times the work). The setting is
+    numba's thread-local one, restored on exit."""
+    threads = numba.get_num_threads()
+    numba.set_num_threads(1)
+    try:
+        yield
+    finally:
+        numba.set_num_threads(threads)
+
+
+class _Refused(Exception):  # noqa: N818 - a board's ERROR reply
+    def __init__(self, code: ErrorCode, message: str) -> None:
+        super().__init__(message)
+        self.code, self.message = code, message
+
+
+def _check_block(offset: int, count: int, size: int, what: str) -> slice:
+    if count < 1 or offset + count > size:
+        raise _Refused(ErrorCode.BAD_BLOCK, f"{what}[{offset}:{offset + count}] outside "
+                       f"[0, {size})")
+    return slice(offset, offset + count)
+
+
+def _check_reply_room(command: Command, count: int) -> None:
+    room = wire.COMMANDS[command].reply.max_count()
+    if count > room:
+        raise _Refused(ErrorCode.BAD_BLOCK, f"at most {room} values fit one reply")
+
+
+class EmulatedBoard:
+    """The registers and physics of one board; :meth:`handle` answers one request."""
+
+    vendor = "labep"
+    model_name = "oim-board-emu"
+
+    def __init__(self, config: BoardConfig, faults: FaultSpec | None = None) -> None:
+        self.config = config
+        self.faults = faults or FaultSpec()
+        self.model = LayeredOIM(config.sizes, shil=0.0)
+        self.sim = OIMSimulator(self.model, OIMSimulatorOptions(
+            dtype=config.dtype, weight_range=config.coupling_range,
+            bias_range=config.bias_range, dt=config.dt, integrator=config.integrator,
+            device=DeviceOptions(bits=config.bits, readout_bits=wire.PHASE_BITS,
+                                 seed=config.seed)))
+        self.shapes = self.model.parameter_shapes()
+        self.levels = 1 << config.bits
+        self.zero_code = wire.safe_code(config.bits)
+        self.serial = config.serial or (
+            "E" + "-".join(str(n) for n in config.sizes) + f"s{config.seed}")[:16]
+        self._rng = np.random.default_rng([config.seed, 2])
+        #: command code -> (request layout, handler): the command table, bound to this board
+        self._handlers = {code: (spec.request, getattr(self, "_" + spec.name.lower()))
+                          for code, spec in wire.COMMANDS.items()}
+        self.physics_seconds = 0.0
+        self.runs = 0
+        self.power_on()
+        self._warm_up()
+
+    def _warm_up(self) -> None:
+        """Compile (or load) the kernel now, so that the first RUN answers in time."""
+        self.clamped = self.configured = True
+        self.pending = (1, 1.0)
+        with one_numba_thread():
+            self.integrate()
+        self.physics_seconds, self.runs = 0.0, 0
+        self.power_on()
+
+    # -- state ------------------------------------------------------------------------------
+
+    def power_on(self) -> None:
+        """The state after power-up: the safe state, K_s = 0 and not configured."""
+        self.configured = False
+        self.shil = 0.0
+        self.model.shil = 0.0
+        self.reset()
+
+    def reset(self) -> None:
+        """The safe state: every code the zero code, nudge off, oscillators stopped (no run,
+        no result), clamp cleared, start phases at rest. K_s is kept."""
+        self.codes = {name: np.full(shape, self.zero_code, dtype=np.int64)
+                      for name, shape in self.shapes.items()}
+        self.sim.write(self.codes)
+        self.clamp = np.zeros(self.model.input_size)
+        self.clamped = False
+        self.start = np.full(self.model.state_size, REST_CODE, dtype=np.int64)
+        self.beta = 0.0
+        self.target = np.zeros(self.model.output_size)
+        self.run_state = wire.RunState.IDLE
+        self.steps, self.residual, self.elapsed_us = 0, 0.0, 0
+        self.result: np.ndarray | None = None
+        self.pending: tuple[int, float] | None = None
+
+    def is_safe(self) -> bool:
+        """Every code at the zero code, nudge off, nothing running."""
+        return (all(np.all(c == self.zero_code) for c in self.codes.values())
+                and self.beta == 0.0 and self.pending is None)
+
+    # -- requests ---------------------------------------------------------------------------
+
+    def handle(self, command: int, payload: bytes) -> tuple[int, bytes]:
+        """The reply (command, payload) to one request."""
+        entry = self._handlers.get(command)
+        if entry is None:
+            return wire.ERROR, wire.error_payload(ErrorCode.UNKNOWN_COMMAND, command,
+                                                  f"no command 0x{command:02X}")
+        if self.pending is not None and command not in (Command.IDENTIFY, Command.RESET,
+                                                        Command.STATUS):
+            return wire.ERROR, wire.error_payload(ErrorCode.BUSY, command, "running")
+        layout, handler = entry
+        try:
+            reply = handler(layout.unpack(payload))
+        except wire.WireFormatError as err:
+            return wire.ERROR, wire.error_payload(ErrorCode.BAD_LENGTH, command, str(err))
+        except _Refused as err:
+            return wire.ERROR, wire.error_payload(err.code, command, err.message)
+        return command | wire.REPLY_BIT, reply
+
+    def _identify(self, _: wire.Payload) -> bytes:
+        return wire.COMMANDS[Command.IDENTIFY].reply.pack(
+            np.asarray(self.config.sizes), protocol=wire.VERSION, vendor=self.vendor.encode(),
+            model=self.model_name.encode(), firmware=f"labep-{labep.__version__}".encode(),
+            serial=self.serial.encode(), coupling_bits=self.config.bits,
+            bias_bits=self.config.bits, phase_bits=wire.PHASE_BITS,
+            coupling_range=self.config.coupling_range, bias_range=self.config.bias_range)
+
+    def _configure(self, request: wire.Payload) -> bytes:
+        shil = request["shil"]
+        if not (math.isfinite(shil) and shil >= 0.0):
+            raise _Refused(ErrorCode.BAD_VALUE, f"K_s {shil} must be finite and >= 0")
+        self.shil = shil
+        self.model.shil = shil
+        self.configured = True
+        return b""
+
+    def _reset(self, _: wire.Payload) -> bytes:
+        self.reset()
+        return b""
+
+    def _parameter(self, selector: int, layer: int) -> str:
+        if not 1 <= layer <= self.model.n_layers or selector not in (0, 1, 2):
+            raise _Refused(ErrorCode.BAD_BLOCK, f"no parameter selector {selector} layer {layer}")
+        return f"{'Jhg'[selector]}{layer}"
+
+    def _store(self, name: str, request: wire.Payload) -> bytes:
+        codes = request.array
+        assert codes is not None
+        flat = self.codes[name].reshape(-1)
+        where = _check_block(request["offset"], request["count"], flat.size, name)
+        if codes.size and int(codes.max()) >= self.levels:
+            raise _Refused(ErrorCode.OUT_OF_RANGE, f"{name}: code {int(codes.max())} >= "
+                           f"{self.levels}")
+        flat[where] = codes
+        self.sim.write({name: self.codes[name]})
+        return b""
+
+    def _write_couplings(self, request: wire.Payload) -> bytes:
+        return self._store(self._parameter(0, request["layer"]), request)
+
+    def _write_biases(self, request: wire.Payload) -> bytes:
+        if request["selector"] not in (wire.Selector.H, wire.Selector.G):
+            raise _Refused(ErrorCode.BAD_BLOCK, f"bias selector {request['selector']}")
+        return self._store(self._parameter(request["selector"], request["layer"]), request)
+
+    def _read_codes(self, request: wire.Payload) -> bytes:
+        name = self._parameter(request["selector"], request["layer"])
+        flat = self.codes[name].reshape(-1)
+        where = _check_block(request["offset"], request["count"], flat.size, name)
+        _check_reply_room(Command.READ_CODES, request["count"])
+        return wire.COMMANDS[Command.READ_CODES].reply.pack(flat[where])
+
+    def _clamp(self, request: wire.Payload) -> bytes:
+        phases = request.array
+        assert phases is not None
+        where = _check_block(request["offset"], request["count"], self.clamp.size, "inputs")
+        if not np.all(np.isfinite(phases)):
+            raise _Refused(ErrorCode.BAD_VALUE, "input phases must be finite")
+        self.clamp[where] = phases
+        self.clamped = True
+        return b""
+
+    def _load_phases(self, request: wire.Payload) -> bytes:
+        if request["mode"] == wire.LoadMode.REST:
+            if request["count"] or request["offset"]:
+                raise _Refused(ErrorCode.BAD_VALUE, "mode REST takes offset 0 and no codes")
+            self.start[:] = REST_CODE
+            return b""
+        if request["mode"] != wire.LoadMode.CODES:
+            raise _Refused(ErrorCode.BAD_VALUE, f"load mode {request['mode']}")
+        where = _check_block(request["offset"], request["count"], self.start.size, "phases")
+        self.start[where] = request.array
+        return b""
+
+    def _set_nudge(self, request: wire.Payload) -> bytes:
+        beta, target = request["beta"], request.array
+        assert target is not None
+        if not math.isfinite(beta) or not np.all(np.isfinite(target)):
+            raise _Refused(ErrorCode.BAD_VALUE, "beta and the target must be finite")
+        if target.size not in (self.model.output_size, 0) or (target.size == 0 and beta != 0):
+            raise _Refused(ErrorCode.BAD_VALUE, f"the target needs {self.model.output_size} "
+                           "values (none only with beta 0)")
+        self.beta = beta
+        self.target = target.copy() if target.size else np.zeros(self.model.output_size)
+        return b""
+
+    def _run(self, request: wire.Payload) -> bytes:
+        if not self.configured or not self.clamped:
+            raise _Refused(ErrorCode.NOT_CONFIGURED, "CONFIGURE since power-on and CLAMP "
+                           "since RESET are needed")
+        tolerance = request["tolerance"]
+        if request["max_steps"] < 1 or not (math.isfinite(tolerance) and tolerance > 0):
+            raise _Refused(ErrorCode.BAD_VALUE, "max_steps >= 1 and a finite tolerance > 0")
+        self.pending = (request["max_steps"], tolerance)
+        self.run_state = wire.RunState.RUNNING
+        return b""
+
+    def _status(self, _: wire.Payload) -> bytes:
+        return wire.COMMANDS[Command.STATUS].reply.pack(
+            state=self.run_state, steps=self.steps, residual=self.residual,
+            elapsed_us=min(self.elapsed_us, 2**32 - 1))
+
+    def _read_phases(self, request: wire.Payload) -> bytes:
+        if self.result is None:
+            raise _Refused(ErrorCode.NO_RESULT, "no completed relaxation")
+        where = _check_block(request["offset"], request["count"], self.result.size, "phases")
+        _check_reply_room(Command.READ_PHASES, request["count"])
+        codes = self.result[where].copy()
+        invalid = np.zeros(codes.size, dtype=bool)
+        if self.faults.nan and self._rng.random() < self.faults.nan:
+            unit = int(self._rng.integers(codes.size))
+            invalid[unit] = True
+            codes[unit] = 0xFFFF
+        return wire.COMMANDS[Command.READ_PHASES].reply.pack(
+            codes, invalid=invalid, flags=int(invalid.any()))
+
+    # -- physics ----------------------------------------------------------------------------
+
+    def integrate(self) -> None:
+        """Run the pending relaxation (after RUN was answered; the server runs it with one
+        numba thread, see :func:`one_numba_thread`)."""
+        if self.pending is None:
+            return
+        max_steps, tolerance = self.pending
+        started = time.perf_counter()
+        nudge = None if self.beta == 0.0 else Nudge(self.beta, self.target[None])
+        relaxation = self.sim.relax_phases(self.clamp[None], nudge,
+                                           wire.codes_to_phases(self.start)[None],
+                                           Settle(tolerance, max_steps))
+        self.result = wire.phases_to_codes(relaxation.state[0]).astype(np.int64)
+        settled = bool(relaxation.converged[0])
+        self.steps = int(relaxation.steps[0])
+        self.residual = float(relaxation.residual[0])
+        if self.faults.never_settle and self._rng.random() < self.faults.never_settle:
+            settled = False
+            self.steps = max_steps
+            self.residual = max(self.residual, 10.0 * tolerance)
+        elapsed = time.perf_counter() - started
+        self.physics_seconds += elapsed
+        self.elapsed_us = round(elapsed * 1e6)
+        self.runs += 1
+        self.run_state = wire.RunState.SETTLED if settled else wire.RunState.UNSETTLED
+        self.pending = None
+
+
+@dataclass
+class EmulatorStats:
+    """What the emulator served: request frames (good and CRC-failed) and reply frames, bytes
+    each way, and link drops."""
+
+    frames_in: int = 0
+    frames_out: int = 0
+    bytes_in: int = 0
+    bytes_out: int = 0
+    bad_frames: int = 0
+    link_drops: int = 0
+
+
+class BoardEmulator:
+    """Serves an :class:`EmulatedBoard` on a pty (``transport='pty'``) or a loopback TCP port
+    (``'tcp'``, ``port`` 0 for any free one), one request at a time, in order.
+
+    ``latency_baud``: the wire time model; each request and each reply takes 10 bits a byte at
+    that rate, and the time model serializes everything (half duplex; the board works on a
+    request only once it is in): a reply leaves when the model's clock, advanced by each
+    request's bytes, the board's work on it and the reply's bytes, says its last byte is out.
+    ``faults``: injected faults (:class:`FaultSpec`), drawn from ``config.seed``.
+    """
+
+    def __init__(self, config: BoardConfig | None = None, *,
+                 transport: Literal["pty", "tcp"] = "pty", port: int = 0,
+                 link_path: str | None = None, latency_baud: float | None = None,
+                 faults: FaultSpec | None = None) -> None:
+        self.config = config or BoardConfig()
+        self.faults = faults or FaultSpec()
+        self.board = EmulatedBoard(self.config, self.faults)
+        self.transport, self.port, self.link_path = transport, port, link_path
+        self.latency_baud = latency_baud
+        #: seconds a byte takes on the line (10 bits at latency_baud), 0 without latency
+        self._byte_time = 10.0 / latency_baud if latency_baud else 0.0
+        #: when the line is free again (the wire time model's clock)
+        self._line = 0.0
+        self.stats = EmulatorStats()
+        self._rng = np.random.default_rng([self.config.seed, 3])
+        self._link: PtyLink | TcpLink | None = None
+        self._stop = threading.Event()
+        self._wake_r, self._wake_w = -1, -1
+        self._thread: threading.Thread | None = None
+        self._decoder = wire.FrameDecoder()
+
+    # -- lifecycle --------------------------------------------------------------------------
+
+    def open(self) -> str:
+        """Create the link; returns the URL (a pty path or socket://127.0.0.1:PORT)."""
+        if self._link is None:
+            self._link = (PtyLink(self.link_path) if self.transport == "pty"
+                          else TcpLink(self.port))
+            self._wake_r, self._wake_w = os.pipe()
+            self._stop.clear()
+        return self._link.url
+
+    @property
+    def url(self) -> str:
+        if self._link is None:
+            raise RuntimeError("the emulator is not open")
+        return self._link.url
+
+    def start(self) -> str:
+        """Open and serve on a daemon thread; returns the URL."""
+        url = self.open()
+        self._thread = threading.Thread(target=self.serve_forever, name="oim-board-emulator",
+                                        daemon=True)
+        self._thread.start()
+        return url
+
+    def request_stop(self) -> None:
+        """Make :meth:`serve_forever` return soon (safe from a signal handler)."""
+        self._stop.set()
+        if self._wake_w >= 0:
+            with contextlib.suppress(OSError):
+                os.write(self._wake_w, b"x")
+
+    def close(self) -> None:
+        """Stop serving and release the link. Idempotent."""
+        self.request_stop()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout=10.0)
+            self._thread = None
+        if self._link is not None:
+            self._link.close()
+            self._link = None
+        for fd in (self._wake_r, self._wake_w):
+            if fd >= 0:
+                os.close(fd)
+        self._wake_r = self._wake_w = -1
+
+    def __enter__(self) -> BoardEmulator:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- serving ----------------------------------------------------------------------------
+
+    def serve_forever(self) -> None:
+        """Answer requests until :meth:`request_stop`."""
+        with one_numba_thread():
+            self._serve_forever()
+
+    def _serve_forever(self) -> None:
+        self.open()
+        assert self._link is not None
+        decoder = self._decoder
+        last_byte = time.perf_counter()
+        while not self._stop.is_set():
+            timeout = 0.25
+            if decoder.pending:
+                timeout = max(0.0, last_byte + wire.GAP_TIMEOUT - time.perf_counter())
+            data = self._link.receive(timeout, self._wake_r)
+            if self._stop.is_set():
+                break
+            if data is None:  # a client left or came: a fresh start
+                decoder.reset()
+                continue
+            if data:
+                last_byte = time.perf_counter()
+                self.stats.bytes_in += len(data)
+                events = decoder.feed(self._mangle(data))
+            elif decoder.pending and time.perf_counter() - last_byte >= wire.GAP_TIMEOUT:
+                events = decoder.expire()
+            else:
+                continue
+            self._serve(events)
+
+    def _serve(self, events: list[wire.Frame | wire.BadFrame]) -> None:
+        """Answer decoded requests in order. Replies leave together at the end, except that
+        RUN's reply leaves before its integration when no request is queued behind it, and an
+        injected delay holds back the replies from its frame on."""
+        board, faults = self.board, self.faults
+        replies: list[bytes] = []
+        byte_time = self._byte_time
+        if byte_time:
+            self._line = max(self._line, time.perf_counter())
+        for index, item in enumerate(events):
+            started = time.perf_counter()
+            if isinstance(item, wire.BadFrame):
+                self.stats.bad_frames += 1
+                replies.append(wire.encode(wire.ERROR, item.seq, wire.error_payload(
+                    ErrorCode.BAD_CRC, item.command, "CRC mismatch")))
+            else:
+                self.stats.frames_in += 1
+                if faults.close_every and self.stats.frames_in % faults.close_every == 0:
+                    self._drop_link()
+                    return
+                command, payload = board.handle(item.command, item.payload)
+                if faults.delay and self._rng.random() < faults.delay:
+                    self._send(replies)
+                    replies = []
+                    time.sleep(faults.delay_seconds)
+                replies.append(wire.encode(command, item.seq, payload))
+                if board.pending is not None:
+                    if index == len(events) - 1:
+                        self._send(replies)
+                        replies = []
+                    board.integrate()
+            if byte_time:  # the request's bytes on the line, then the board's work on it
+                self._line += item.size * byte_time + time.perf_counter() - started
+        self._send(replies)
+
+    def _send(self, replies: list[bytes]) -> None:
+        """Send replies in one write, once the wire time model says their last byte is out."""
+        if not replies or self._link is None:
+            return
+        data = b"".join(replies)
+        if self._byte_time:
+            self._line += len(data) * self._byte_time
+            _wait_until(self._line)
+        self.stats.frames_out += len(replies)
+        self.stats.bytes_out += len(data)
+        self._link.send(self._mangle(data))
+
+    def _drop_link(self) -> None:
+        assert self._link is not None
+        self._link.drop()
+        self._decoder.reset()
+        self.board.power_on()
+        self.stats.link_drops += 1
+
+    def _mangle(self, data: bytes) -> bytes:
+        """Injected byte faults: lost and garbled bytes."""
+        faults = self.faults
+        if not faults.bytes_faulty:
+            return data
+        raw = np.frombuffer(data, dtype=np.uint8).copy()
+        if faults.garble:
+            hit = self._rng.random(raw.size) < faults.garble
+            raw[hit] ^= self._rng.integers(1, 256, int(hit.sum()), dtype=np.uint8)
+        if faults.drop:
+            raw = raw[self._rng.random(raw.size) >= faults.drop]
+        return raw.tobytes()
+
+
+def _wait_until(deadline: float) -> None:
+    """Sleep, then spin the last 1.5 ms: a sleep's wake-up can be that late on a busy
+    machine, and the time model should not make the line slower than it is."""
+    remaining = deadline - time.perf_counter()
+    if remaining > 2e-3:
+        time.sleep(remaining - 1.5e-3)
+    while time.perf_counter() < deadline:
+        pass

@@ -1,0 +1,712 @@
+"""FPGA OIM board: wire protocol bytes, the driver against a scripted port, and the driver
+against the board emulator over a real pty (and TCP, and the ``labep emulate`` CLI)."""
+
+from __future__ import annotations
+
+import math
+import re
+import signal
+import struct
+import subprocess
+import sys
+import time
+import types
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import serial
+
+from labep import registry
+from labep.bench import (
+    Bench,
+    BenchError,
+    BenchFaultError,
+    FaultReporting,
+    Nudge,
+    OutOfRangeError,
+    Settle,
+)
+from labep.drivers import oim_wire as wire
+from labep.drivers.oim_board import OIMBoard, OIMBoardOptions
+from labep.engine import Trainer, final_params
+from labep.models.oim import LayeredOIM
+from labep.protocol import load_protocol
+from labep.simulators.device import DeviceOptions
+from labep.simulators.oim import OIMSimulator, OIMSimulatorOptions
+from labep.simulators.oim_board_emulator import BoardConfig, BoardEmulator, FaultSpec
+from labep.store import RunStore
+
+from .conftest import PROTOCOLS
+
+XOR = np.array([[0, 0], [0, 1], [1, 0], [1, 1]], dtype=float)
+SETTLE = Settle(1e-4, 2000)
+STEP = 2 * math.pi / 65536
+
+# -- an independent reference of the framing (from the document, not from oim_wire) --------
+
+
+def crc_reference(data: bytes) -> int:
+    """CRC-16/CCITT-FALSE, bit by bit."""
+    crc = 0xFFFF
+    for byte in data:
+        crc ^= byte << 8
+        for _ in range(8):
+            crc = ((crc << 1) ^ 0x1021) & 0xFFFF if crc & 0x8000 else (crc << 1) & 0xFFFF
+    return crc
+
+
+def frame(command: int, seq: int, payload: bytes = b"") -> bytes:
+    body = bytes([0xA5, 0x01]) + struct.pack("<H", len(payload)) + bytes([command, seq]) + payload
+    return body + struct.pack("<H", crc_reference(body))
+
+
+def ok(command: int, seq: int, payload: bytes = b"") -> bytes:
+    return frame(command | 0x80, seq, payload)
+
+
+def error(seq: int, code: int, command: int, text: bytes = b"") -> bytes:
+    return frame(0xFF, seq, bytes([code, command]) + text)
+
+
+def identify_payload(sizes: tuple[int, ...], bits: int = 8, coupling_range: float = 2.0,
+                     bias_range: float = 1.5, bias_bits: int | None = None) -> bytes:
+    return struct.pack("<B16s16s16s16sBBBBdd", 1, b"acme", b"oim-fpga", b"fw-2.1", b"SN0042",
+                       bits, bits if bias_bits is None else bias_bits, 16, len(sizes),
+                       coupling_range, bias_range) + struct.pack(f"<{len(sizes)}H", *sizes)
+
+
+# -- a scripted pyserial port: the far end is a list of (expected write, reply) steps -------
+
+
+class FarEnd:
+    """What the driver wrote, and what it reads back: each write takes the next step."""
+
+    def __init__(self, steps: list[tuple[bytes | None, bytes]] | None = None,
+                 chunk: int = 65536) -> None:
+        self.steps = list(steps or [])
+        self.chunk = chunk
+        self.written: list[bytes] = []
+        self.mismatches: list[tuple[bytes, bytes]] = []
+        self.pending = bytearray()
+        self.opened = 0
+
+    def on_write(self, data: bytes) -> None:
+        self.written.append(bytes(data))
+        if not self.steps:
+            return
+        expected, reply = self.steps.pop(0)
+        if expected is not None and bytes(data) != expected:
+            self.mismatches.append((expected, bytes(data)))
+            return
+        self.pending += reply
+
+
+FAR_ENDS: dict[str, FarEnd] = {}
+
+
+class ScriptedPort:
+    """The pyserial API the driver uses, over a :class:`FarEnd` (``labepscript://NAME``)."""
+
+    def __init__(self, port: Any = None, **options: Any) -> None:
+        self.port = port
+        self.timeout = options.get("timeout")
+        self.is_open = False
+
+    def open(self) -> None:
+        self.far = FAR_ENDS[self.port.split("://", 1)[1]]
+        self.far.opened += 1
+        self.is_open = True
+
+    def close(self) -> None:
+        self.is_open = False
+
+    @property
+    def in_waiting(self) -> int:
+        return len(self.far.pending)
+
+    def read(self, size: int = 1) -> bytes:
+        if not self.far.pending:
+            time.sleep(min(self.timeout or 0.0, 0.01))
+        take = min(size, self.far.chunk, len(self.far.pending))
+        data = bytes(self.far.pending[:take])
+        del self.far.pending[:take]
+        return data
+
+    def write(self, data: bytes) -> int:
+        self.far.on_write(data)
+        return len(data)
+
+    def reset_input_buffer(self) -> None:
+        self.far.pending.clear()
+
+
+_PACKAGE = types.ModuleType("labep_test_serial")
+_PACKAGE.__path__ = []  # type: ignore[attr-defined]
+_HANDLER = types.ModuleType("labep_test_serial.protocol_labepscript")
+_HANDLER.Serial = ScriptedPort  # type: ignore[attr-defined]
+sys.modules.setdefault("labep_test_serial", _PACKAGE)
+sys.modules.setdefault("labep_test_serial.protocol_labepscript", _HANDLER)
+if "labep_test_serial" not in serial.protocol_handler_packages:
+    serial.protocol_handler_packages.append("labep_test_serial")
+
+FAST = OIMBoardOptions(timeout=0.05, backoff=0.001, retries=2, poll_wait=0.1)
+
+
+def scripted(name: str, steps: list[tuple[bytes | None, bytes]], *, sizes=(2, 4, 2),
+             board_sizes=None, shil: float = 0.25, options: OIMBoardOptions = FAST,
+             chunk: int = 65536) -> tuple[OIMBoard, FarEnd]:
+    """A driver over a scripted port whose first steps answer open() (seq 1, 2, 3)."""
+    opening = [
+        (frame(0x01, 1), ok(0x01, 1, identify_payload(tuple(board_sizes or sizes)))),
+        (frame(0x02, 2, struct.pack("<d", shil)), ok(0x02, 2)),
+        (frame(0x03, 3), ok(0x03, 3)),
+    ]
+    far = FAR_ENDS[name] = FarEnd(opening + steps, chunk)
+    board = OIMBoard(LayeredOIM(list(sizes), shil=shil), options,
+                     resource=f"labepscript://{name}")
+    return board, far
+
+
+def kinds(board: OIMBoard) -> list[str]:
+    return [fault.kind for fault in board.drain_faults()]
+
+
+# -- wire ------------------------------------------------------------------------------------
+
+
+def test_crc_and_the_documented_worked_examples() -> None:
+    assert wire.crc16(b"123456789") == crc_reference(b"123456789") == 0x29B1
+    # docs/oim-board-protocol.md, "Worked examples"
+    assert wire.encode(wire.Command.IDENTIFY, 0) == bytes.fromhex("a5 01 00 00 01 00 59 35")
+    configure = wire.encode(wire.Command.CONFIGURE, 0x2A, struct.pack("<d", 0.1))
+    assert configure == bytes.fromhex("a5 01 08 00 02 2a 9a 99 99 99 99 99 b9 3f e4 73")
+    document = (Path(__file__).resolve().parents[1] / "docs" / "oim-board-protocol.md")
+    section = document.read_text().split("## 11. Worked examples")[1].split("## 12.")[0]
+    examples = re.findall(r"\| `([0-9a-f ]+)` \|", section)
+    assert len(examples) >= 14
+    for text in examples:
+        data = bytes.fromhex(text)
+        assert crc_reference(data[:-2]) == struct.unpack("<H", data[-2:])[0], text
+        (decoded,) = wire.FrameDecoder().feed(data)
+        assert wire.encode(decoded.command, decoded.seq, decoded.payload) == data
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        payload = rng.integers(0, 256, int(rng.integers(0, 300)), dtype=np.uint8).tobytes()
+        command, seq = int(rng.integers(0, 256)), int(rng.integers(0, 256))
+        assert wire.encode(command, seq, payload) == frame(command, seq, payload)
+
+
+def test_decoder_skips_garbage_resyncs_after_bad_crc_and_reassembles_bytes() -> None:
+    good = frame(0x81, 7, b"\x01\x02")
+    corrupt = bytearray(frame(0x82, 8, b"\x05\x06\x07"))
+    corrupt[7] ^= 0x40
+    stream = b"\x00\xa5\x02junk" + bytes(corrupt) + good
+    decoder = wire.FrameDecoder()
+    found: list[Any] = []
+    for byte in stream:  # one byte at a time: short reads
+        found += decoder.feed(bytes([byte]))
+    assert isinstance(found[0], wire.BadFrame) and (found[0].command, found[0].seq) == (0x82, 8)
+    assert found[1] == wire.Frame(0x81, 7, b"\x01\x02")
+    assert decoder.pending == 0 and decoder.skipped >= 7
+    # a corrupt length holds a frame back until the gap expires; then it is found inside
+    decoder = wire.FrameDecoder()
+    assert decoder.feed(b"\xa5\x01\x00\x02\x10\x01" + good) == []  # claims 512 bytes
+    assert decoder.expire() == [wire.Frame(0x81, 7, b"\x01\x02")]
+    # a length beyond the maximum payload is not a frame
+    assert wire.FrameDecoder().feed(b"\xa5\x01\xff\xff" + good) == [
+        wire.Frame(0x81, 7, b"\x01\x02")]
+
+
+def test_phase_and_parameter_codes() -> None:
+    codes = wire.phases_to_codes(np.array([0.0, math.pi / 2, math.pi, 2 * math.pi - 1e-9,
+                                           -STEP, 3 * STEP + 0.4 * STEP]))
+    assert codes.tolist() == [0, 16384, 32768, 0, 65535, 3]
+    assert wire.codes_to_phases(np.array([16384]))[0] == math.pi / 2
+    assert wire.safe_code(8) == 127 and wire.code_value(127, 8, 2.0) == pytest.approx(-2 / 255)
+
+
+# -- the driver against a scripted port: bytes out, bytes in ---------------------------------
+
+
+def test_open_identifies_configures_and_resets() -> None:
+    board, far = scripted("open", [])
+    identity = board.open()
+    assert far.mismatches == []
+    assert identity.as_dict() == {"vendor": "acme", "model": "oim-fpga", "serial": "SN0042",
+                                  "firmware": "fw-2.1"}
+    j1, h1 = board.spec.parameter("J1"), board.spec.parameter("h1")
+    assert (j1.shape, j1.levels, j1.low, j1.high) == ((2, 4), 256, -2.0, 2.0)
+    assert (h1.shape, h1.levels, h1.low, h1.high) == ((4,), 256, -1.5, 1.5)
+    assert board.spec.parameter_names == ("J1", "J2", "h1", "h2", "g1", "g2")
+    assert isinstance(board, Bench) and isinstance(board, FaultReporting)
+    far.steps.append((frame(0x03, 4), ok(0x03, 4)))
+    board.close()
+    board.close()  # idempotent
+    assert far.written[-1] == frame(0x03, 4) and len(far.written) == 4
+
+
+def test_open_refuses_a_board_built_for_other_sizes() -> None:
+    board, far = scripted("sizes", [(frame(0x03, 2), ok(0x03, 2))], board_sizes=(2, 8, 2))
+    far.steps = far.steps[:1] + far.steps[3:]  # the driver RESETs (seq 2) instead of configuring
+    with pytest.raises(BenchError, match=r"layer sizes \[2, 8, 2\] but the model has \[2, 4, 2\]"):
+        board.open()
+    assert far.written[-1] == frame(0x03, 2)  # left safe
+
+
+def test_write_sends_block_frames_and_read_params_decodes_codes() -> None:
+    codes = {"J1": np.arange(8).reshape(2, 4) + 100, "J2": np.arange(8).reshape(4, 2),
+             "h1": np.array([1, 2, 3, 255]), "h2": np.array([0, 9]),
+             "g1": np.array([5, 6, 7, 8]), "g2": np.array([126, 128])}
+    blocks = [
+        (0x10, struct.pack("<BIH", 1, 0, 8) + struct.pack("<8H", *codes["J1"].ravel())),
+        (0x10, struct.pack("<BIH", 2, 0, 8) + struct.pack("<8H", *codes["J2"].ravel())),
+        (0x11, struct.pack("<BBIH", 1, 1, 0, 4) + struct.pack("<4H", *codes["h1"])),
+        (0x11, struct.pack("<BBIH", 1, 2, 0, 2) + struct.pack("<2H", *codes["h2"])),
+        (0x11, struct.pack("<BBIH", 2, 1, 0, 4) + struct.pack("<4H", *codes["g1"])),
+        (0x11, struct.pack("<BBIH", 2, 2, 0, 2) + struct.pack("<2H", *codes["g2"])),
+    ]
+    request = b"".join(frame(c, 4 + i, p) for i, (c, p) in enumerate(blocks))
+    reply = b"".join(ok(c, 4 + i) for i, (c, _) in enumerate(blocks))
+    selectors = [(0, 1, 8), (0, 2, 8), (1, 1, 4), (1, 2, 2), (2, 1, 4), (2, 2, 2)]
+    reads = b"".join(frame(0x12, 10 + i, struct.pack("<BBIH", s, layer, 0, n))
+                     for i, (s, layer, n) in enumerate(selectors))
+    names = ["J1", "J2", "h1", "h2", "g1", "g2"]
+    answers = b"".join(ok(0x12, 10 + i, struct.pack("<H", codes[name].size)
+                          + codes[name].astype("<u2").tobytes())
+                       for i, name in enumerate(names))
+    board, far = scripted("write", [(request, reply), (reads, answers)])
+    board.open()
+    board.write(codes)
+    back = board.read_params()
+    assert far.mismatches == []
+    for name in names:
+        assert back[name].dtype == np.int64 and np.array_equal(back[name], codes[name])
+    # unchanged codes are not sent again; a changed block is
+    changed = {**codes, "h2": np.array([0, 10])}
+    far.steps.append((frame(0x11, 16, struct.pack("<BBIH2H", 1, 2, 0, 2, 0, 10)),
+                      ok(0x11, 16)))
+    board.write(changed)
+    assert far.mismatches == [] and len(far.written) == 6
+
+
+def test_out_of_range_codes_are_refused_before_any_byte() -> None:
+    board, far = scripted("range", [])
+    board.open()
+    sent = len(far.written)
+    good = {"J1": np.full((2, 4), 3), "h2": np.zeros(2, dtype=int)}
+    for bad in ({**good, "h2": np.array([0, 256])}, {**good, "J1": np.full((2, 4), -1)},
+                {**good, "J1": np.full((2, 4), 2.5)}, {**good, "h2": np.array([0, np.nan])}):
+        with pytest.raises(OutOfRangeError):
+            board.write(bad)
+    with pytest.raises(BenchError, match="shape"):
+        board.write({**good, "J1": np.zeros((4, 2), dtype=int)})
+    with pytest.raises(BenchError, match="no parameter"):
+        board.write({"W1": np.zeros((2, 4), dtype=int)})
+    assert len(far.written) == sent  # not one byte
+
+
+def sample_frames(seq: int, x: np.ndarray, *, start: np.ndarray | None = None,
+                  beta: float = 0.0, target: np.ndarray | None = None) -> bytes:
+    """The pipelined requests of one sample of a 2-4-2 board (seq, seq + 1, ...)."""
+    phases = np.arccos(np.clip(2 * x.astype(np.float32).astype(np.float64) - 1, -1, 1))
+    clamp = struct.pack("<IH2d", 0, 2, *phases)
+    if start is None:
+        load = struct.pack("<BIH", 1, 0, 0)
+    else:
+        load = struct.pack("<BIH", 0, 0, 6) + struct.pack("<6H", *start)
+    nudge = struct.pack("<dH", beta, 0 if target is None else 2) + (
+        b"" if target is None else struct.pack("<2d", *target))
+    parts = [(0x20, clamp), (0x21, load), (0x22, nudge), (0x23, struct.pack("<Id", 2000, 1e-4)),
+             (0x24, struct.pack("<H", 100)), (0x25, struct.pack("<IH", 0, 6))]
+    return b"".join(frame(c, seq + i, p) for i, (c, p) in enumerate(parts))
+
+
+def sample_replies(seq: int, codes: list[int], *, state: int = 2, steps: int = 57,
+                   residual: float = 3e-5, invalid: int = 0) -> bytes:
+    status = struct.pack("<BIdI", state, steps, residual, 120)
+    phases = struct.pack("<BH6H", int(invalid != 0), 6, *codes) + bytes([invalid])
+    return (b"".join(ok(c, seq + i) for i, c in enumerate((0x20, 0x21, 0x22, 0x23)))
+            + ok(0x24, seq + 4, status) + ok(0x25, seq + 5, phases))
+
+
+def test_relax_pipelines_every_samples_frame_group_and_decodes_the_phases() -> None:
+    x = np.array([[0.0, 1.0], [0.3, 0.7]])
+    first, second = [0, 16384, 32768, 49152, 1, 65535], [10, 20, 30, 40, 50, 60]
+    target = np.array([[1.0, -1.0], [-1.0, 1.0]])
+    start = np.array([first, second]) * STEP
+    steps = [  # one write a batch: every sample's group pipelined
+        (sample_frames(4, x[0]) + sample_frames(10, x[1]),
+         sample_replies(4, first) + sample_replies(10, second, state=3, steps=2000,
+                                                   residual=0.5)),
+        (sample_frames(16, x[0], start=np.array(first), beta=-0.2, target=target[0])
+         + sample_frames(22, x[1], start=np.array(second), beta=-0.2, target=target[1]),
+         sample_replies(16, first, invalid=0b100) + sample_replies(22, second)),
+    ]
+    board, far = scripted("relax", steps)
+    board.open()
+    free = board.relax(x, settle=SETTLE)
+    assert far.mismatches == []
+    assert free.state.dtype == np.float32
+    assert np.array_equal(free.state, (np.array([first, second]) * STEP).astype(np.float32))
+    assert free.converged.tolist() == [True, False]
+    assert free.steps.tolist() == [57, 2000] and free.residual.tolist() == [3e-5, 0.5]
+    assert free.info["board_seconds"] == pytest.approx(240e-6)
+    assert kinds(board) == ["unsettled"]
+    nudged = board.relax(x, Nudge(-0.2, target), start=start.astype(np.float32), settle=SETTLE)
+    assert far.mismatches == []
+    assert np.isnan(nudged.state[0, 2]) and np.isfinite(np.delete(nudged.state[0], 2)).all()
+    assert nudged.converged.tolist() == [False, True]
+    assert kinds(board) == ["invalid_readout"]
+
+
+def test_short_reads_garbage_and_stale_replies_are_survived_and_logged() -> None:
+    x = XOR[:1]
+    codes = [1, 2, 3, 4, 5, 6]
+    stale = ok(0x24, 2, struct.pack("<BIdI", 2, 1, 0.0, 1))  # an old STATUS reply
+    steps = [(sample_frames(4, x[0]), b"\x17\xa5\x00noise" + stale + sample_replies(4, codes))]
+    board, far = scripted("noisy", steps, chunk=3)  # three bytes a read
+    board.open()
+    result = board.relax(x, settle=SETTLE)
+    assert far.mismatches == [] and result.converged.all()
+    assert wire.phases_to_codes(result.state[0]).tolist() == codes
+    faults = board.drain_faults()
+    assert {f.kind for f in faults} == {"garbled", "stale"} and all(f.recovered for f in faults)
+    assert all(f.instrument == "oim_board labepscript://noisy" for f in faults)
+
+
+def test_a_corrupt_reply_is_retried_at_once_with_new_sequence_numbers() -> None:
+    x = XOR[:1]
+    corrupt = bytearray(sample_replies(4, [9] * 6))
+    corrupt[-5] ^= 0xFF  # inside the READ_PHASES reply
+    steps = [(sample_frames(4, x[0]), bytes(corrupt)),
+             (sample_frames(10, x[0]), sample_replies(10, [9] * 6))]
+    board, far = scripted("crc", steps)
+    board.open()
+    started = time.perf_counter()
+    result = board.relax(x, settle=SETTLE)
+    assert time.perf_counter() - started < FAST.timeout  # no waiting for a timeout
+    assert far.mismatches == [] and result.converged.all()
+    faults = board.drain_faults()
+    assert [f.kind for f in faults] == ["crc"] and faults[0].command == "READ_PHASES"
+
+
+def test_busy_is_waited_out_and_the_request_re_sent() -> None:
+    x = XOR[:1]
+    busy = (error(4, 0x07, 0x20) + b"".join(error(4 + i, 0x07, c) for i, c in
+                                            enumerate((0x21, 0x22, 0x23), start=1))
+            + ok(0x24, 8, struct.pack("<BIdI", 1, 10, 1.0, 0)) + error(9, 0x07, 0x25))
+    steps = [(sample_frames(4, x[0]), busy),
+             (frame(0x24, 10, struct.pack("<H", 100)),
+              ok(0x24, 10, struct.pack("<BIdI", 2, 10, 0.0, 5))),
+             (sample_frames(11, x[0]), sample_replies(11, [7] * 6))]
+    board, far = scripted("busy", steps)
+    board.open()
+    assert board.relax(x, settle=SETTLE).converged.all()
+    assert far.mismatches == []
+    assert kinds(board) == ["busy"]
+
+
+def test_timeouts_exhaust_the_retries_then_raise_after_the_safe_state() -> None:
+    board, far = scripted("silent", [])
+    board.open()
+    with pytest.raises(BenchFaultError) as caught:
+        board.relax(XOR[:1], settle=SETTLE)
+    fault = caught.value.fault
+    assert (fault.kind, fault.command, fault.recovered) == ("timeout", "CLAMP", False)
+    assert "after 3 attempt(s)" in fault.message
+    logged = board.drain_faults()
+    assert [f.kind for f in logged] == ["timeout", "timeout", "safe_state"]
+    assert [f.recovered for f in logged] == [True, True, False]
+    sent = [wire.FrameDecoder().feed(chunk) for chunk in far.written[3:]]
+    assert [len(frames) for frames in sent] == [6, 6, 6, 1]  # three attempts, then RESET
+    assert sent[-1][0].command == wire.Command.RESET
+    assert len({f.seq for frames in sent for f in frames}) == 19  # every frame a new number
+
+
+def test_a_refusal_is_final_and_leaves_the_board_safe() -> None:
+    x = XOR[:1]
+    refused = (error(4, 0x05, 0x20, b"inputs[0:2] outside [0, 1)") + ok(0x21, 5) + ok(0x22, 6)
+               + error(7, 0x08, 0x23) + ok(0x24, 8, struct.pack("<BIdI", 0, 0, 0.0, 0))
+               + error(9, 0x09, 0x25))  # every request answered, as a board does
+    board, far = scripted("refused", [(sample_frames(4, x[0]), refused),
+                                      (frame(0x03, 10), ok(0x03, 10))])
+    board.open()
+    with pytest.raises(BenchFaultError, match=r"CLAMP: board refused CLAMP: BAD_BLOCK") as err:
+        board.relax(x, settle=SETTLE)
+    assert err.value.fault.kind == "error_frame"
+    assert far.mismatches == [] and far.written[-1] == frame(0x03, 10)
+    assert kinds(board) == []
+
+
+# -- the driver against the emulator ---------------------------------------------------------
+
+
+def board_codes(board: OIMBoard | OIMSimulator, seed: int = 0) -> dict[str, np.ndarray]:
+    """Codes of labep's initial parameters (random codes near the middle)."""
+    rng = np.random.default_rng(seed)
+    return {spec.name: rng.integers(80, 176, spec.shape) for spec in board.spec.parameters}
+
+
+def simulator(sizes: tuple[int, ...], shil: float, codes: dict[str, np.ndarray]
+              ) -> OIMSimulator:
+    """The simulator the emulated board must match: same bits, ranges, 16-bit readout."""
+    sim = OIMSimulator(LayeredOIM(list(sizes), shil=shil), OIMSimulatorOptions(
+        weight_range=2.0, bias_range=2.0,
+        device=DeviceOptions(bits=8, readout_bits=16)))
+    sim.write(codes)
+    return sim
+
+
+@pytest.fixture
+def emulator_factory() -> Iterator[Callable[..., BoardEmulator]]:
+    started: list[BoardEmulator] = []
+
+    def start(sizes: tuple[int, ...] = (2, 4, 2), faults: str = "", **options: Any
+              ) -> BoardEmulator:
+        emulator = BoardEmulator(BoardConfig(sizes=sizes, seed=3), faults=FaultSpec.parse(faults),
+                                 **options)
+        emulator.start()
+        started.append(emulator)
+        return emulator
+
+    yield start
+    for emulator in started:
+        emulator.close()
+
+
+def run_epoch(board: OIMBoard | OIMSimulator, model: LayeredOIM) -> list[np.ndarray]:
+    """Free, nudged +beta and nudged -beta phases of the XOR batch, twice."""
+    target = model.encode_target(np.array([0, 1, 1, 0]))
+    states = []
+    for _ in range(2):
+        free = board.relax(XOR, settle=SETTLE)
+        states.append(free.state)
+        for beta in (0.3, -0.3):
+            states.append(board.relax(XOR, Nudge(beta, target), start=free.state,
+                                      settle=SETTLE).state)
+    return states
+
+
+def test_simulator_relax_phases_is_relax_bit_for_bit() -> None:
+    model = LayeredOIM([2, 4, 2], shil=0.2)
+    sim = simulator((2, 4, 2), 0.2, board_codes(OIMSimulator(model), 1))
+    x = np.random.default_rng(2).random((3, 2))
+    a = sim.relax(x, settle=SETTLE)
+    b = sim.relax_phases(model.input_phases(x.astype(np.float32)), settle=SETTLE)
+    assert np.array_equal(a.state, b.state) and np.array_equal(a.steps, b.steps)
+
+
+def test_driver_and_emulator_match_the_simulator(emulator_factory) -> None:
+    emulator = emulator_factory((2, 8, 2))
+    model = LayeredOIM([2, 8, 2], shil=0.1)
+    board = OIMBoard(model, OIMBoardOptions(), resource=emulator.url)
+    identity = board.open()
+    assert identity.vendor == "labep" and identity.serial == emulator.board.serial
+    codes = board_codes(board)
+    board.write(codes)
+    held = board.read_params()
+    assert all(np.array_equal(held[name], codes[name]) for name in codes)
+    sim = simulator((2, 8, 2), 0.1, codes)
+    ours, theirs = run_epoch(board, model), run_epoch(sim, sim.model)
+    for a, b in zip(ours, theirs, strict=True):
+        assert np.array_equal(wire.phases_to_codes(a), wire.phases_to_codes(b))
+        assert np.array_equal(a, b)  # the same float32 phases
+    free = board.relax(XOR, settle=SETTLE)
+    reference = sim.relax(XOR, settle=SETTLE)
+    assert free.converged.all() and np.array_equal(free.steps, reference.steps)
+    assert np.array_equal(free.residual, reference.residual)
+    assert board.drain_faults() == []
+    board.close()
+
+
+def test_large_layers_go_in_several_block_frames(emulator_factory) -> None:
+    """1100 inputs: CLAMP in 3 frames, J1 (3300 codes) in 2 blocks, windows of 8 KB."""
+    sizes = (1100, 3, 2)
+    emulator = emulator_factory(sizes)
+    model = LayeredOIM(list(sizes), shil=0.1)
+    board = OIMBoard(model, resource=emulator.url)
+    board.open()
+    codes = board_codes(board)
+    codes["J1"] = np.random.default_rng(6).integers(125, 130, (1100, 3))  # weak input pull
+    before = board.link_stats["frames_out"]
+    board.write(codes)
+    assert board.link_stats["frames_out"] - before == 2 + 5  # J1 in two blocks, 5 others
+    assert all(np.array_equal(board.read_params()[k], v) for k, v in codes.items())
+    x = np.random.default_rng(5).random((2, 1100))
+    ours = board.relax(x, settle=SETTLE)
+    theirs = simulator(sizes, 0.1, codes).relax(x, settle=SETTLE)
+    assert np.array_equal(ours.state, theirs.state) and ours.converged.all()
+    assert np.array_equal(ours.steps, theirs.steps)
+    board.close()
+
+
+def test_reconnects_after_the_emulator_drops_the_link(emulator_factory) -> None:
+    emulator = emulator_factory(faults="close_every=40")
+    model = LayeredOIM([2, 4, 2], shil=0.1)
+    board = OIMBoard(model, OIMBoardOptions(backoff=0.005), resource=emulator.url)
+    board.open()
+    codes = board_codes(board)
+    board.write(codes)
+    states = run_epoch(board, model)
+    reference = run_epoch(simulator((2, 4, 2), 0.1, codes), model)
+    assert all(np.array_equal(a, b) for a, b in zip(states, reference, strict=True))
+    assert emulator.stats.link_drops >= 3
+    found = kinds(board)
+    assert found.count("reconnect") == emulator.stats.link_drops
+    assert "link_closed" in found
+    assert all(np.array_equal(v, codes[k]) for k, v in board.read_params().items())
+    board.close()
+
+
+def test_retries_survive_garbled_dropped_and_delayed_frames(emulator_factory) -> None:
+    emulator = emulator_factory(faults="garble=0.0005,drop=0.0005,delay=0.01:0.15")
+    model = LayeredOIM([2, 4, 2], shil=0.1)
+    options = OIMBoardOptions(timeout=0.06, backoff=0.001, retries=8, poll_wait=0.0)
+    board = OIMBoard(model, options, resource=emulator.url)
+    board.open()
+    codes = board_codes(board)
+    board.write(codes)
+    states = run_epoch(board, model)
+    reference = run_epoch(simulator((2, 4, 2), 0.1, codes), model)
+    assert all(np.array_equal(a, b) for a, b in zip(states, reference, strict=True))
+    faults = board.drain_faults()
+    assert all(f.recovered for f in faults)
+    assert {"timeout"} <= {f.kind for f in faults}
+    assert {f.kind for f in faults} & {"crc", "garbled", "short_frame", "stale"}
+    board.close()
+
+
+def test_invalid_readout_and_unsettled_phases_are_not_converged(emulator_factory) -> None:
+    model = LayeredOIM([2, 4, 2], shil=0.1)
+    for faults, kind in (("nan=1.0", "invalid_readout"), ("never_settle=1.0", "unsettled")):
+        emulator = emulator_factory(faults=faults)
+        board = OIMBoard(model, resource=emulator.url)
+        board.open()
+        board.write(board_codes(board))
+        result = board.relax(XOR, settle=SETTLE)
+        assert not result.converged.any()
+        found = board.drain_faults()
+        assert [f.kind for f in found] == [kind] * 4
+        assert [f.detail["sample"] for f in found] == [0, 1, 2, 3]
+        if kind == "invalid_readout":
+            assert np.isnan(result.state).sum() == 4
+        else:
+            assert (result.steps == 2000).all() and (result.residual >= 1e-3).all()
+        board.close()
+
+
+def test_close_and_errors_leave_the_emulated_board_safe(emulator_factory) -> None:
+    emulator = emulator_factory()
+    model = LayeredOIM([2, 4, 2], shil=0.1)
+    board = OIMBoard(model, resource=emulator.url)
+    board.open()
+    board.write(board_codes(board))
+    target = model.encode_target(np.array([0, 1, 1, 0]))
+    board.relax(XOR, Nudge(0.5, target), settle=SETTLE)
+    assert not emulator.board.is_safe() and emulator.board.beta == 0.5
+    with pytest.raises(ValueError):  # refused before a byte is sent: the board keeps its state
+        board.relax(XOR[:, :1], settle=SETTLE)
+    assert not emulator.board.is_safe()
+    board.close()
+    deadline = time.monotonic() + 2
+    while not emulator.board.is_safe() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert emulator.board.is_safe()
+    assert emulator.board.codes["J1"].max() == wire.safe_code(8) and emulator.board.beta == 0.0
+
+
+def test_tcp_transport_and_the_registry(emulator_factory) -> None:
+    emulator = emulator_factory(transport="tcp")
+    assert emulator.url.startswith("socket://127.0.0.1:")
+    assert registry.BENCHES["oim_board"].load() is OIMBoard
+    assert registry.BENCHES["oim_board"].kind == "driver"
+    board = OIMBoard(LayeredOIM([2, 4, 2], shil=0.1), resource=emulator.url)
+    board.open()
+    board.write(board_codes(board))
+    assert board.relax(XOR, settle=SETTLE).converged.all()
+    board.close()
+
+
+def test_fault_spec_syntax() -> None:
+    spec = FaultSpec.parse("garble=0.01,drop=0.02,delay=0.05:0.4,close_every=200,nan=0.1")
+    assert (spec.garble, spec.drop, spec.delay, spec.delay_seconds) == (0.01, 0.02, 0.05, 0.4)
+    assert (spec.close_every, spec.never_settle, spec.nan) == (200, 0.0, 0.1)
+    assert FaultSpec.parse("") == FaultSpec()
+    for bad in ("garble", "garble=2", "wobble=0.1"):
+        with pytest.raises(ValueError):
+            FaultSpec.parse(bad)
+
+
+def test_labep_emulate_oim_board_cli() -> None:
+    process = subprocess.Popen(
+        [sys.executable, "-m", "labep.cli", "emulate", "oim-board", "--pty", "--sizes",
+         "2-4-2", "--seed", "1"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert process.stdout is not None
+        path = process.stdout.readline().strip()
+        board = OIMBoard(LayeredOIM([2, 4, 2], shil=0.1), resource=path)
+        assert board.open().serial == "E2-4-2s1"
+        board.write(board_codes(board))
+        assert board.relax(XOR, settle=SETTLE).converged.all()
+        board.close()
+    finally:
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=10) == 0
+
+
+def test_training_through_a_faulty_board_ends_where_the_simulator_does(tmp_path,
+                                                                       emulator_factory) -> None:
+    """The shipped protocol, shortened, on the emulator behind a link that garbles bytes and
+    drops the connection: every fault is recovered (or the phase retried by the engine) and
+    the run's parameters are the simulator's, bit for bit."""
+    emulator = emulator_factory((2, 8, 2), faults="garble=0.001,close_every=150",
+                                transport="tcp")
+    overrides = ["training.epochs=2", "dataset.repeats=2", "evaluation.every_epochs=1",
+                 f"bench.resource={emulator.url}", "bench.options.timeout=0.1",
+                 "bench.options.backoff=0.002", "bench.options.retries=5"]
+    board_run = load_protocol(PROTOCOLS / "oim_board_xor.yaml", overrides)
+    simulator_run = load_protocol(PROTOCOLS / "oim_xor.yaml", [
+        *overrides[:3], "bench.options.weight_range=2.0", "bench.options.bias_range=2.0",
+        "bench.options.device.bits=8", "bench.options.device.readout_bits=16"])
+    with RunStore(tmp_path / "runs.db") as store:
+        on_board = Trainer(board_run, store, progress=False).run()
+        simulated = Trainer(simulator_run, store, progress=False).run()
+        events = store.events(on_board.run_id)
+        ours, theirs = (final_params(store, r.run_id) for r in (on_board, simulated))
+    assert on_board.status == "completed" and on_board.steps == simulated.steps
+    assert all(np.array_equal(ours[name], theirs[name]) for name in theirs)
+    seen = {event["detail"]["fault"] for event in events if event["kind"] == "fault"}
+    assert {"reconnect", "link_closed", "crc", "garbled"} <= seen
+    assert emulator.stats.link_drops >= 1 and emulator.stats.bad_frames >= 1
+
+
+def test_xor_through_a_faulty_pty_link_learns_and_matches_the_simulator(
+        tmp_path, emulator_factory) -> None:
+    """The XOR protocol over a pty with about 1% of frames garbled, 1% of replies delayed
+    beyond the timeout and one link closure per epoch (about 1,300 frames an epoch): it
+    completes at 100%, every fault is in the store with its instrument and command, and its
+    parameters are the fault-free simulator's bit for bit, so no update came from a bad phase."""
+    emulator = emulator_factory((2, 8, 2), faults="garble=0.0003,delay=0.01:0.15,"
+                                "close_every=1300", transport="pty")
+    epochs = ["training.epochs=10", "evaluation.every_epochs=5"]
+    board_run = load_protocol(PROTOCOLS / "oim_board_xor.yaml", [
+        *epochs, f"bench.resource={emulator.url}", "bench.options.timeout=0.05",
+        "bench.options.backoff=0.002", "bench.options.retries=5"])
+    simulator_run = load_protocol(PROTOCOLS / "oim_xor.yaml", [
+        *epochs, "bench.options.weight_range=2.0", "bench.options.bias_range=2.0",
+        "bench.options.device.bits=8", "bench.options.device.readout_bits=16"])
+    with RunStore(tmp_path / "runs.db") as store:
+        on_board = Trainer(board_run, store, progress=False).run()
+        simulated = Trainer(simulator_run, store, progress=False).run()
+        faults = [e for e in store.events(on_board.run_id) if e["kind"] == "fault"]
+        ours, theirs = (final_params(store, r.run_id) for r in (on_board, simulated))
+    assert on_board.status == "completed" and on_board.test_accuracy == 1.0
+    assert all(np.array_equal(ours[name], theirs[name]) for name in theirs)
+    kinds = {event["detail"]["fault"] for event in faults}
+    assert {"link_closed", "reconnect", "timeout"} <= kinds and kinds & {"crc", "garbled"}
+    assert all(event["detail"]["instrument"].startswith("oim_board ")
+               and event["detail"]["command"] for event in faults)
+    assert emulator.stats.link_drops >= 9 and emulator.stats.bad_frames >= 1
