@@ -710,3 +710,64 @@ def test_xor_through_a_faulty_pty_link_learns_and_matches_the_simulator(
     assert all(event["detail"]["instrument"].startswith("oim_board ")
                and event["detail"]["command"] for event in faults)
     assert emulator.stats.link_drops >= 9 and emulator.stats.bad_frames >= 1
+
+
+def test_a_killed_board_run_leaves_the_board_safe_on_reconnect_and_resumes(
+        tmp_path, emulator_factory) -> None:
+    """labep killed (SIGKILL) in the middle of a run on the board: the board keeps what the
+    dead process last wrote until the driver's next connect puts it in its safe state; resume
+    writes the committed parameters back before its first phase and ends where a run never
+    interrupted ends."""
+    import sqlite3
+
+    import yaml
+
+    overrides = ["training.epochs=4", "evaluation.every_epochs=2",
+                 "training.checkpoint_every=2"]
+    reference = emulator_factory((2, 8, 2), transport="tcp")
+    clean = load_protocol(PROTOCOLS / "oim_board_xor.yaml",
+                          [*overrides, f"bench.resource={reference.url}"])
+    with RunStore(tmp_path / "clean.db") as store:
+        expected = Trainer(clean, store, progress=False).run()
+        expected_params = final_params(store, expected.run_id)
+
+    emulator = emulator_factory((2, 8, 2), transport="tcp")
+    doc = load_protocol(PROTOCOLS / "oim_board_xor.yaml",
+                        [*overrides, f"bench.resource={emulator.url}"]).document
+    path = tmp_path / "board.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    store_path = tmp_path / "killed.db"
+    process = subprocess.Popen([sys.executable, "-m", "labep.cli", "run", str(path), "--store",
+                                str(store_path), "--no-progress"],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    steps = 0
+    while process.poll() is None and time.monotonic() < deadline and steps < 9:
+        time.sleep(0.01)
+        if store_path.exists():
+            with sqlite3.connect(store_path) as db:
+                try:
+                    steps = db.execute("SELECT COUNT(*) FROM steps").fetchone()[0]
+                except sqlite3.OperationalError:
+                    steps = 0
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert 9 <= steps < expected.steps, "the run was not killed in its middle"
+    assert not emulator.board.is_safe()  # nobody told the board: it holds the last codes
+
+    model = LayeredOIM([2, 8, 2], shil=0.1)
+    board = OIMBoard(model, resource=emulator.url)
+    board.open()  # the next connect resets the board
+    assert emulator.board.is_safe()
+    board.close()
+
+    with RunStore(store_path) as store:
+        (run,) = store.runs()
+        assert run["status"] == "running" and run["resumable"]  # a dead owner: stale lock
+        resumed = Trainer.resume(store, run["id"], progress=False)
+        assert resumed.status == "completed" and resumed.test_accuracy == 1.0
+        got = final_params(store, run["id"])
+        steps_done = [s for (s,) in store.db.execute(
+            "SELECT step FROM steps WHERE run_id = ? ORDER BY step", (run["id"],))]
+    assert steps_done == list(range(1, expected.steps + 1))
+    assert all(np.array_equal(got[name], expected_params[name]) for name in expected_params)
