@@ -360,5 +360,71 @@ def emulate_oim_board(transport: str, tcp_port: int | None, link_path: str | Non
         emulator.close()
 
 
+@emulate.command("polariton-bench")
+@click.option("--tcp", "tcp_port", type=click.IntRange(0, 65533), default=5025,
+              show_default=True,
+              help="Serve the light modulator on 127.0.0.1:PORT, the camera on PORT + 1 and the "
+                   "laser on PORT + 2 (0: any free trio). The first line printed is the bench "
+                   "resource TCPIP::127.0.0.1::PORT::SOCKET.")
+@click.option("--protocol", "protocol_path", type=click.Path(dir_okay=False),
+              help="Build the emulated lattice and physics from this polariton protocol's model "
+                   "(and its bench options' energy_unit_mev and pump_per_mw).")
+@click.option("--lattice", default=None, help="Lattice without --protocol: 9 or 3x4.")
+@click.option("--slm-bits", type=click.IntRange(1, 16), default=10, show_default=True,
+              help="Light-modulator grey levels 2^bits.")
+@click.option("--potential-range", nargs=2, type=float, default=(-4.0, 4.0),
+              show_default=True, help="Potential (meV) at grey level 0 and at the top level.")
+@click.option("--camera-bits", type=click.IntRange(1, 24), default=None,
+              help="Camera intensity resolution (default: exact floats).")
+@click.option("--camera-noise", type=click.FloatRange(min=0.0), default=0.0, show_default=True,
+              help="Std of an intensity readout (|psi|^2).")
+@click.option("--pump-noise", type=click.FloatRange(0.0, 0.5), default=0.0, show_default=True,
+              help="Relative std of the pump, per frame.")
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Noise draws and the serial numbers.")
+@click.option("--interlock-open", is_flag=True, help="Start with the safety interlock open.")
+def emulate_polariton_bench(tcp_port: int, protocol_path: str | None, lattice: str | None,
+                            slm_bits: int, potential_range: tuple[float, float],
+                            camera_bits: int | None, camera_noise: float, pump_noise: float,
+                            seed: int, interlock_open: bool) -> None:
+    """Serve an emulated polariton bench (the polariton simulator behind the SCPI commands of
+    a light modulator, a camera and a pump laser) until SIGINT or SIGTERM."""
+    import signal
+
+    from pydantic import ValidationError
+
+    from labep.simulators.polariton_emulator import EmulatorConfig, PolaritonBenchEmulator
+
+    hardware = {"slm_bits": slm_bits, "potential_mev": potential_range,
+                "camera_bits": camera_bits, "camera_noise": camera_noise,
+                "pump_noise": pump_noise, "seed": seed, "interlock_closed": not interlock_open}
+    try:
+        if protocol_path is not None:
+            loaded = _load(protocol_path, ())
+            config = EmulatorConfig.from_protocol(loaded.protocol, **hardware)
+        else:
+            sizes = [int(n) for n in (lattice or "9").lower().split("x")]
+            config = EmulatorConfig(lattice=sizes, **hardware)
+    except (ValueError, ValidationError) as err:
+        click.echo(f"error: {err}", err=True)
+        sys.exit(EXIT_INVALID)
+    try:
+        emulator = PolaritonBenchEmulator(config, port=tcp_port)
+    except OSError as err:
+        click.echo(f"error: cannot listen on 127.0.0.1:{tcp_port}..{tcp_port + 2}: {err}",
+                   err=True)
+        sys.exit(EXIT_FAILED)
+    click.echo(emulator.url)
+    sys.stdout.flush()
+    click.echo(f"polariton bench emulator: lattice {config.lattice}, {slm_bits}-bit modulator, "
+               f"camera on port {emulator.port + 1}, laser on port {emulator.port + 2}; serving "
+               "until SIGINT/SIGTERM", err=True)
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: emulator.request_stop())
+    try:
+        emulator.serve_forever()
+    finally:
+        emulator.close()
+
 if __name__ == "__main__":  # pragma: no cover
     main(prog_name=Path(sys.argv[0]).name)

@@ -25,6 +25,7 @@ from pydantic import (
     PositiveInt,
     ValidationError,
     field_validator,
+    model_validator,
 )
 
 from labep import registry
@@ -105,8 +106,80 @@ class DenseOIMConfig(_Strict):
         return sizes
 
 
-ModelConfig = Annotated[LayeredHopfieldConfig | LayeredOIMConfig | DenseOIMConfig,
-                        Field(discriminator="kind")]
+class PolaritonConfig(_Strict):
+    """Exciton-polariton lattice (driven-dissipative Gross-Pitaevskii, labep.models.polariton):
+    complex fields psi_i on a chain [n] or a grid [rows, cols], trainable local potentials V_i,
+    inputs as potentials on the input sites, readout the output sites' intensities."""
+
+    kind: Literal["polariton"]
+    lattice: list[PositiveInt] = Field(min_length=1, max_length=2,
+                                       description="[n] (chain) or [rows, cols] (grid).")
+    inputs: PositiveInt = Field(le=1_000_000, description="Raw input features (the dataset's).")
+    input_sites: list[Annotated[int, Field(ge=0)]] = Field(
+        min_length=1, description="Sites (row-major) whose potential carries the encoded inputs.")
+    output_sites: list[Annotated[int, Field(ge=0)]] = Field(
+        min_length=2, description="One site per class, read as its intensity |psi|^2.")
+    encoding: Literal["direct", "downsample"] = Field(
+        "direct", description="direct: feature k drives input site k; downsample: the features "
+        "are an image (image_shape), averaged over pool x pool blocks, row-major.")
+    image_shape: list[PositiveInt] | None = Field(None, min_length=2, max_length=2)
+    pool: PositiveInt = Field(1, le=64)
+    hopping: PositiveFloat = Field(1.0, le=1e3, description="J, the tunnelling (energy unit).")
+    interaction: float = Field(1.0, ge=-1e3, le=1e3, description="g, the interaction.")
+    pump: float = Field(0.9, ge=0.0, le=1e3, description="P, the non-resonant pump.")
+    pump_sites: list[Annotated[int, Field(ge=0)]] | None = Field(
+        None, min_length=1, description="Sites the pump spot covers (None: every site).")
+    loss: PositiveFloat = Field(0.3, le=1e3, description="gamma, the loss rate.")
+    saturation: PositiveFloat = Field(0.3, le=1e3, description="Gamma, the gain saturation.")
+    input_potential: float = Field(1.0, ge=-1e3, le=1e3,
+                                   description="u: input site k gets the potential u x_k.")
+    input_pump: float = Field(0.0, ge=0.0, le=1e3,
+                              description="p_in: input site k gets the extra pump p_in x_k.")
+    target_low: float = Field(0.5, ge=0.0, le=1e6, description="Target intensity, other classes.")
+    target_high: float = Field(2.0, ge=0.0, le=1e6, description="Target intensity, the class.")
+    init_potential: tuple[float, float] = Field((-0.5, 0.5), description="V ~ U(low, high).")
+    gauge_projection: bool = Field(
+        True, description="Remove the uniform (gauge) component of the EP contrast of V.")
+    energy_relaxation: float = Field(
+        0.0, ge=0.0, le=10.0, description="eta, energy relaxation of the generalized GP "
+        "(0: none, the bare driven-dissipative equation).")
+
+    @property
+    def sizes(self) -> list[int]:
+        """[input features, classes], what the dataset checks compare against."""
+        return [self.inputs, len(self.output_sites)]
+
+    @model_validator(mode="after")
+    def _geometry(self) -> PolaritonConfig:
+        n_sites = math.prod(self.lattice)
+        if n_sites > 65_536:
+            raise ValueError("a lattice has at most 65,536 sites (dense gradient checks)")
+        for label, sites in (("input_sites", self.input_sites),
+                             ("output_sites", self.output_sites),
+                             ("pump_sites", self.pump_sites or [0])):
+            if max(sites) >= n_sites:
+                raise ValueError(f"{label}: sites are 0 .. {n_sites - 1}, got {max(sites)}")
+            if len(set(sites)) != len(sites):
+                raise ValueError(f"{label}: a site appears twice")
+        if set(self.input_sites) & set(self.output_sites):
+            raise ValueError("a site cannot be both an input and an output")
+        if self.encoding == "direct":
+            encoded = self.inputs
+        else:
+            shape = self.image_shape
+            if (shape is None or shape[0] * shape[1] != self.inputs or shape[0] % self.pool
+                    or shape[1] % self.pool):
+                raise ValueError("downsample needs image_shape [rows, cols] holding the inputs, "
+                                 "each divisible by pool")
+            encoded = (shape[0] // self.pool) * (shape[1] // self.pool)
+        if encoded != len(self.input_sites):
+            raise ValueError(f"the {self.encoding} encoding gives {encoded} features for "
+                             f"{len(self.input_sites)} input sites")
+        return self
+
+
+ModelConfig = Annotated[LayeredHopfieldConfig | LayeredOIMConfig | DenseOIMConfig
+                        | PolaritonConfig, Field(discriminator="kind")]
 
 
 class DigitsConfig(_Strict):

@@ -26,12 +26,15 @@ BENCHES: dict[str, BenchEntry] = {
     "hopfield": BenchEntry("simulator", "labep.simulators.hopfield:HopfieldSimulator"),
     "oim": BenchEntry("simulator", "labep.simulators.oim:OIMSimulator"),
     "oim_board": BenchEntry("driver", "labep.drivers.oim_board:OIMBoard"),
+    "polariton": BenchEntry("simulator", "labep.simulators.polariton:PolaritonSimulator"),
+    "polariton_bench": BenchEntry("driver", "labep.drivers.polariton_bench:PolaritonBench"),
 }
 
 MODELS: dict[str, str] = {
     "layered_hopfield": "labep.models.hopfield:LayeredHopfield",
     "layered_oim": "labep.models.oim:LayeredOIM",
     "dense_oim": "labep.models.dense_oim:DenseOIM",
+    "polariton": "labep.models.polariton:PolaritonLattice",
 }
 
 

@@ -1,0 +1,442 @@
+"""Exciton-polariton lattice: near-equilibrium EP in a driven-dissipative Gross-Pitaevskii
+system with trainable local potentials (Sajnok and Matuszewski 2025).
+
+A lattice (a 1-D chain or a 2-D grid) of complex condensate fields psi_i, nearest neighbours
+nn(i) coupled by tunnelling J, follows the discretized generalized Gross-Pitaevskii equation
+
+    i d(psi_i)/dt = -J sum_{j in nn(i)} psi_j + (V_i + U_i(x) + g |psi_i|^2) psi_i
+                    + (i/2) (P_i - gamma - Gamma |psi_i|^2) psi_i
+
+with g the polariton interaction, P_i the non-resonant pump (P on the ``pump_sites``, every
+site by default, plus an optional input pump), gamma the loss rate and Gamma the gain
+saturation. Energies and rates are in the model's energy unit (J = ``hopping`` of them, 1 by
+default), time in its inverse, the field in sqrt(polaritons per site) (|psi_i|^2 is the site's
+intensity).
+
+Optional energy relaxation eta (``energy_relaxation``, the phenomenological term of generalized
+Gross-Pitaevskii models, Wouters and Carusotto): in the frame rotating at the condensate's
+frequency mu the conservative part relaxes, i d(psi)/dt = (1 - i eta)(dE/d(psi*) - mu psi) +
+(i/2)(P_i - gamma - Gamma |psi|^2) psi. eta = 0 (the default) is the equation above; eta > 0
+damps every excitation of the condensate at a rate eta times its energy, which makes the
+lowest-energy stationary state the attractor (the stationary states themselves are those of
+the eta = 0 equation with renormalized constants).
+
+Trainable parameters: the local potentials V_i of every site (``V``, shape (n_sites,)), written
+optically (a spatial light modulator shaping a non-resonant beam).
+
+Inputs (the encoding): a potential on the input sites, U_i(x) = u * x_k on the k-th input site
+(u the ``input_potential``, x_k in [0, 1] the k-th encoded feature; 0 elsewhere), displayed by
+the same light modulator on top of V (and, optionally, an extra pump p_in * x_k there,
+``input_pump``, 0 by default). ``encoding`` ``direct`` takes the raw features as they
+are; ``downsample`` reads the raw features as an image (``image_shape``) and averages
+``pool`` x ``pool`` blocks (an 8 x 8 digit becomes 4 x 4 features with pool 2), row-major.
+
+Energy. Without dissipation the equation is i d(psi)/dt = dE/d(psi*) with the conservative
+energy
+
+    E = sum_i sum_{j in nn(i)} -J psi_i* psi_j + sum_i (V_i + U_i) |psi_i|^2 + (g/2) |psi_i|^4,
+
+whose local measurement for V_i is dE/dV_i = |psi_i|^2: the EP contrast of V compares the
+intensities of two steady states (a camera image). In the weakly dissipative regime (P, gamma,
+Gamma small against J and g) a steady state psi_i(t) = psi_i exp(-i mu t) sits near a
+stationary point of E - mu N (N = sum |psi_i|^2) at the frame frequency mu that the gain-loss
+balance sum_i (P_i - gamma - Gamma |psi_i|^2) |psi_i|^2 = 0 selects.
+
+Readout and cost: the intensities n_k = |psi_{o_k}|^2 of the output sites o_k (one per class),
+cost C = 1/2 sum_k (n_k - t_k)^2, targets t_k = ``target_high`` for the class and
+``target_low`` for the others; the prediction is the brightest output site.
+
+Nudge: a forcing beta dC/d(psi_k*) = beta (n_k - t_k) psi_k on the output sites, i.e. a
+potential step beta (n_k - t_k) there. A bench displays it on the light modulator with n_k
+frozen at the start (free) state's intensities (:meth:`PolaritonLattice.nudge_potential`),
+which agrees with the self-consistent forcing to first order in beta, all EP uses.
+
+State: a read-back state row is the complex field, as (Re psi, Im psi) pairs of the sites in
+*readout order* (every non-output site in increasing index, then the output sites in class
+order), so that the outputs' fields are the last 2 n_out entries (``output_slice``). A camera
+measures the intensities and, interferometrically, the phases.
+
+Settling (:meth:`PolaritonLattice.residual`): in the frame rotating at mu, i d(psi)/dt =
+F(mu) = A - mu B with A = (1 - i eta) dE/d(psi*) + (i/2)(P_i - gamma - Gamma |psi|^2) psi and
+B = (1 - i eta) psi. The frame frequency is estimated from the state, mu = Re(B^dagger A) /
+|B|^2 (for eta = 0 the energy per particle Re(psi^dagger dE/d(psi*)) / N), and the
+rotating-frame residual is max_i |F_i(mu)| / sqrt(N / n): zero exactly at a stationary state,
+in units of J; it bounds the intensities' rates of change, |d n_i/dt| <= 2 |psi_i| |F_i|. A
+condensate that dies (N -> 0) never counts as settled.
+
+Exact gradient (:meth:`PolaritonLattice.exact_gradient`): implicit differentiation of the
+stationary state in the rotating frame. The unknowns are (Re psi, Im psi, mu) (2n + 1 reals);
+the equations are F(psi, mu) = 0 (2n reals) and a phase-fixing condition Im(psi0^dagger psi) = 0
+that removes the U(1) freedom psi -> exp(i a) psi (psi0 the free state). With the Jacobian M of
+these 2n + 1 equations and lambda = M^-T dC/dx, dC/dV_i = -lambda . dF/dV_i, where dF_i/dV_i =
+(1 - i eta) psi_i. Float64, one dense solve per sample.
+
+How close EP comes. As the dissipation (P, gamma, Gamma together) goes to 0 the steady state
+tends to a stationary point of E - mu N with mu fixed by the balance B(psi) =
+sum (P_i - gamma - Gamma |psi_i|^2) |psi_i|^2 = 0. The EP contrast is exact for a stationary point
+of a fixed function; here the nudged state moves along the one-parameter family of stationary
+states (d psi/d mu) to keep B = 0, while the exact gradient needs the adjoint of that
+constraint. The two agree only if grad B is parallel to grad N (every site at the same
+P_i - gamma - 2 Gamma |psi_i|^2), so with local gain saturation a rank-one difference survives
+the limit and the cosine with the exact gradient rises to a plateau below 1 as gamma -> 0
+(``benchmarks/polariton_gradcheck.py`` prints the table). Its uniform part is removed exactly by
+the gauge projection (see :meth:`PolaritonLattice.contrast`).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from labep.models import Params
+
+
+def lattice_neighbours(lattice: tuple[int, ...]) -> np.ndarray:
+    """The nearest neighbours nn(i) of every site of a chain (n,) or a grid (rows, cols),
+    open boundaries, as an (n_sites, 4) int64 table padded with -1 (sites row-major)."""
+    if len(lattice) == 1:
+        rows, cols = 1, lattice[0]
+    elif len(lattice) == 2:
+        rows, cols = lattice
+    else:
+        raise ValueError(f"a lattice is (n,) or (rows, cols), got {lattice}")
+    table = -np.ones((rows * cols, 4), dtype=np.int64)
+    for r in range(rows):
+        for c in range(cols):
+            found = [(r + dr) * cols + (c + dc)
+                     for dr, dc in ((-1, 0), (0, -1), (0, 1), (1, 0))
+                     if 0 <= r + dr < rows and 0 <= c + dc < cols]
+            table[r * cols + c, :len(found)] = found
+    return table
+
+
+class PolaritonLattice:
+    """The polariton model shared by the polariton simulator and the VISA polariton bench.
+
+    Parameter ``V`` (n_sites,), in units of J; a read-back state is the field (see the module
+    docstring for the layout)."""
+
+    kind = "polariton"
+
+    def __init__(
+        self,
+        lattice: list[int] | tuple[int, ...],
+        inputs: int,
+        input_sites: list[int] | tuple[int, ...],
+        output_sites: list[int] | tuple[int, ...],
+        *,
+        encoding: str = "direct",
+        image_shape: list[int] | tuple[int, ...] | None = None,
+        pool: int = 1,
+        hopping: float = 1.0,
+        interaction: float = 1.0,
+        pump: float = 0.9,
+        pump_sites: list[int] | tuple[int, ...] | None = None,
+        loss: float = 0.3,
+        saturation: float = 0.3,
+        input_potential: float = 1.0,
+        input_pump: float = 0.0,
+        target_low: float = 0.5,
+        target_high: float = 2.0,
+        init_potential: list[float] | tuple[float, float] = (-0.5, 0.5),
+        gauge_projection: bool = True,
+        energy_relaxation: float = 0.0,
+    ) -> None:
+        self.lattice = tuple(int(n) for n in lattice)
+        self.neighbours = lattice_neighbours(self.lattice)
+        self.n_sites = int(self.neighbours.shape[0])
+        self.input_size = int(inputs)
+        self.input_sites = np.asarray(input_sites, dtype=np.int64)
+        self.output_sites = np.asarray(output_sites, dtype=np.int64)
+        self.output_size = len(self.output_sites)
+        self.state_size = 2 * self.n_sites
+        for label, sites in (("input", self.input_sites), ("output", self.output_sites)):
+            if sites.size == 0 or sites.min() < 0 or sites.max() >= self.n_sites:
+                raise ValueError(f"{label} sites must be 0 .. {self.n_sites - 1}, got "
+                                 f"{sites.tolist()}")
+            if len(set(sites.tolist())) != sites.size:
+                raise ValueError(f"{label} sites repeat: {sites.tolist()}")
+        if set(self.input_sites.tolist()) & set(self.output_sites.tolist()):
+            raise ValueError("a site cannot be both an input and an output")
+        self.encoding = encoding
+        self.pool = int(pool)
+        self.image_shape = None if image_shape is None else tuple(int(n) for n in image_shape)
+        n_features = self._encoded_size()
+        if n_features != len(self.input_sites):
+            raise ValueError(f"the {encoding} encoding gives {n_features} features but there "
+                             f"are {len(self.input_sites)} input sites")
+        self.hopping = float(hopping)
+        self.interaction = float(interaction)
+        self.pump = float(pump)
+        self.pump_sites = (np.arange(self.n_sites) if pump_sites is None
+                           else np.asarray(pump_sites, dtype=np.int64))
+        if self.pump_sites.size and (self.pump_sites.min() < 0
+                                     or self.pump_sites.max() >= self.n_sites):
+            raise ValueError(f"pump sites must be 0 .. {self.n_sites - 1}")
+        self.loss = float(loss)
+        self.saturation = float(saturation)
+        self.input_potential = float(input_potential)
+        self.input_pump = float(input_pump)
+        self.target_low = float(target_low)
+        self.target_high = float(target_high)
+        self.init_potential = (float(init_potential[0]), float(init_potential[1]))
+        self.gauge_projection = bool(gauge_projection)
+        self.energy_relaxation = float(energy_relaxation)
+        outputs = set(self.output_sites.tolist())
+        #: site of each readout slot: non-output sites ascending, then the outputs by class
+        self.readout_order = np.array(
+            [i for i in range(self.n_sites) if i not in outputs] + self.output_sites.tolist(),
+            dtype=np.int64)
+        #: readout slot of each site (the inverse permutation)
+        self.slot_of_site = np.argsort(self.readout_order)
+
+    # -- geometry and encodings -------------------------------------------------------------
+
+    @property
+    def sizes(self) -> tuple[int, int]:
+        """(input features, classes): what a protocol checks against its dataset."""
+        return self.input_size, self.output_size
+
+    @property
+    def output_slice(self) -> tuple[int, int]:
+        return self.state_size - 2 * self.output_size, self.state_size
+
+    def _encoded_size(self) -> int:
+        if self.encoding == "direct":
+            return self.input_size
+        if self.encoding == "downsample":
+            if self.image_shape is None or len(self.image_shape) != 2:
+                raise ValueError("the downsample encoding needs image_shape [rows, cols]")
+            rows, cols = self.image_shape
+            if rows * cols != self.input_size or rows % self.pool or cols % self.pool:
+                raise ValueError(f"image_shape {list(self.image_shape)} must hold the "
+                                 f"{self.input_size} inputs and divide by pool {self.pool}")
+            return (rows // self.pool) * (cols // self.pool)
+        raise ValueError(f"unknown encoding {self.encoding!r}; known: direct, downsample")
+
+    def encode(self, inputs: np.ndarray) -> np.ndarray:
+        """The features x (batch, n_input_sites) that drive the input sites."""
+        x = np.asarray(inputs, dtype=np.float64)
+        if x.ndim != 2 or x.shape[1] != self.input_size:
+            raise ValueError(f"inputs must be (batch, {self.input_size}), got {x.shape}")
+        if self.encoding == "direct":
+            return x
+        assert self.image_shape is not None
+        rows, cols = self.image_shape
+        p = self.pool
+        blocks = x.reshape(len(x), rows // p, p, cols // p, p)
+        return blocks.mean(axis=(2, 4)).reshape(len(x), -1)
+
+    def input_potentials(self, inputs: np.ndarray) -> np.ndarray:
+        """U(x) (batch, n_sites): u * x_k on the k-th input site, 0 elsewhere (units of J)."""
+        features = self.encode(inputs)
+        out = np.zeros((features.shape[0], self.n_sites))
+        out[:, self.input_sites] = self.input_potential * features
+        return out
+
+    def pumps(self, inputs: np.ndarray) -> np.ndarray:
+        """P_i (batch, n_sites): the pump P on the pump sites (every site by default), plus
+        p_in * x_k on the k-th input site."""
+        features = self.encode(inputs)
+        out = np.zeros((features.shape[0], self.n_sites))
+        out[:, self.pump_sites] = self.pump
+        out[:, self.input_sites] += self.input_pump * features
+        return out
+
+    def nudge_potential(self, strength: float, target: np.ndarray,
+                        start: np.ndarray) -> np.ndarray:
+        """The nudge as a potential (batch, n_sites): beta (n_k - t_k) on the output sites,
+        with n_k the intensities of the ``start`` state rows (the free state)."""
+        out = np.zeros((start.shape[0], self.n_sites))
+        if strength != 0.0:
+            out[:, self.output_sites] = strength * (self.output_intensities(start) - target)
+        return out
+
+    # -- state layout -----------------------------------------------------------------------
+
+    def field(self, state: np.ndarray) -> np.ndarray:
+        """The complex field psi (batch, n_sites), sites in index order, of state rows."""
+        state = np.asarray(state)
+        slots = state[:, 0::2] + 1j * state[:, 1::2]
+        return slots[:, self.slot_of_site]
+
+    def pack(self, field: np.ndarray, dtype: np.dtype | type = np.float64) -> np.ndarray:
+        """State rows (batch, 2 n_sites) of a complex field (batch, n_sites)."""
+        ordered = field[:, self.readout_order]
+        out = np.empty((field.shape[0], self.state_size), dtype=dtype)
+        out[:, 0::2] = ordered.real
+        out[:, 1::2] = ordered.imag
+        return out
+
+    def intensities(self, state: np.ndarray) -> np.ndarray:
+        """|psi_i|^2 (batch, n_sites), sites in index order."""
+        state = np.asarray(state)
+        slots = state[:, 0::2] ** 2 + state[:, 1::2] ** 2
+        return slots[:, self.slot_of_site]
+
+    def output_intensities(self, state: np.ndarray) -> np.ndarray:
+        """n_k = |psi_{o_k}|^2 (batch, n_out), by class."""
+        lo, _ = self.output_slice
+        outs = np.asarray(state)[:, lo:]
+        return outs[:, 0::2] ** 2 + outs[:, 1::2] ** 2
+
+    # -- the Model protocol -----------------------------------------------------------------
+
+    def parameter_shapes(self) -> dict[str, tuple[int, ...]]:
+        return {"V": (self.n_sites,)}
+
+    def layer_of(self, name: str) -> int:
+        if name != "V":
+            raise KeyError(name)
+        return 1
+
+    def init_params(self, rng: np.random.Generator) -> Params:
+        """V ~ U(init_potential)."""
+        low, high = self.init_potential
+        return {"V": rng.uniform(low, high, size=self.n_sites)}
+
+    def encode_target(self, labels: np.ndarray) -> np.ndarray:
+        target = np.full((len(labels), self.output_size), self.target_low)
+        target[np.arange(len(labels)), labels] = self.target_high
+        return target
+
+    def predict(self, state: np.ndarray) -> np.ndarray:
+        return np.argmax(self.output_intensities(state), axis=1)
+
+    def cost(self, state: np.ndarray, target: np.ndarray) -> np.ndarray:
+        return 0.5 * np.sum((self.output_intensities(state) - target) ** 2, axis=1)
+
+    def contrast(
+        self,
+        inputs: np.ndarray,
+        state_a: np.ndarray,
+        state_b: np.ndarray,
+        weights: np.ndarray | None = None,
+        scale: float = 1.0,
+    ) -> Params:
+        """``scale`` times the weighted batch mean of dE/dV(psi_a) - dE/dV(psi_b), with
+        dE/dV_i = |psi_i|^2: a difference of two camera images.
+
+        With ``gauge_projection`` the mean over the sites is removed: a uniform shift of every
+        V_i only shifts the frame frequency mu (psi -> psi exp(-i c t)) and changes no
+        intensity, so the exact gradient has no uniform component, while the raw contrast
+        carries one (the change of the total intensity N between the two states, which the
+        gain-loss balance sets). The projection is exact physics, not a fit."""
+        batch = state_a.shape[0]
+        dtype = state_a.dtype
+        w = np.full(batch, 1.0 / batch) if weights is None else weights / max(weights.sum(), 1e-300)
+        w = w * scale
+        difference = self.intensities(state_a).astype(np.float64) - self.intensities(state_b)
+        gradient = w @ difference
+        if self.gauge_projection:
+            gradient = gradient - gradient.mean()
+        return {"V": np.asarray(gradient, dtype=dtype)}
+
+    # -- physics ----------------------------------------------------------------------------
+
+    def potentials(self, inputs: np.ndarray, params: Params) -> np.ndarray:
+        """V + U(x) (batch, n_sites)."""
+        return np.asarray(params["V"], dtype=np.float64)[None, :] + self.input_potentials(inputs)
+
+    def hopping_sum(self, psi: np.ndarray) -> np.ndarray:
+        """sum_{j in nn(i)} psi_j for every site (batch, n_sites)."""
+        padded = np.concatenate([psi, np.zeros((psi.shape[0], 1), dtype=psi.dtype)], axis=1)
+        return padded[:, self.neighbours].sum(axis=2)  # index -1 picks the zero column
+
+    def energy(self, inputs: np.ndarray, state: np.ndarray, params: Params) -> np.ndarray:
+        """E = sum -J psi_i* psi_j (ordered neighbour pairs) + (V + U) |psi|^2 + g/2 |psi|^4."""
+        psi = self.field(state)
+        density = np.abs(psi) ** 2
+        kinetic = -self.hopping * np.real(np.sum(np.conj(psi) * self.hopping_sum(psi), axis=1))
+        local = np.sum(self.potentials(inputs, params) * density
+                       + 0.5 * self.interaction * density ** 2, axis=1)
+        return kinetic + local
+
+    def stationarity(self, inputs: np.ndarray, psi: np.ndarray, params: Params
+                     ) -> tuple[np.ndarray, np.ndarray]:
+        """(F, mu): the stationarity residual F = A - mu B of complex fields psi (batch, n)
+        and the frame frequency mu that minimizes |F| (least squares, mu = Re(B^dagger A) /
+        |B|^2), with A = (1 - i eta) dE/d(psi*) + (i/2)(P_i - gamma - Gamma |psi|^2) psi and
+        B = (1 - i eta) psi: in the frame rotating at mu, i d(psi)/dt = F."""
+        density = np.abs(psi) ** 2
+        conservative = (-self.hopping * self.hopping_sum(psi)
+                        + (self.potentials(inputs, params) + self.interaction * density) * psi)
+        gain = 0.5 * (self.pumps(inputs) - self.loss - self.saturation * density)
+        turn = 1.0 - 1j * self.energy_relaxation
+        a = turn * conservative + 1j * gain * psi
+        b = turn * psi
+        mu = (np.real(np.sum(np.conj(b) * a, axis=1))
+              / np.maximum(np.sum(np.abs(b) ** 2, axis=1), 1e-300))
+        return a - mu[:, None] * b, mu
+
+    def residual(self, inputs: np.ndarray, state: np.ndarray, params: Params) -> np.ndarray:
+        """Rotating-frame residual max_i |F_i| / sqrt(N / n) per sample (units of J; see
+        :meth:`stationarity`); infinite where the condensate has died (N / n < 1e-12)."""
+        psi = self.field(np.asarray(state, dtype=np.float64))
+        stationarity, _ = self.stationarity(inputs, psi, params)
+        mean = np.sum(np.abs(psi) ** 2, axis=1) / self.n_sites
+        worst = np.max(np.abs(stationarity), axis=1)
+        out = np.full(len(psi), math.inf)
+        alive = mean >= 1e-12
+        out[alive] = worst[alive] / np.sqrt(mean[alive])
+        return out
+
+    def stationary_jacobian(self, inputs: np.ndarray, psi: np.ndarray, params: Params
+                            ) -> tuple[np.ndarray, np.ndarray]:
+        """The Jacobian M (batch, 2n + 1, 2n + 1) of (Re F, Im F, Im(psi0^dagger psi)) with
+        respect to (Re psi, Im psi, mu) at stationary fields psi (psi0 = psi), and mu."""
+        batch, n = psi.shape
+        _, mu = self.stationarity(inputs, psi, params)
+        density = np.abs(psi) ** 2
+        # F_i = t [-J sum_nb psi_j + a_i psi_i] + i b_i psi_i, t = 1 - i eta,
+        # a = V + U + g n - mu, b = (P_i - gamma - Gamma n) / 2, dn_i/dRe psi_i = 2 Re psi_i
+        turn = 1.0 - 1j * self.energy_relaxation
+        a = self.potentials(inputs, params) + self.interaction * density - mu[:, None]
+        b = 0.5 * (self.pumps(inputs) - self.loss - self.saturation * density)
+        lattice = np.zeros((n, n))
+        for i in range(n):
+            for j in self.neighbours[i]:
+                if j >= 0:
+                    lattice[i, j] = -self.hopping
+        jac = np.zeros((batch, 2 * n + 1, 2 * n + 1))
+        index = np.arange(n)
+        g, big_gamma = self.interaction, self.saturation
+        for sample in range(batch):
+            p, ai, bi = psi[sample], a[sample], b[sample]
+            d_re = np.diag(turn * (ai + 2.0 * g * p.real * p) + 1j * bi
+                           - 1j * big_gamma * p.real * p) + turn * lattice
+            d_im = np.diag(turn * (1j * ai + 2.0 * g * p.imag * p) - bi
+                           - 1j * big_gamma * p.imag * p) + 1j * turn * lattice
+            block = jac[sample]
+            block[:n, :n], block[n:2 * n, :n] = d_re.real, d_re.imag
+            block[:n, n:2 * n], block[n:2 * n, n:2 * n] = d_im.real, d_im.imag
+            block[:n, 2 * n], block[n:2 * n, 2 * n] = (-turn * p).real, (-turn * p).imag
+            # Im(psi0^dagger psi) = sum Re psi0 Im psi - Im psi0 Re psi
+            block[2 * n, index] = -p.imag
+            block[2 * n, n + index] = p.real
+        return jac, mu
+
+    def exact_gradient(
+        self, inputs: np.ndarray, state: np.ndarray, target: np.ndarray, params: Params
+    ) -> Params:
+        """d(mean C)/dV at the free steady state by implicit differentiation in the rotating
+        frame (see the module docstring): lambda = M^-T dC/dx, dC/dV_i = -(lambda_Re,i
+        Re psi_i + lambda_Im,i Im psi_i). Float64, one dense solve per sample."""
+        params = {k: np.asarray(v, dtype=np.float64) for k, v in params.items()}
+        psi = self.field(np.asarray(state, dtype=np.float64))
+        target = np.asarray(target, dtype=np.float64)
+        jac, _ = self.stationary_jacobian(inputs, psi, params)
+        batch, n = psi.shape
+        outputs = self.output_sites
+        gradient = np.zeros((batch, n))
+        for sample in range(batch):
+            p = psi[sample]
+            dcdx = np.zeros(2 * n + 1)
+            excess = np.abs(p[outputs]) ** 2 - target[sample]
+            dcdx[outputs] = 2.0 * excess * p[outputs].real
+            dcdx[n + outputs] = 2.0 * excess * p[outputs].imag
+            lam = np.linalg.solve(jac[sample].T, dcdx)
+            dfdv = (1.0 - 1j * self.energy_relaxation) * p  # dF_i/dV_i
+            gradient[sample] = -(lam[:n] * dfdv.real + lam[n:2 * n] * dfdv.imag)
+        return {"V": gradient.mean(axis=0)}
