@@ -68,3 +68,17 @@ def tiny_xor(**changes: Any) -> dict[str, Any]:
             node = node.setdefault(part, {})
         node[parts[-1]] = value
     return doc
+
+
+def assert_force_is_minus_energy_gradient(model: Any, params: Any, x: Any, phases: Any) -> None:
+    """model.force(x, phases) against central differences of model.energy, unit by unit."""
+    import numpy as np
+
+    eps = 1e-6
+    for unit in range(model.state_size):
+        step = np.zeros_like(phases)
+        step[:, unit] = eps
+        numeric = (model.energy(x, phases + step, params)
+                   - model.energy(x, phases - step, params)) / (2 * eps)
+        np.testing.assert_allclose(-numeric, model.force(x, phases, params)[:, unit],
+                                   atol=1e-7)

@@ -14,7 +14,7 @@ from labep.simulators.device import DeviceOptions
 from labep.simulators.oim import OIMSimulator, OIMSimulatorOptions
 from labep.store import RunStore
 
-from .conftest import PROTOCOLS, cli_json
+from .conftest import PROTOCOLS, assert_force_is_minus_energy_gradient, cli_json
 
 TIGHT = Settle(1e-12, 400_000)
 
@@ -44,14 +44,7 @@ def test_force_is_minus_the_energy_gradient() -> None:
     rng = np.random.default_rng(2)
     x = rng.random((3, 3))
     phases = rng.uniform(0, 2 * np.pi, (3, model.state_size))
-    eps = 1e-6
-    for unit in range(model.state_size):
-        step = np.zeros_like(phases)
-        step[:, unit] = eps
-        numeric = (model.energy(x, phases + step, params)
-                   - model.energy(x, phases - step, params)) / (2 * eps)
-        np.testing.assert_allclose(-numeric, model.force(x, phases, params)[:, unit],
-                                   atol=1e-7)
+    assert_force_is_minus_energy_gradient(model, params, x, phases)
 
 
 def test_the_kernel_settles_where_the_model_has_no_force() -> None:

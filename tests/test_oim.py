@@ -15,7 +15,7 @@ from labep.simulators.device import DeviceOptions, read_out
 from labep.simulators.oim import OIMSimulator, OIMSimulatorOptions
 from labep.store import RunStore
 
-from .conftest import MNIST, PROTOCOLS, cli_json, needs_mnist
+from .conftest import MNIST, PROTOCOLS, assert_force_is_minus_energy_gradient, cli_json, needs_mnist
 
 TIGHT = Settle(1e-12, 200_000)
 XOR = np.array([[0, 0], [0, 1], [1, 0], [1, 1]], dtype=float)
@@ -38,14 +38,7 @@ def test_force_is_minus_the_energy_gradient() -> None:
     model, _, params = make()
     x = np.random.default_rng(1).random((3, 2))
     phases = np.random.default_rng(2).uniform(0, 2 * np.pi, (3, model.state_size))
-    eps = 1e-6
-    for unit in range(model.state_size):
-        step = np.zeros_like(phases)
-        step[:, unit] = eps
-        numeric = (model.energy(x, phases + step, params)
-                   - model.energy(x, phases - step, params)) / (2 * eps)
-        np.testing.assert_allclose(-numeric, model.force(x, phases, params)[:, unit],
-                                   atol=1e-7)
+    assert_force_is_minus_energy_gradient(model, params, x, phases)
 
 
 def test_exact_gradient_matches_finite_differences() -> None:
