@@ -48,6 +48,7 @@ from labep.bench import (
     ParameterSpec,
     Relaxation,
     Settle,
+    safe_values,
 )
 from labep.drivers import oim_wire as wire
 from labep.drivers.oim_link import Exchange, LinkLost, SerialLink
@@ -96,6 +97,12 @@ class OIMBoardOptions(BaseModel):
         "encoded as phases (as the simulator does, so a run matches it bit for bit).")
     tolerance: float = Field(1e-4, gt=0.0, description="Default settle tolerance.")
     max_steps: int = Field(2000, ge=1, le=2**32 - 1, description="Default step cap.")
+    safe_values: dict[str, float] = Field(
+        default_factory=dict,
+        description="The value (parameter units) a parameter is put to in the safe state, by "
+        "name (J1) or for every layer (J, h, g); unnamed ones go to their zero code. The "
+        "safe state is RESET followed by these writes, on open, on close and after any "
+        "error. Checked against the board's range when it opens, before anything is written.")
 
 
 @dataclass(frozen=True)
@@ -167,6 +174,10 @@ class OIMBoard(BenchLifecycle):
         #: provisional (continuous, unbounded) until open() reads the board's bits and ranges
         self.spec = self._make_spec(None)
         self._link = SerialLink(resource, self.options.baudrate)
+        #: protocol-defined safe values by parameter (checked against the range on open)
+        self._safe_values = safe_values(model.parameter_shapes(), self.options.safe_values,
+                                        bench=self.instrument)
+        self._safe_codes: dict[str, np.ndarray] = {}
         self._faults: list[Fault] = []
         self._codes: dict[str, np.ndarray] = {}  # what the host wants the board to hold
         self._needs_restore = False
@@ -233,14 +244,44 @@ class OIMBoard(BenchLifecycle):
                 self.board = info
                 self.spec = self._make_spec(info)
                 self._transact([(Command.RESET, b"")], "RESET")
+                self._safe_codes = self._resolve_safe_codes()
+                self._codes = {spec.name: np.full(spec.shape, wire.safe_code(
+                    self._bits(spec.name)), dtype=np.int64) for spec in self.spec.parameters}
+                self._codes.update({name: codes.copy()
+                                    for name, codes in self._safe_codes.items()})
+                requests = self._safe_requests()
+                if requests:
+                    self._transact(requests, "WRITE (safe values)")
         except BaseException:
             self._opened = False
             self._link.close()
             raise
-        self._codes = {spec.name: np.full(spec.shape, wire.safe_code(self._bits(spec.name)),
-                                          dtype=np.int64) for spec in self.spec.parameters}
         self._needs_restore = False
         return info.identity()
+
+    def _resolve_safe_codes(self) -> dict[str, np.ndarray]:
+        """The codes of the protocol's safe values (nearest code, ties to the lower one, so
+        0 is the zero code); :class:`OutOfRangeError` for a value outside the board's range."""
+        codes = {}
+        for name, value in self._safe_values.items():
+            spec = self.spec.parameter(name)
+            try:
+                spec.check_range(np.full(spec.shape, value), bench=self.instrument)
+            except OutOfRangeError as err:
+                raise OutOfRangeError(f"{err} (bench.options.safe_values)") from None
+            assert spec.levels is not None
+            scaled = (value - spec.low) * (spec.levels - 1) / (spec.high - spec.low)
+            code = min(max(math.ceil(scaled - 0.5), 0), spec.levels - 1)
+            codes[name] = np.full(spec.shape, code, dtype=np.int64)
+        return codes
+
+    def _safe_requests(self) -> list[tuple[int, bytes]]:
+        """The block writes that put the protocol's safe values after a RESET."""
+        requests = []
+        for name, codes in self._safe_codes.items():
+            if np.any(codes != wire.safe_code(self._bits(name))):
+                requests += self._write_requests(name, codes.ravel())
+        return requests
 
     def close(self) -> None:
         """RESET the board to its safe state (best effort, one attempt) and close the port.
@@ -254,19 +295,22 @@ class OIMBoard(BenchLifecycle):
             self._link.close()
 
     def _safe_state(self, what: str) -> None:
-        """One RESET, no retries (best effort: logs a fault if the board did not confirm)."""
+        """One RESET and the protocol's safe values in one pipelined exchange, no retries
+        (best effort: logs a fault if the board did not confirm every request)."""
         problem = "the link is closed"
+        requests = [(Command.RESET, b"")] + (self._safe_requests() if self.board else [])
         if self._link.is_open:
             try:
                 self._link.discard_input()
-                exchange = self._link.exchange([(Command.RESET, b"")], self.options.timeout)
+                exchange = self._link.exchange(requests, self.options.timeout)
             except (LinkLost, OSError) as err:
                 problem = str(err)
             else:
-                reply = exchange.replies[0]
-                if reply is not None and reply.command != wire.ERROR:
+                replies = exchange.replies
+                if all(reply is not None and reply.command != wire.ERROR for reply in replies):
                     return
-                problem = "no confirmation" if reply is None else "refused"
+                problem = ("no confirmation" if any(reply is None for reply in replies)
+                           else "refused")
         self._fault("safe_state", "RESET", f"could not confirm the safe state on {what}: "
                     f"{problem}", recovered=False)
 

@@ -59,6 +59,7 @@ from labep.bench import (
     ParameterSpec,
     Relaxation,
     Settle,
+    safe_values,
 )
 from labep.drivers.visa_instruments import Camera, PumpLaser, SpatialLightModulator
 from labep.models.polariton import PolaritonLattice
@@ -113,6 +114,11 @@ class PolaritonBenchOptions(BaseModel):
         "intensity between consecutive frames, relative to the mean intensity.")
     max_steps: int = Field(20, ge=2, le=100_000, description="Default cap on frames.")
     dtype: Literal["float32", "float64"] = Field("float64", description="dtype of states.")
+    safe_values: dict[str, float] = Field(
+        default_factory=dict,
+        description="The potential (model units) the modulator displays in the safe state, "
+        "{V: value} (default: the middle grey level of V's range): on open, on close and "
+        "after any error, once the laser is off. Checked against V's range on open.")
 
 
 class PolaritonBench(BenchLifecycle):
@@ -135,6 +141,10 @@ class PolaritonBench(BenchLifecycle):
         self.spec = BenchSpec((v,), model.input_size, model.state_size, model.output_slice,
                               state_unit="sqrt(polaritons per site)")
         self._faults: list[Fault] = []
+        #: the protocol-defined safe potential (checked against the range on open)
+        self._safe_value = safe_values({"V": (model.n_sites,)}, self.options.safe_values,
+                                       bench=self.name).get("V")
+        self._safe_codes: np.ndarray | None = None
         self._manager: Any = None
         self._sessions: list[Any] = []
         self.slm: SpatialLightModulator | None = None
@@ -245,8 +255,9 @@ class PolaritonBench(BenchLifecycle):
             self.laser.power_limit = float(self.laser.max_power)
             self.laser.power = self.model.pump / self.options.pump_per_mw
             self.laser.check("SOUR:POW")
+            self._safe_codes = self._resolve_safe_codes()
             self._opened = True
-            self._codes = np.full(n, (self.spec.parameters[0].levels or 2) // 2, dtype=np.int64)
+            self._codes = self._safe_codes.copy()
             with self._guarded():
                 self.slm.display(self._codes + self.margin_levels)
         except BaseException:
@@ -278,16 +289,28 @@ class PolaritonBench(BenchLifecycle):
         self.spec = BenchSpec((spec,), self.model.input_size, self.model.state_size,
                               self.model.output_slice, state_unit="sqrt(polaritons per site)")
 
+    def _resolve_safe_codes(self) -> np.ndarray:
+        """V's codes in the safe state: the protocol's safe value (nearest level; it must lie
+        in V's range) or the middle level."""
+        spec = self.spec.parameters[0]
+        assert spec.levels is not None
+        if self._safe_value is None:
+            code = spec.levels // 2
+        else:
+            try:
+                spec.check_range(np.full(spec.shape, self._safe_value), bench=self.name)
+            except OutOfRangeError as err:
+                raise OutOfRangeError(f"{err} (bench.options.safe_values)") from None
+            code = round((self._safe_value - spec.low) / self.lsb)
+        return np.full(spec.shape, code, dtype=np.int64)
+
     def close(self) -> None:
-        """Laser off (confirmed, best effort), the rest pattern, and release the sessions.
+        """Laser off (confirmed, best effort), the safe pattern, and release the sessions.
         Idempotent."""
         if self._manager is None:
             return
         try:
             self._safe_state("close")
-            if self._opened and self.slm is not None:
-                with contextlib.suppress(BenchError):
-                    self.slm.display(self._codes + self.margin_levels)
         finally:
             self._opened = False
             self._release()
@@ -302,7 +325,8 @@ class PolaritonBench(BenchLifecycle):
         self._manager = None
 
     def _safe_state(self, what: str) -> None:
-        """Laser off and confirmed; a fault is logged if that could not be confirmed."""
+        """Laser off and confirmed, then (laser off only) the safe pattern on the modulator;
+        a fault is logged for what could not be confirmed."""
         if self.laser is None:
             return
         try:
@@ -310,6 +334,15 @@ class PolaritonBench(BenchLifecycle):
         except BenchError as err:
             self._faults.append(Fault("safe_state", self.laser.label, "OUTP 0",
                                       f"could not confirm the laser off on {what}: {err}",
+                                      recovered=False))
+            return
+        if self._safe_codes is None or self.slm is None:
+            return
+        try:
+            self.slm.display(self._safe_codes + self.margin_levels)
+        except BenchError as err:
+            self._faults.append(Fault("safe_state", self.slm.label, "SLM:PATT",
+                                      f"could not display the safe pattern on {what}: {err}",
                                       recovered=False))
 
     @contextlib.contextmanager

@@ -137,6 +137,36 @@ class BenchSpec:
         return tuple(p.name for p in self.parameters)
 
 
+def safe_values(names: dict[str, tuple[int, ...]], requested: dict[str, float], *,
+                bench: str) -> dict[str, float]:
+    """The protocol-defined safe value of each parameter a driver puts its hardware in on
+    open, on close and after any error (``bench.options.safe_values``).
+
+    A key is a parameter name (``J1``) or a name without its layer number (``J``: every
+    coupling layer); an exact name wins over its prefix. Parameters no key names keep the
+    driver's own safe value (its zero code) and are left out of the result. A key naming no
+    parameter raises :class:`BenchError` (checked before a bench is opened); each driver
+    checks the values against its physical range once it has read it from the instrument."""
+    unknown = [key for key in requested
+               if key not in names and not any(_prefix(name) == key for name in names)]
+    if unknown:
+        raise BenchError(f"{bench}: bench.options.safe_values: no parameter "
+                         f"{', '.join(map(repr, unknown))}; the parameters are "
+                         f"{', '.join(names)} (or a name without its layer number)")
+    resolved = {}
+    for name in names:
+        for key in (name, _prefix(name)):
+            if key in requested:
+                resolved[name] = float(requested[key])
+                break
+    return resolved
+
+
+def _prefix(name: str) -> str:
+    """A parameter name without its layer number: ``J12`` -> ``J``."""
+    return name.rstrip("0123456789") or name
+
+
 @dataclass(frozen=True)
 class Nudge:
     """The nudge of an EP phase: strength beta (signed) and the target the cost pulls towards."""

@@ -618,6 +618,62 @@ def test_close_and_errors_leave_the_emulated_board_safe(emulator_factory) -> Non
     assert emulator.board.codes["J1"].max() == wire.safe_code(8) and emulator.board.beta == 0.0
 
 
+def test_protocol_defined_safe_values_on_open_close_and_error(emulator_factory) -> None:
+    """``bench.options.safe_values`` puts the named parameters at their safe value (RESET, then
+    the writes) on open, after an error and on close; the rest stay at the zero code."""
+    emulator = emulator_factory()
+    model = LayeredOIM([2, 4, 2], shil=0.1)
+    board = OIMBoard(model, OIMBoardOptions(safe_values={"J": 0.5, "h2": -0.25}),
+                     resource=emulator.url)
+    half, quarter = round(0.5 * 255 / 4 + 127.5), round(-0.25 * 255 / 4 + 127.5)
+
+    def assert_safe() -> None:
+        deadline = time.monotonic() + 2
+        while emulator.board.beta != 0.0 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        codes = emulator.board.codes
+        assert (codes["J1"] == half).all() and (codes["J2"] == half).all()
+        assert (codes["h2"] == quarter).all() and (codes["h1"] == wire.safe_code(8)).all()
+        assert (codes["g1"] == wire.safe_code(8)).all() and emulator.board.beta == 0.0
+
+    board.open()
+    assert_safe()
+    held = board.read_params()
+    assert (held["J1"] == half).all() and (held["h2"] == quarter).all()
+    board.write(board_codes(board))
+    target = model.encode_target(np.array([0, 1, 1, 0]))
+    board.relax(XOR, Nudge(0.5, target), settle=SETTLE)
+    assert emulator.board.beta == 0.5 and not (emulator.board.codes["J1"] == half).all()
+    exchange, failed = board._link.exchange, []
+
+    def fail_once(requests, *args, **kwargs):  # an unexpected OS error in the middle of a phase
+        if not failed and any(command == wire.Command.READ_PHASES for command, _ in requests):
+            failed.append(True)
+            raise OSError("the USB adapter went away")
+        return exchange(requests, *args, **kwargs)
+
+    board._link.exchange = fail_once
+    with pytest.raises(OSError, match="USB adapter"):
+        board.relax(XOR, Nudge(0.5, target), settle=SETTLE)
+    assert failed
+    assert_safe()
+    board.relax(XOR, settle=SETTLE)  # the host re-sends its parameters before the next phase
+    assert not (emulator.board.codes["J1"] == half).all()
+    board.close()
+    assert_safe()
+
+
+def test_safe_values_are_checked_before_anything_is_written(emulator_factory) -> None:
+    model = LayeredOIM([2, 4, 2], shil=0.1)
+    with pytest.raises(BenchError, match=r"safe_values: no parameter 'K'.*J1, J2"):
+        OIMBoard(model, OIMBoardOptions(safe_values={"K": 0.0}), resource="/dev/null")
+    emulator = emulator_factory()
+    board = OIMBoard(model, OIMBoardOptions(safe_values={"h": 3.0}), resource=emulator.url)
+    with pytest.raises(OutOfRangeError, match=r"h1.*outside.*safe_values"):
+        board.open()
+    assert emulator.board.is_safe()
+
+
 def test_tcp_transport_and_the_registry(emulator_factory) -> None:
     emulator = emulator_factory(transport="tcp")
     assert emulator.url.startswith("socket://127.0.0.1:")

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from labep.bench import BenchFaultError, FaultReporting, OutOfRangeError, Settle
+from labep.bench import BenchError, BenchFaultError, FaultReporting, OutOfRangeError, Settle
 from labep.drivers.polariton_bench import (
     SIM_RESOURCES,
     PolaritonBench,
@@ -216,3 +216,45 @@ def test_the_bench_protocol_validates_and_needs_a_resource() -> None:
     del doc["bench"]["resource"]
     with pytest.raises(ProtocolError, match="resource"):
         load_protocol(doc)
+
+
+def test_protocol_defined_safe_potential_on_open_error_and_close(tmp_path) -> None:
+    """``bench.options.safe_values: {V: v}``: the modulator displays v (nearest level) on
+    open, after any error (laser off first) and on close."""
+    bench = PolaritonBench(model(), PolaritonBenchOptions(
+        timeout=0.5, backoff=0.0, safe_values={"V": 0.5}), resource=sim_file(tmp_path))
+    bench.open()
+    assert bench.slm is not None and bench.laser is not None and bench.camera is not None
+    (spec,) = bench.spec.parameters
+    safe = np.full(9, round((0.5 - spec.low) / bench.lsb))
+    np.testing.assert_array_equal(bench.read_params()["V"], safe)
+    bench.write({"V": np.arange(300, 309)})
+
+    def broken() -> None:
+        raise BenchFaultError("the camera stopped answering", kind="timeout",
+                              instrument="camera", command="FETC?")
+
+    acquire, bench.camera.acquire = bench.camera.acquire, broken  # type: ignore[method-assign]
+    with pytest.raises(BenchFaultError, match="camera stopped"):
+        bench.relax(XOR, settle=FRAMES)
+    assert bench.laser.output is False
+    np.testing.assert_array_equal(bench.read_params()["V"], safe)
+    bench.camera.acquire = acquire  # type: ignore[method-assign]
+    bench.write({"V": np.arange(300, 309)})
+    bench.relax(XOR, settle=FRAMES)
+    bench.close()
+    shown = [c for c in bench.slm.history if c.startswith("SLM:PATT ")]
+    assert shown[-1] == "SLM:PATT " + ",".join(str(int(g)) for g in safe + bench.margin_levels)
+    assert laser_commands(bench)[-2:] == ["OUTP 0", "OUTP?"]
+
+
+def test_a_safe_potential_out_of_range_or_unknown_is_refused_with_the_laser_off(
+        tmp_path) -> None:
+    with pytest.raises(BenchError, match="safe_values: no parameter 'W'"):
+        PolaritonBench(model(), PolaritonBenchOptions(safe_values={"W": 0.0}), resource="@sim")
+    bench = PolaritonBench(model(), PolaritonBenchOptions(timeout=0.5, safe_values={"V": 3.9}),
+                           resource=sim_file(tmp_path))
+    with pytest.raises(OutOfRangeError, match="safe_values"):
+        bench.open()
+    assert laser_commands(bench)[:2] == ["OUTP 0", "OUTP?"]  # off first, confirmed
+    assert "OUTP 1" not in laser_commands(bench)
