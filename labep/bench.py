@@ -169,21 +169,34 @@ def _prefix(name: str) -> str:
 
 @dataclass(frozen=True)
 class Nudge:
-    """The nudge of an EP phase: strength beta (signed) and the target the cost pulls towards."""
+    """The nudge of an EP phase: strength beta (signed) and the target the cost pulls towards.
+
+    ``correction``: the non-conservative correction of Scurria et al. (2026): the bench adds
+    (J^T - J)(s - s0) to its dynamics, J = df/ds at the free state s0 (the phase's ``start``),
+    so that the response solves the adjoint equation. Only benches with
+    ``supports_correction = True`` apply it; protocols asking for it elsewhere are refused."""
 
     strength: float
     target: np.ndarray
+    correction: bool = False
 
 
 @dataclass(frozen=True)
 class Settle:
     """When a phase counts as settled: residual (max |rho(h(s)) - s|) at or below ``tolerance``
     within ``max_steps`` steps of the physics; ``readouts`` settled-state readouts are averaged
-    (a noiseless readout averages to itself)."""
+    (a noiseless readout averages to itself).
+
+    ``samples``: also return the ``readouts`` readouts themselves, as
+    :attr:`Relaxation.samples`. A stochastic bench (a simulator at temperature T > 0, see
+    :mod:`labep.simulators.thermal`) then draws them from its stationary distribution
+    p(s) ~ exp(-(E + beta C) / T), after its burn-in and ``thin`` steps apart, for the
+    estimators that take expectations and covariances over sample sets."""
 
     tolerance: float
     max_steps: int
     readouts: int = 1
+    samples: bool = False
 
 
 @dataclass
@@ -192,6 +205,9 @@ class Relaxation:
 
     ``state`` has shape (batch, state_size); ``converged``, ``steps`` and ``residual`` have
     shape (batch,). A phase whose residual is above tolerance is a fault, never a gradient.
+    ``samples`` (when :attr:`Settle.samples` asked for them) has shape
+    (readouts, batch, state_size): the readouts whose mean is ``state``. ``info`` may carry
+    ``temperature`` (T of a sampling bench), ``burn_in`` and ``thin``.
     """
 
     state: np.ndarray
@@ -199,6 +215,7 @@ class Relaxation:
     steps: np.ndarray
     residual: np.ndarray
     info: dict[str, Any] = field(default_factory=dict)
+    samples: np.ndarray | None = None
 
     @property
     def all_converged(self) -> bool:
@@ -207,7 +224,8 @@ class Relaxation:
     def rows(self, mask: np.ndarray) -> Relaxation:
         """The samples selected by a boolean ``mask`` (e.g. the settled ones)."""
         return Relaxation(self.state[mask], self.converged[mask], self.steps[mask],
-                          self.residual[mask], self.info)
+                          self.residual[mask], self.info,
+                          None if self.samples is None else self.samples[:, mask])
 
 
 @dataclass(frozen=True)

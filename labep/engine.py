@@ -15,7 +15,7 @@ import contextlib
 import time
 import traceback as tb
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -309,6 +309,10 @@ class Trainer:
         training = protocol.training
         estimator = make_estimator(protocol.estimator.name, protocol.estimator.random_sign)
         free_settle, nudged_settle = settles(protocol)
+        # an estimator over sample sets (thermal bench) keeps the training phases' readouts
+        train_free, train_nudged = ((replace(free_settle, samples=True),
+                                     replace(nudged_settle, samples=True))
+                                    if estimator.samples else (free_settle, nudged_settle))
         rates = learning_rates(protocol, model)
         faults = FaultPolicy(protocol.faults, bench)
         position: dict[str, Any] = {"epoch": 0, "batch": 0, "step": 0, "loss_sum": 0.0,
@@ -346,19 +350,20 @@ class Trainer:
                     target = model.encode_target(labels)
                     signs = stream(protocol.seed, 2, epoch, index) if estimator.random else None
                     strengths = estimator.strengths(protocol.estimator.beta, signs)
+                    correction = protocol.estimator.correction
                     events: list[tuple[str, str, dict[str, Any]]] = []
                     metrics: dict[str, float] = {}
                     try:
-                        free = faults.call("free phase", bench.relax, x, settle=free_settle)
+                        free = faults.call("free phase", bench.relax, x, settle=train_free)
                         nudged = [faults.call(f"nudged phase (beta {s:+g})", bench.relax, x,
-                                              Nudge(s, target), start=free.state,
-                                              settle=nudged_settle) for s in strengths]
+                                              Nudge(s, target, correction), start=free.state,
+                                              settle=train_nudged) for s in strengths]
                         ok = settled_mask([free, *nudged])
                         if not ok.all():
                             detail = {"samples": int(np.count_nonzero(~ok)),
                                       "free_residual": float(np.max(free.residual)),
-                                      "nudged_residual": max(float(np.max(p.residual))
-                                                             for p in nudged)}
+                                      "nudged_residual": max((float(np.max(p.residual))
+                                                              for p in nudged), default=0.0)}
                             if protocol.phases.on_unsettled == "stop":
                                 raise UnsettledPhaseError(
                                     f"step {step}: {detail['samples']} sample(s) did not "
@@ -371,8 +376,11 @@ class Trainer:
                             # would still carry a NaN readout into the contrast: 0 * NaN)
                             used = (x, free, nudged) if ok.all() else (
                                 x[ok], free.rows(ok), [p.rows(ok) for p in nudged])
+                            extra = ({"target": target if ok.all() else target[ok]}
+                                     if estimator.samples else {})
                             estimate = estimator.estimate(model, *used, strengths,
-                                                          np.ones(int(ok.sum())))
+                                                          np.ones(int(ok.sum())), **extra)
+                            metrics.update(estimate.metrics())
                             update = estimate.gradient
                             for name, gradient in update.items():
                                 gradient *= -rates[name]  # in place: theta <- theta - lr * g
@@ -391,7 +399,8 @@ class Trainer:
                             "loss": float(cost.mean()),
                             "batch_accuracy": hits / len(rows),
                             "free_steps": float(np.mean(free.steps)),
-                            "nudged_steps": float(np.mean([p.steps.mean() for p in nudged])),
+                            "nudged_steps": (float(np.mean([p.steps.mean() for p in nudged]))
+                                             if nudged else 0.0),  # none: thermal_covariance
                             "free_residual": float(np.max(free.residual)),
                             "unsettled": int(np.count_nonzero(~ok)),
                         })

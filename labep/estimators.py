@@ -6,6 +6,10 @@ first) and turns the read-back steady states into a gradient estimate of the cos
 - ``one_sided`` (Scellier and Bengio 2017): (dE/dtheta(s^beta) - dE/dtheta(s^0)) / beta;
 - ``symmetric`` (Laborieux et al. 2021): (dE/dtheta(s^+beta) - dE/dtheta(s^-beta)) / (2 beta),
   whose bias is O(beta^2) instead of O(beta).
+- ``finite_nudge`` (Litman): (<dE/dtheta>_beta - <dE/dtheta>_0) / beta over Boltzmann samples,
+  the exact gradient of (F_beta - F_0) / beta at any finite beta;
+- ``thermal_covariance`` (Massar and Mognetti): -(1/T) Cov(C, dE/dtheta) + <dC/dtheta> over
+  free-phase samples only: no nudged phase.
 
 The update is minus the learning rate times the estimate. Samples whose phases did not settle
 are left out (``weights``); the estimate reports how many samples it rests on.
@@ -24,10 +28,26 @@ from labep.models import Model, Params
 
 @dataclass
 class Estimate:
-    """A gradient estimate of the mean cost, with the number of samples it rests on."""
+    """A gradient estimate of the mean cost, with the number of samples it rests on.
+
+    Estimators over sample sets (thermal benches) also report ``readouts`` (the readouts per
+    sample) and ``stderr``, the standard error of each parameter's estimate (batch means over
+    blocks of readouts), summarized by :meth:`metrics`."""
 
     gradient: Params
     samples: int
+    readouts: int = 1
+    stderr: Params | None = None
+
+    def metrics(self) -> dict[str, float]:
+        """``estimate_readouts`` and ``estimate_rel_stderr`` (|stderr| / |gradient|) of an
+        estimate over sample sets; nothing for a deterministic one."""
+        if self.stderr is None:
+            return {}
+        from labep.thermal import relative_stderr
+
+        return {"estimate_readouts": float(self.readouts),
+                "estimate_rel_stderr": float(relative_stderr(self.gradient, self.stderr))}
 
 
 class Estimator(ABC):
@@ -36,6 +56,9 @@ class Estimator(ABC):
     name = ""
     #: whether ``strengths`` draws from its random stream (the engine skips making one if not)
     random = False
+    #: whether it takes sample sets (``Settle.samples``, the readouts of a thermal bench); the
+    #: engine then also passes ``target=`` (the batch's targets) to ``estimate``
+    samples = False
 
     @abstractmethod
     def strengths(self, beta: float, rng: np.random.Generator) -> list[float]:
@@ -89,9 +112,92 @@ class Symmetric(Estimator):
         return Estimate(gradient, int(np.count_nonzero(weights)))
 
 
+class FiniteNudge(Estimator):
+    """(<dE/dtheta>_beta - <dE/dtheta>_0) / beta over Gibbs-Boltzmann samples (Litman, "EP
+    without limits"): for any finite beta the exact gradient of (F_beta - F_0) / beta,
+    F = -T log Z the free energy; as beta -> 0, the gradient of the expected cost <C>_0.
+    Needs a bench at temperature T > 0 that returns samples (:mod:`labep.thermal`)."""
+
+    name = "finite_nudge"
+    samples = True
+
+    def __init__(self, random_sign: bool = False) -> None:
+        self.random_sign = random_sign
+        self.random = random_sign
+
+    def strengths(self, beta: float, rng: np.random.Generator | None) -> list[float]:
+        sign = rng.choice((-1.0, 1.0)) if self.random_sign and rng is not None else 1.0
+        return [sign * beta]
+
+    def estimate(self, model, inputs, free, nudged, strengths, weights, target=None):
+        from labep.thermal import block_stderr, finite_nudge
+
+        (beta,) = strengths
+        free_samples, nudged_samples = _samples(self.name, free), _samples(self.name, nudged[0])
+        gradient = finite_nudge(model, inputs, free_samples, nudged_samples, beta, weights)
+        stderr = block_stderr(lambda part: finite_nudge(
+            model, inputs, free_samples[part], nudged_samples[part], beta, weights),
+            free_samples.shape[0])
+        return Estimate(gradient, int(np.count_nonzero(weights)), free_samples.shape[0],
+                        stderr)
+
+
+class ThermalCovariance(Estimator):
+    """-(1/T) Cov(C, dE/dtheta) + <dC/dtheta> over free-phase samples at temperature T
+    (Massar and Mognetti, "EP: the quantum and the thermal cases"): the gradient of the
+    expected cost <C>, with no nudged phase at all (``strengths`` is empty: no output is ever
+    clamped or nudged). The explicit term <dC/dtheta> comes from the model's
+    ``explicit_cost_gradient`` if it has one (none: C does not depend on theta, as for the
+    Hopfield and OIM models). T is the one the bench reports (``Relaxation.info``)."""
+
+    name = "thermal_covariance"
+    samples = True
+
+    def strengths(self, beta: float, rng: np.random.Generator | None) -> list[float]:
+        return []
+
+    def estimate(self, model, inputs, free, nudged, strengths, weights, target=None):
+        from labep.thermal import block_stderr, thermal_covariance
+
+        if target is None:
+            raise ValueError("thermal_covariance needs the targets of the batch")
+        samples = _samples(self.name, free)
+        temperature = float(free.info.get("temperature", 0.0))
+        if not temperature > 0.0:
+            raise ValueError(f"{self.name}: the bench reported no temperature T > 0 with its "
+                             "samples; the covariance estimate needs Boltzmann samples at T")
+        explicit_of = getattr(model, "explicit_cost_gradient", None)
+
+        def estimate(part: slice) -> Params:
+            part_samples = samples[part]
+            explicit = None if explicit_of is None else explicit_of(inputs, part_samples,
+                                                                    target, weights)
+            return thermal_covariance(model, inputs, part_samples, target, temperature,
+                                      weights, explicit)
+
+        gradient = estimate(slice(None))
+        stderr = block_stderr(estimate, samples.shape[0])
+        return Estimate(gradient, int(np.count_nonzero(weights)), samples.shape[0], stderr)
+
+
+def _samples(name: str, phase: Relaxation) -> np.ndarray:
+    """The sample set of a phase, or a clear error if the bench returned none."""
+    if phase.samples is None:
+        raise ValueError(f"the {name} estimator needs sample sets: a bench at temperature "
+                         "T > 0 asked for readouts with Settle(samples=True)")
+    return phase.samples
+
+
+ESTIMATORS = ("one_sided", "symmetric", "finite_nudge", "thermal_covariance")
+
+
 def make_estimator(name: str, random_sign: bool = False) -> Estimator:
     if name == "one_sided":
         return OneSided(random_sign)
     if name == "symmetric":
         return Symmetric()
-    raise ValueError(f"unknown estimator {name!r}; known: one_sided, symmetric")
+    if name == "finite_nudge":
+        return FiniteNudge(random_sign)
+    if name == "thermal_covariance":
+        return ThermalCovariance()
+    raise ValueError(f"unknown estimator {name!r}; known: {', '.join(ESTIMATORS)}")

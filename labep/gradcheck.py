@@ -18,6 +18,7 @@ from labep.engine import build_bench, build_model, load_dataset, stream
 from labep.estimators import make_estimator
 from labep.models import Params
 from labep.protocol import Protocol
+from labep.thermal import THERMAL_ESTIMATORS, thermal_gradcheck
 
 
 class GradcheckError(RuntimeError):
@@ -54,15 +55,22 @@ def gradcheck(
     tolerance: float = 1e-10,
     max_steps: int = 100_000,
     params: Params | None = None,
+    correction: bool | None = None,
 ) -> dict[str, Any]:
     """EP estimate vs. exact gradient for one batch of training data on fresh parameters
-    (drawn from ``seed``; or ``params`` given). Returns a JSON-ready dict."""
+    (drawn from ``seed``; or ``params`` given). ``correction`` (default: the protocol's
+    ``estimator.correction``) runs the corrected nudge of non-conservative EP. Returns a
+    JSON-ready dict."""
     if protocol.bench.kind != "simulator":
         raise GradcheckError("gradcheck needs a simulator bench: the exact gradient is computed "
                              "from the model, and compared at states the simulator settles")
     seed = protocol.seed if seed is None else seed
     beta = protocol.estimator.beta if beta is None else beta
     name = estimator or protocol.estimator.name
+    if name in THERMAL_ESTIMATORS:  # Boltzmann samples vs exact enumeration
+        return thermal_gradcheck(protocol, beta=beta, estimator=name, samples=samples,
+                                 seed=seed, params=params)
+    correction = protocol.estimator.correction if correction is None else correction
     model = build_model(protocol)
     data = load_dataset(protocol)
     count = min(samples or protocol.training.batch_size, len(data.train_labels))
@@ -72,6 +80,9 @@ def gradcheck(
     params = model.init_params(stream(seed, 0)) if params is None else params
     settle = Settle(tolerance, max_steps)
     with build_bench(protocol, model, dtype="float64") as bench:
+        if correction and not getattr(bench, "supports_correction", False):
+            raise GradcheckError(f"bench {protocol.bench.name!r} cannot apply the "
+                                 "non-conservative correction (J^T - J)(s - s0)")
         bench.write(params)
         free = bench.relax(x, settle=settle)
         host_residual = model.residual(x, free.state, params)
@@ -86,7 +97,8 @@ def gradcheck(
             )
         est = make_estimator(name)
         strengths = est.strengths(beta, stream(seed, 2))
-        nudged = [bench.relax(x, Nudge(s, target), start=free.state, settle=settle)
+        nudged = [bench.relax(x, Nudge(s, target, correction), start=free.state,
+                              settle=settle)
                   for s in strengths]
         for phase, strength in zip(nudged, strengths, strict=True):
             if not phase.all_converged:
@@ -100,6 +112,7 @@ def gradcheck(
                       np.concatenate([exact[k].ravel() for k in names]))
     return {
         "estimator": name,
+        "correction": correction,
         "beta": beta,
         "samples": count,
         "seed": seed,

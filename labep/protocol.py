@@ -24,6 +24,7 @@ from pydantic import (
     PositiveFloat,
     PositiveInt,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -64,8 +65,18 @@ class LayeredHopfieldConfig(_Strict):
 
     kind: Literal["layered_hopfield"]
     sizes: list[PositiveInt] = Field(min_length=2, max_length=64)
-    activation: Literal["hard_sigmoid"] = "hard_sigmoid"
+    activation: Literal["hard_sigmoid"] = Field(
+        "hard_sigmoid", description="clip(s, 0, 1): the clipped ReLU with ceiling 1.")
     init_gain: PositiveFloat = Field(1.0, description="W ~ U(-g/sqrt(n_in), g/sqrt(n_in)).")
+    skips: list[list[int]] = Field(
+        default_factory=list, max_length=2016,
+        description="Skip couplings S_{l,m} (Hopfield-ResNet) between free layers [l, m], "
+        "1 <= l, m - l >= 2, m <= L; each learns at the rate of its upper layer m.")
+    skip_every: int | None = Field(
+        None, ge=2, le=64,
+        description="Shorthand: skips [1, 1+k], [1+k, 1+2k], ... up to layer L (added to skips).")
+    skip_init_gain: PositiveFloat | None = Field(
+        None, description="S_{l,m} ~ U(-g_s/sqrt(n_l), g_s/sqrt(n_l)); default init_gain.")
 
     @field_validator("sizes")
     @classmethod
@@ -73,6 +84,25 @@ class LayeredHopfieldConfig(_Strict):
         if any(n > 1_000_000 for n in sizes):
             raise ValueError("layer sizes above 1,000,000 units are refused")
         return sizes
+
+    @field_validator("skips")
+    @classmethod
+    def _skips_fit(cls, skips: list[list[int]], info: ValidationInfo) -> list[list[int]]:
+        sizes = info.data.get("sizes")
+        if sizes is not None:
+            from labep.models.hopfield import resolve_skips
+
+            resolve_skips(len(sizes) - 1, skips)  # raises naming the offending pair
+        return skips
+
+    @field_validator("skip_every")
+    @classmethod
+    def _span_fits(cls, every: int | None, info: ValidationInfo) -> int | None:
+        sizes = info.data.get("sizes")
+        if every is not None and sizes is not None and every > len(sizes) - 2:
+            raise ValueError(f"a skip every {every} layers needs more than {every} free layers; "
+                             f"this network has {len(sizes) - 1}")
+        return every
 
 
 class LayeredOIMConfig(_Strict):
@@ -178,8 +208,23 @@ class PolaritonConfig(_Strict):
         return self
 
 
+class NonreciprocalConfig(_Strict):
+    """Layered network with non-reciprocal couplings (labep.models.nonreciprocal): forward W_l,
+    backward M_l = (1 - a)((1 - a) W_l^T + a B_l); a = 0 conservative, a = 1 feedforward."""
+
+    kind: Literal["nonreciprocal"]
+    sizes: list[PositiveInt] = Field(min_length=2, max_length=64)
+    activation: Literal["sigmoid"] = Field(
+        "sigmoid", description="rho(s) = sigmoid(4 s - 2), smooth so that J = df/ds exists.")
+    asymmetry: float = Field(0.5, ge=0.0, le=1.0,
+                             description="a: 0 reciprocal (B = W^T), 1 feedforward (no feedback).")
+    init_gain: PositiveFloat = Field(1.0, description="W, B, b ~ U(-g/sqrt(n_in), g/sqrt(n_in)).")
+
+    _not_huge = field_validator("sizes")(LayeredHopfieldConfig._not_huge.__func__)
+
+
 ModelConfig = Annotated[LayeredHopfieldConfig | LayeredOIMConfig | DenseOIMConfig
-                        | PolaritonConfig, Field(discriminator="kind")]
+                        | PolaritonConfig | NonreciprocalConfig, Field(discriminator="kind")]
 
 
 class DigitsConfig(_Strict):
@@ -232,7 +277,8 @@ class PhasesConfig(_Strict):
     free: SettleConfig = SettleConfig()
     nudged: SettleConfig = SettleConfig()
     readout_average: PositiveInt = Field(
-        1, le=100_000, description="Readouts of the settled state averaged per phase."
+        1, le=10_000_000, description="Readouts of the settled state averaged per phase "
+        "(the samples of a thermal estimator, kept rather than averaged)."
     )
     on_unsettled: Literal["skip", "stop"] = Field(
         "skip",
@@ -258,11 +304,17 @@ class FaultsConfig(_Strict):
 class EstimatorConfig(_Strict):
     """The EP gradient estimator and its nudge strength beta."""
 
-    name: Literal["one_sided", "symmetric"] = "symmetric"
+    name: Literal["one_sided", "symmetric", "finite_nudge", "thermal_covariance"] = Field(
+        "symmetric", description="finite_nudge and thermal_covariance take Boltzmann sample "
+        "sets (phases.readout_average readouts per phase) from a bench at temperature T > 0.")
     beta: PositiveFloat = Field(0.5, le=1e6, description="Nudge strength magnitude |beta|.")
     random_sign: bool = Field(
         False, description="one_sided only: draw the sign of beta at random for each batch."
     )
+    correction: bool = Field(
+        False, description="Non-conservative correction (Scurria et al. 2026): nudge with "
+        "(J^T - J)(s - s0) added, exact for non-reciprocal couplings; needs a bench that "
+        "supports it.")
 
 
 class TrainingConfig(_Strict):
@@ -620,7 +672,28 @@ def cross_check(protocol: Protocol | BenchDocument) -> list[tuple[tuple[Any, ...
     if isinstance(protocol, BenchDocument):
         return problems
     problems += check_training(protocol)
+    problems += check_correction(protocol)
+    problems += check_thermal(protocol)
     return problems
+
+
+def check_correction(protocol: Protocol) -> list[tuple[tuple[Any, ...], str]]:
+    """A protocol asking for the non-conservative correction names a bench that applies it."""
+    if not protocol.estimator.correction:
+        return []
+    if protocol.estimator.name not in ("one_sided", "symmetric"):
+        return [(("estimator", "correction"), "the non-conservative correction is for the "
+                 "one_sided and symmetric estimators of deterministic states, not "
+                 f"{protocol.estimator.name}")]
+    entry = registry.BENCHES.get(protocol.bench.name)
+    if entry is None or entry.kind != protocol.bench.kind:
+        return []
+    if getattr(entry.load(), "supports_correction", False):
+        return []
+    able = ", ".join(registry.correcting_benches())
+    return [(("estimator", "correction"),
+             f"bench {protocol.bench.name!r} cannot apply the non-conservative correction "
+             f"(J^T - J)(s - s0) to its nudged phases; benches that can: {able or '(none)'}")]
 
 
 def check_bench(protocol: Protocol | BenchDocument) -> list[tuple[tuple[Any, ...], str]]:
@@ -708,3 +781,46 @@ def dataset_shape(protocol: Protocol) -> tuple[int, int]:
         labels = read_idx(Path(data.path) / part.labels)
         classes = max(classes, int(labels.max(initial=0)) + 1)
     return int(features), classes
+
+
+#: largest sample set a thermal estimator may keep per phase (bytes)
+MAX_SAMPLE_BYTES = 2 * 2**30
+
+
+def check_thermal(protocol: Protocol) -> list[tuple[tuple[Any, ...], str]]:
+    """A thermal estimator (finite_nudge, thermal_covariance) needs a bench that returns
+    Boltzmann samples (its options' ``sampling_temperature`` T > 0) and >= 2 readouts."""
+    estimator = protocol.estimator.name
+    if estimator not in ("finite_nudge", "thermal_covariance"):
+        return []
+    entry = registry.BENCHES.get(protocol.bench.name)
+    if entry is None or entry.kind != protocol.bench.kind:
+        return []  # check_bench reports it
+    try:
+        options = entry.load().options_model.model_validate(protocol.bench.options)
+    except ValidationError:
+        return []  # check_bench reports it
+    problems: list[tuple[tuple[Any, ...], str]] = []
+    temperature = getattr(options, "sampling_temperature", None)
+    if temperature is None:
+        problems.append((("estimator", "name"), f"{estimator} takes Boltzmann samples; bench "
+                         f"{protocol.bench.name!r} cannot return samples (use the hopfield "
+                         "simulator with options.temperature > 0, or oim with phase_noise > 0)"))
+    elif not temperature > 0.0:
+        problems.append((("bench", "options"), f"{estimator} takes Boltzmann samples at a "
+                         f"temperature T > 0; bench {protocol.bench.name!r} is at T = 0 (set "
+                         "options.temperature on hopfield, options.phase_noise on oim)"))
+    if protocol.phases.readout_average < 2:
+        problems.append((("phases", "readout_average"), f"{estimator}: the readouts per phase "
+                         "are its samples; give at least 2 (a few hundred in practice)"))
+    # the samples of a phase are kept whole: (readouts, batch, units) float64
+    kept = (protocol.phases.readout_average * protocol.training.batch_size
+            * sum(protocol.model.sizes[1:]) * 8)
+    if kept > MAX_SAMPLE_BYTES:
+        problems.append((("phases", "readout_average"), f"{estimator} keeps every readout: "
+                         f"{protocol.phases.readout_average} readouts x batch "
+                         f"{protocol.training.batch_size} x {sum(protocol.model.sizes[1:])} "
+                         f"units is {kept / 2**30:.1f} GiB per phase (limit "
+                         f"{MAX_SAMPLE_BYTES / 2**30:.0f} GiB); fewer readouts or a smaller "
+                         "batch"))
+    return problems

@@ -28,6 +28,8 @@ BENCHES: dict[str, BenchEntry] = {
     "oim_board": BenchEntry("driver", "labep.drivers.oim_board:OIMBoard"),
     "polariton": BenchEntry("simulator", "labep.simulators.polariton:PolaritonSimulator"),
     "polariton_bench": BenchEntry("driver", "labep.drivers.polariton_bench:PolaritonBench"),
+    "nonreciprocal": BenchEntry("simulator",
+                                "labep.simulators.nonreciprocal:NonreciprocalSimulator"),
 }
 
 MODELS: dict[str, str] = {
@@ -35,11 +37,18 @@ MODELS: dict[str, str] = {
     "layered_oim": "labep.models.oim:LayeredOIM",
     "dense_oim": "labep.models.dense_oim:DenseOIM",
     "polariton": "labep.models.polariton:PolaritonLattice",
+    "nonreciprocal": "labep.models.nonreciprocal:NonreciprocalLayered",
 }
 
 
 def bench_names(kind: str) -> list[str]:
     return sorted(name for name, entry in BENCHES.items() if entry.kind == kind)
+
+
+def correcting_benches() -> list[str]:
+    """Benches that apply the non-conservative correction (``supports_correction``)."""
+    #: kept by name so that listing them never imports every bench's kernels
+    return ["nonreciprocal"]
 
 
 def load_model_class(kind: str) -> Any:

@@ -4,6 +4,9 @@ Physics: :class:`labep.models.hopfield.LayeredHopfield`. The settle loop runs th
 update s_l <- (1 - a) s_l + a rho(h_l) per sample, either layer by layer in even/odd order
 (asynchronous: exact block coordinate descent on E, converges without 2-cycles) or all layers
 at once (synchronous: can fall into a 2-cycle on a symmetric network unless damped, a < 1).
+Skip couplings S_{l,m} (Hopfield-ResNet) add to the fields of both their layers; a skip of even
+span joins two layers of the same parity, and the even/odd sweep stays block coordinate descent
+because it updates the layers of one parity one after another, in place.
 Each sample stops as soon as its residual max|rho(h(s)) - s| is at or below tolerance.
 
 The clamped input's drive x W_1 + b_1 is constant during a phase: it is computed once per
@@ -28,6 +31,7 @@ from labep.simulators.layered import (
     LayeredSimulatorOptions,
     coupling_block,
 )
+from labep.simulators.thermal import ThermalOptions, sample_hopfield
 
 
 @numba.njit(cache=True, inline="always")
@@ -123,16 +127,50 @@ def _layer_field(layer, sizes, state_offsets, weights, weight_offsets, transpose
                 out[i] += acc
 
 
+@numba.njit(cache=True, fastmath={"reassoc"})
+def _skip_field(layer, sizes, state_offsets, weights, skip_offsets, skip_lower, skip_upper, row,
+                out):
+    """Add the skip terms of layer l to its field ``out``: S_{l,m} s_m for every skip (l, m)
+    above it, S_{k,l}^T s_k for every skip (k, l) below it. Each S_{l,m} is stored row-major
+    (n_l, n_m) at ``skip_offsets[k]`` of the weight buffer; loops index views from zero."""
+    for k in range(skip_lower.shape[0]):
+        low = skip_lower[k]
+        high = skip_upper[k]
+        if low != layer and high != layer:
+            continue
+        n_low = sizes[low]
+        n_high = sizes[high]
+        block = coupling_block(weights, skip_offsets[k], n_low, n_high)
+        if low == layer:
+            above = row[state_offsets[high - 1]:state_offsets[high - 1] + n_high]
+            for i in range(n_low):
+                coupling = block[i]
+                acc = 0.0
+                for j in range(n_high):
+                    acc += coupling[j] * above[j]
+                out[i] += acc
+        else:
+            below = row[state_offsets[low - 1]:state_offsets[low - 1] + n_low]
+            for i in range(n_low):
+                s_i = below[i]
+                if s_i != 0.0:
+                    coupling = block[i]
+                    for j in range(n_high):
+                        out[j] += s_i * coupling[j]
+
+
 @numba.njit(cache=True, parallel=True)
 def settle_layered(sizes, weights, weight_offsets, transposed, biases, bias_offsets, drive, state,
                    target, strength, tolerance, max_steps, damping, asynchronous, steps_out,
-                   residual_out):
+                   residual_out, skip_offsets, skip_lower, skip_upper):
     """Relax a batch of layered Hopfield states in place (one kernel for every phase).
 
     ``weights``/``biases`` are the flat parameter buffers (W_l at ``weight_offsets[l-1]``,
     row-major or, where ``transposed[l-1]``, transposed; b_l at ``bias_offsets[l-1]``),
     ``drive`` the clamped input's drive x W_1 + b_1 (batch, n_1), ``target`` y (batch, n_L),
-    ``strength`` the nudge beta.
+    ``strength`` the nudge beta. Skip couplings S_{l,m} (Hopfield-ResNet): pair k joins layers
+    ``skip_lower[k]`` < ``skip_upper[k]``, stored row-major at ``skip_offsets[k]`` of ``weights``
+    (empty arrays: no skips, and the plain network's loop, step for step).
     Writes each sample's steps used and final residual max|rho(h(s)) - s|.
     """
     batch = state.shape[0]
@@ -144,6 +182,7 @@ def settle_layered(sizes, weights, weight_offsets, transposed, biases, bias_offs
     for layer in range(1, n_layers + 1):
         width = max(width, sizes[layer])
     n_state = state.shape[1]
+    has_skips = skip_lower.shape[0] > 0
     for sample in numba.prange(batch):
         row = state[sample]
         field = np.empty(width, dtype=state.dtype)
@@ -161,6 +200,9 @@ def settle_layered(sizes, weights, weight_offsets, transposed, biases, bias_offs
                         _layer_field(layer, sizes, state_offsets, weights, weight_offsets,
                                      transposed, biases, bias_offsets, drive[sample], row,
                                      field)
+                        if has_skips:
+                            _skip_field(layer, sizes, state_offsets, weights, skip_offsets,
+                                        skip_lower, skip_upper, row, field)
                         units = row[state_offsets[layer - 1]:
                                     state_offsets[layer - 1] + sizes[layer]]
                         residual = max(residual, _update(units, field, layer == n_layers,
@@ -170,6 +212,9 @@ def settle_layered(sizes, weights, weight_offsets, transposed, biases, bias_offs
                     s0 = state_offsets[layer - 1]
                     _layer_field(layer, sizes, state_offsets, weights, weight_offsets,
                                  transposed, biases, bias_offsets, drive[sample], row, field)
+                    if has_skips:
+                        _skip_field(layer, sizes, state_offsets, weights, skip_offsets,
+                                    skip_lower, skip_upper, row, field)
                     fields[s0:s0 + sizes[layer]] = field[:sizes[layer]]
                 for layer in range(1, n_layers + 1):
                     s0 = state_offsets[layer - 1]
@@ -184,7 +229,7 @@ def settle_layered(sizes, weights, weight_offsets, transposed, biases, bias_offs
         residual_out[sample] = residual
 
 
-class HopfieldSimulatorOptions(LayeredSimulatorOptions):
+class HopfieldSimulatorOptions(LayeredSimulatorOptions, ThermalOptions):
     """Options of the Hopfield simulator bench (``bench.options`` in a protocol)."""
 
     asynchronous: bool = Field(
@@ -206,6 +251,13 @@ class HopfieldSimulator(LayeredSimulator):
     def __init__(self, model: LayeredHopfield, options: HopfieldSimulatorOptions | None = None):
         # W_1 only feeds the input drive (a BLAS product), so it stays row-major
         super().__init__(model, options or HopfieldSimulatorOptions())
+        # skip couplings S_{l,m} (row-major blocks of the weight buffer, after W_1 .. W_L)
+        skips = getattr(model, "skips", ())
+        self._skip_lower = np.array([low for low, _ in skips], dtype=np.int64)
+        self._skip_upper = np.array([high for _, high in skips], dtype=np.int64)
+        self._skip_offsets = np.array(
+            [self._weight_offsets[self._coupling_index[model.skip_name(low, high)]]
+             for low, high in skips], dtype=np.int64)
 
     def relax(
         self,
@@ -215,6 +267,8 @@ class HopfieldSimulator(LayeredSimulator):
         settle: Settle | None = None,
     ) -> Relaxation:
         settle = settle or Settle(self.options.tolerance, self.options.max_steps)
+        if self.options.temperature > 0.0:  # Boltzmann samples (labep.simulators.thermal)
+            return sample_hopfield(self, inputs, nudge, start, settle)
         inputs, state, strength, target = self._prepare(inputs, nudge, start)
         # x W_1 + b_1: constant during a phase, computed once per clamp
         drive = self._clamped(inputs, lambda x: np.ascontiguousarray(
@@ -226,6 +280,6 @@ class HopfieldSimulator(LayeredSimulator):
                        self._biases, self._bias_offsets, drive, state, target, strength,
                        float(settle.tolerance), int(settle.max_steps),
                        float(self.options.damping), bool(self.options.asynchronous),
-                       steps, residual)
+                       steps, residual, self._skip_offsets, self._skip_lower, self._skip_upper)
         state = read_out(state, self.options.device, self._readout_rng, settle.readouts)
         return Relaxation(state, residual <= settle.tolerance, steps, residual)

@@ -95,8 +95,10 @@ class LayeredSimulator(BenchLifecycle):
         self._coupling_index = {name: i for i, (name, _) in enumerate(couplings)}
         w_sizes = [rows * cols for _, (rows, cols) in couplings]
         self._weight_offsets = np.concatenate(([0], np.cumsum(w_sizes)[:-1])).astype(np.int64)
+        # only the inter-layer couplings W_l; further 2-D parameters (skips) stay row-major
         self._transposed = np.array(
             [model.layer_of(name) >= self.transpose_from and rows > cols
+             and name == f"{model.coupling}{model.layer_of(name)}"
              for name, (rows, cols) in couplings], dtype=np.bool_)
         # 1-D parameters (biases) lie one after another in the order of the model's shapes:
         # b_1 .. b_L at the state's offsets, then any further per-unit parameters

@@ -33,6 +33,7 @@ from labep.simulators.layered import (
     LayeredSimulatorOptions,
     coupling_block,
 )
+from labep.simulators.thermal import SamplingOptions, sample_oim
 
 TWO_PI = 2.0 * math.pi
 
@@ -255,7 +256,7 @@ def settle_oim(sizes, weights, weight_offsets, transposed, biases, drive_a, driv
         residual_out[sample] = residual
 
 
-class OIMSimulatorOptions(LayeredSimulatorOptions):
+class OIMSimulatorOptions(LayeredSimulatorOptions, SamplingOptions):
     """Options of the OIM simulator bench (``bench.options`` in a protocol)."""
 
     tolerance: float = Field(1e-4, gt=0.0, description="Settle tolerance on max |dphi/dt|.")
@@ -269,6 +270,11 @@ class OIMSimulatorOptions(LayeredSimulatorOptions):
         0.0, ge=0.0, description="Temperature T of the phase noise sqrt(2 T) xi (off: 0).")
     rest_phase: float = Field(
         math.pi / 2, description="Phase every oscillator starts from when no start is given.")
+
+    @property
+    def sampling_temperature(self) -> float:
+        """T of the samples a phase asked for them returns: the phase noise."""
+        return float(self.phase_noise)
 
     @model_validator(mode="after")
     def _adaptive_is_noiseless(self) -> OIMSimulatorOptions:
@@ -352,6 +358,8 @@ class OIMSimulator(LayeredSimulator):
                 strength: float, target: np.ndarray, settle: Settle | None) -> Relaxation:
         """Integrate ``state`` in place with the clamped inputs' ``drive`` and read it out."""
         settle = settle or Settle(self.options.tolerance, self.options.max_steps)
+        if settle.samples and self.options.phase_noise > 0.0:  # Boltzmann samples at T
+            return sample_oim(self, drive, state, strength, target, settle)
         drive_a, drive_b = drive
         batch = state.shape[0]
         steps = np.zeros(batch, dtype=np.int64)

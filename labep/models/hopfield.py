@@ -10,6 +10,21 @@ s_l = rho(h_l), h_l = W_l^T s_{l-1} + W_{l+1} s_{l+1} + b_l, rho the hard sigmoi
 Cost C = 1/2 |s_L - y|^2; the nudged energy is E + beta C.
 
 Local measurements: dE/dW_l = -s_{l-1} s_l^T, dE/db_l = -s_l.
+
+Skip couplings (Hopfield-ResNet, Elayedam and Srinivasan 2025, "Scaling Equilibrium Propagation
+to Deeper Neural Network Architectures"): optional symmetric couplings S_{l,m} of shape
+(n_l, n_m) between non-adjacent free layers 1 <= l < m <= L, m - l >= 2, add
+
+    - sum_{(l, m)} s_l^T S_{l,m} s_m
+
+to E, so h_l gains S_{l,m} s_m, h_m gains S_{l,m}^T s_l, and dE/dS_{l,m} = -s_l s_m^T (local, like
+W). With no skips the model is exactly the plain layered network above.
+
+Activation: the paper's "clipped ReLU" is min(max(s, 0), c); its reference code defaults to
+c = 6 (ReLU6). Here the box is [0, 1], c = 1: the hard sigmoid clip(s, 0, 1) *is* the clipped
+ReLU with ceiling 1. A ceiling c is a change of units: with s = c u, E / c^2 is this energy in u
+with W_1 and b scaled by 1 / c and the targets by 1 / c, so c only sets where the one-hot
+targets sit inside the box (here at its top).
 """
 
 from __future__ import annotations
@@ -19,17 +34,93 @@ import numpy as np
 from labep.models import Params
 from labep.models.layered import LayeredModel
 
+Skip = tuple[int, int]
+
+
+def resolve_skips(n_layers: int, skips: list[list[int]] | list[Skip] | None = None,
+                  skip_every: int | None = None) -> tuple[Skip, ...]:
+    """The skip couplings (l, m) of a network with L = ``n_layers`` free layers, sorted.
+
+    ``skips`` lists pairs explicitly; ``skip_every = k`` is the ResNet shorthand
+    (1, 1 + k), (1 + k, 1 + 2k), ... up to layer L (k >= 2). Raises ValueError naming the
+    offending pair: endpoints must be free layers 1..L, l < m, m - l >= 2, no duplicates.
+    """
+    pairs: list[Skip] = []
+    for pair in skips or ():
+        if len(pair) != 2:
+            raise ValueError(f"skip {list(pair)} must be a pair [l, m]")
+        low, high = int(pair[0]), int(pair[1])
+        if not (1 <= low <= n_layers and 1 <= high <= n_layers):
+            raise ValueError(f"skip [{low}, {high}]: endpoints must be free layers 1..{n_layers} "
+                             "(0 is the clamped input)")
+        if high - low < 2:
+            raise ValueError(f"skip [{low}, {high}]: needs l < m and m - l >= 2 "
+                             "(adjacent layers are already coupled by W)")
+        if (low, high) in pairs:
+            raise ValueError(f"skip [{low}, {high}] is listed twice")
+        pairs.append((low, high))
+    if skip_every is not None:
+        if skip_every < 2:
+            raise ValueError(f"skip_every must be >= 2, got {skip_every}")
+        for low in range(1, n_layers + 1 - skip_every, skip_every):
+            if (low, low + skip_every) not in pairs:
+                pairs.append((low, low + skip_every))
+    return tuple(sorted(pairs))
+
 
 class LayeredHopfield(LayeredModel):
     """Layered Hopfield energy with hard-sigmoid units; the model shared by simulator and host.
 
     Parameters are named ``W1..WL`` (W_l couples layer l-1 to l, shape (n_{l-1}, n_l)) and
-    ``b1..bL``. A read-back state is the concatenation [s_1, ..., s_L], one row per sample.
+    ``b1..bL``, then one ``S{l}_{m}`` per skip (S_{l,m}, shape (n_l, n_m)). A read-back state is
+    the concatenation [s_1, ..., s_L], one row per sample.
+
+    A skip's learning-rate group (:meth:`layer_of`) is its upper layer m, the layer it feeds
+    from below, as W_m is; it is drawn from U(-g_s/sqrt(n_l), g_s/sqrt(n_l)) (fan-in n_l, g_s
+    ``skip_init_gain``, default the ``init_gain``).
     """
 
     kind = "layered_hopfield"
     coupling = "W"
     vectors = ("b",)
+
+    def __init__(self, sizes: list[int] | tuple[int, ...], init_gain: float = 1.0,
+                 skips: list[list[int]] | list[Skip] | None = None,
+                 skip_every: int | None = None,
+                 skip_init_gain: float | None = None) -> None:
+        super().__init__(sizes, init_gain)
+        self.skips = resolve_skips(self.n_layers, skips, skip_every)
+        self.skip_init_gain = self.init_gain if skip_init_gain is None else float(skip_init_gain)
+
+    @staticmethod
+    def skip_name(low: int, high: int) -> str:
+        """Parameter name of S_{l,m}."""
+        return f"S{low}_{high}"
+
+    def parameter_shapes(self) -> dict[str, tuple[int, ...]]:
+        # skips after W and b: a model without skips draws and stores exactly what it did
+        shapes = super().parameter_shapes()
+        for low, high in self.skips:
+            shapes[self.skip_name(low, high)] = (self.sizes[low], self.sizes[high])
+        return shapes
+
+    def layer_of(self, name: str) -> int:
+        """The layer l of W_l or b_l, the upper layer m of a skip S_{l,m}."""
+        if name.startswith("S"):
+            return int(name.partition("_")[2])
+        return super().layer_of(name)
+
+    def init_params(self, rng: np.random.Generator) -> Params:
+        """W_l, b_l ~ U(-g/sqrt(n_{l-1}), g/sqrt(n_{l-1})), S_{l,m} ~ U(-g_s/sqrt(n_l), ...),
+        drawn in the order of :meth:`parameter_shapes` (the skips last)."""
+        params: Params = {}
+        for name, shape in self.parameter_shapes().items():
+            if name.startswith("S"):
+                bound = self.skip_init_gain / np.sqrt(shape[0])
+            else:
+                bound = self.init_gain / np.sqrt(self.sizes[self.layer_of(name) - 1])
+            params[name] = rng.uniform(-bound, bound, size=shape)
+        return params
 
     # -- activation -------------------------------------------------------------------------
 
@@ -55,6 +146,12 @@ class LayeredHopfield(LayeredModel):
             if index < self.n_layers:
                 field = field + self.layer(state, index + 1) @ params[f"W{index + 1}"].T
             fields[:, start:stop] = field
+        for low, high in self.skips:  # h_l += S s_m, h_m += S^T s_l
+            skip = params[self.skip_name(low, high)]
+            lo_l, hi_l = self.layer_slices[low]
+            lo_m, hi_m = self.layer_slices[high]
+            fields[:, lo_l:hi_l] += self.layer(state, high) @ skip.T
+            fields[:, lo_m:hi_m] += self.layer(state, low) @ skip
         return fields
 
     def energy(self, inputs: np.ndarray, state: np.ndarray, params: Params) -> np.ndarray:
@@ -65,6 +162,9 @@ class LayeredHopfield(LayeredModel):
             here = self.layer(state, index)
             energy -= np.sum((below @ params[f"W{index}"]) * here, axis=1)
             energy -= here @ params[f"b{index}"]
+        for low, high in self.skips:
+            skip = params[self.skip_name(low, high)]
+            energy -= np.sum((self.layer(state, low) @ skip) * self.layer(state, high), axis=1)
         return energy
 
     def residual(self, inputs: np.ndarray, state: np.ndarray, params: Params) -> np.ndarray:
@@ -113,6 +213,10 @@ class LayeredHopfield(LayeredModel):
                 a_below, b_below = self.layer(state_a, index - 1), self.layer(state_b, index - 1)
                 grads[f"W{index}"] = -((a_below * w).T @ a - (b_below * w).T @ b)
             grads[f"b{index}"] = -np.sum(w * (a - b), axis=0)
+        for low, high in self.skips:  # dE/dS_{l,m} = -s_l s_m^T
+            grads[self.skip_name(low, high)] = -(
+                (self.layer(state_a, low) * w).T @ self.layer(state_a, high)
+                - (self.layer(state_b, low) * w).T @ self.layer(state_b, high))
         return grads
 
     def exact_gradient(
@@ -120,9 +224,10 @@ class LayeredHopfield(LayeredModel):
     ) -> Params:
         """d(mean C)/dtheta at the free fixed point s* = rho(h(s*)), by implicit differentiation.
 
-        With D = diag(rho'(h)) and A = dh/ds (symmetric, the inter-layer couplings), the adjoint
-        lambda solves (I - A D) lambda = dC/ds; with mu = D lambda,
-        dC/dW_l[i, j] = s_{l-1,i} mu_{l,j} + mu_{l-1,i} s_{l,j} and dC/db_l = mu_l (mu_0 = 0).
+        With D = diag(rho'(h)) and A = dh/ds (symmetric, the inter-layer couplings W and the
+        skips S), the adjoint lambda solves (I - A D) lambda = dC/ds; with mu = D lambda,
+        dC/dW_l[i, j] = s_{l-1,i} mu_{l,j} + mu_{l-1,i} s_{l,j}, dC/db_l = mu_l (mu_0 = 0) and
+        dC/dS_{l,m}[i, j] = s_{l,i} mu_{m,j} + mu_{l,i} s_{m,j}.
         Computed in float64, one dense solve per sample.
         """
         inputs = np.asarray(inputs, dtype=np.float64)
@@ -135,6 +240,11 @@ class LayeredHopfield(LayeredModel):
             lo_b, hi_b = self.layer_slices[index]
             coupling[lo_a:hi_a, lo_b:hi_b] = params[f"W{index}"]
             coupling[lo_b:hi_b, lo_a:hi_a] = params[f"W{index}"].T
+        for low, high in self.skips:
+            lo_a, hi_a = self.layer_slices[low]
+            lo_b, hi_b = self.layer_slices[high]
+            coupling[lo_a:hi_a, lo_b:hi_b] = params[self.skip_name(low, high)]
+            coupling[lo_b:hi_b, lo_a:hi_a] = params[self.skip_name(low, high)].T
         slope = self.rho_prime(self.local_fields(inputs, state, params))
         dcost = np.zeros_like(state)
         lo, hi = self.output_slice
@@ -154,4 +264,8 @@ class LayeredHopfield(LayeredModel):
                 grad += self.layer(mu, index - 1).T @ self.layer(state, index)
             grads[f"W{index}"] = grad / batch
             grads[f"b{index}"] = here_mu.sum(axis=0) / batch
+        for low, high in self.skips:  # dC/dS_{l,m}[i, j] = s_{l,i} mu_{m,j} + mu_{l,i} s_{m,j}
+            grads[self.skip_name(low, high)] = (
+                self.layer(state, low).T @ self.layer(mu, high)
+                + self.layer(mu, low).T @ self.layer(state, high)) / batch
         return grads
