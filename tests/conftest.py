@@ -11,6 +11,9 @@ import yaml
 from click.testing import CliRunner, Result
 
 from labep.cli import main
+from labep.engine import Trainer
+from labep.protocol import load_protocol
+from labep.store import RunStore
 
 REPO = Path(__file__).resolve().parents[1]
 PROTOCOLS = REPO / "protocols"
@@ -82,3 +85,24 @@ def assert_force_is_minus_energy_gradient(model: Any, params: Any, x: Any, phase
                    - model.energy(x, phases - step, params)) / (2 * eps)
         np.testing.assert_allclose(-numeric, model.force(x, phases, params)[:, unit],
                                    atol=1e-7)
+
+
+def crash_and_resume(doc: dict[str, Any], path: Path, monkeypatch: pytest.MonkeyPatch,
+                     crash_at: int = 5) -> tuple[RunStore, dict[str, Any], Any]:
+    """Run ``doc`` into a store at ``path``, crash it (a power cut while step ``crash_at`` is
+    committed), then resume it: (the open store, the run as listed before the resume, the
+    resumed :class:`RunResult`). The caller closes the store."""
+    store = RunStore(path)
+    commit = RunStore.commit_step
+
+    def crashing(self: RunStore, run_id: str, step: int, *args: Any, **kwargs: Any) -> None:
+        if step == crash_at:
+            raise RuntimeError("power cut")
+        commit(self, run_id, step, *args, **kwargs)
+
+    monkeypatch.setattr(RunStore, "commit_step", crashing)
+    with pytest.raises(RuntimeError, match="power cut"):
+        Trainer(load_protocol(doc), store, progress=False).run()
+    monkeypatch.setattr(RunStore, "commit_step", commit)
+    (run,) = store.runs()
+    return store, run, Trainer.resume(store, run["id"], progress=False)

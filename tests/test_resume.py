@@ -20,7 +20,7 @@ from labep.engine import Trainer, final_params
 from labep.protocol import load_protocol
 from labep.store import RunStore, StoreError
 
-from .conftest import tiny_xor, write_protocol
+from .conftest import crash_and_resume, tiny_xor, write_protocol
 
 
 def noisy_oim(**changes: Any) -> dict[str, Any]:
@@ -72,22 +72,9 @@ def test_crashed_run_resumes_to_identical_parameters(tmp_path: Path, doc: dict[s
         expected = Trainer(load_protocol(doc), clean, progress=False).run()
         expected_codes = clean.arrays(expected.run_id, "codes")
 
-        store = RunStore(tmp_path / "crash.db")
-        commit = RunStore.commit_step
-
-        def crashing(self: RunStore, run_id: str, step: int, *args: Any, **kwargs: Any) -> None:
-            if step == crash_at:
-                raise RuntimeError("power cut")
-            commit(self, run_id, step, *args, **kwargs)
-
-        monkeypatch.setattr(RunStore, "commit_step", crashing)
-        with pytest.raises(RuntimeError, match="power cut"):
-            Trainer(load_protocol(doc), store, progress=False).run()
-        monkeypatch.setattr(RunStore, "commit_step", commit)
-        (run,) = store.runs()
+        store, run, resumed = crash_and_resume(doc, tmp_path / "crash.db", monkeypatch,
+                                               crash_at)
         assert run["status"] == "failed" and run["resumable"]
-
-        resumed = Trainer.resume(store, run["id"], progress=False)
         assert resumed.status == "completed" and resumed.steps == expected.steps
         same_params(clean, expected.run_id, store, run["id"])
         if expected_codes is not None:

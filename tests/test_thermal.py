@@ -21,7 +21,15 @@ from labep.simulators.hopfield import HopfieldSimulator, HopfieldSimulatorOption
 from labep.simulators.oim import OIMSimulator, OIMSimulatorOptions
 from labep.store import RunStore
 
-from .conftest import PROTOCOLS, cli, cli_json, protocol_doc, tiny_xor, write_protocol
+from .conftest import (
+    PROTOCOLS,
+    cli,
+    cli_json,
+    crash_and_resume,
+    protocol_doc,
+    tiny_xor,
+    write_protocol,
+)
 from .test_resume import same_params
 
 XOR_INPUTS = np.array([[0.0, 0.0], [0.0, 1.0], [1.0, 0.0], [1.0, 1.0]])
@@ -248,20 +256,7 @@ def test_a_crashed_thermal_run_resumes_to_identical_parameters(
                       "training.checkpoint_every": 3})
     with RunStore(tmp_path / "clean.db") as clean:
         expected = Trainer(load_protocol(doc), clean, progress=False).run()
-        store = RunStore(tmp_path / "crash.db")
-        commit = RunStore.commit_step
-
-        def crashing(self: RunStore, run_id: str, step: int, *args: Any, **kwargs: Any) -> None:
-            if step == 5:
-                raise RuntimeError("power cut")
-            commit(self, run_id, step, *args, **kwargs)
-
-        monkeypatch.setattr(RunStore, "commit_step", crashing)
-        with pytest.raises(RuntimeError, match="power cut"):
-            Trainer(load_protocol(doc), store, progress=False).run()
-        monkeypatch.setattr(RunStore, "commit_step", commit)
-        (run,) = store.runs()
-        resumed = Trainer.resume(store, run["id"], progress=False)
+        store, run, resumed = crash_and_resume(doc, tmp_path / "crash.db", monkeypatch)
         assert resumed.status == "completed" and resumed.steps == expected.steps
         same_params(clean, expected.run_id, store, run["id"])
         store.close()

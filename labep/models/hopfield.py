@@ -32,7 +32,7 @@ from __future__ import annotations
 import numpy as np
 
 from labep.models import Params
-from labep.models.layered import LayeredModel
+from labep.models.layered import SquaredErrorReadout
 
 Skip = tuple[int, int]
 
@@ -68,7 +68,7 @@ def resolve_skips(n_layers: int, skips: list[list[int]] | list[Skip] | None = No
     return tuple(sorted(pairs))
 
 
-class LayeredHopfield(LayeredModel):
+class LayeredHopfield(SquaredErrorReadout):
     """Layered Hopfield energy with hard-sigmoid units; the model shared by simulator and host.
 
     Parameters are named ``W1..WL`` (W_l couples layer l-1 to l, shape (n_{l-1}, n_l)) and
@@ -169,20 +169,6 @@ class LayeredHopfield(LayeredModel):
 
     def residual(self, inputs: np.ndarray, state: np.ndarray, params: Params) -> np.ndarray:
         return np.max(np.abs(self.rho(self.local_fields(inputs, state, params)) - state), axis=1)
-
-    def cost(self, state: np.ndarray, target: np.ndarray) -> np.ndarray:
-        """C = 1/2 |s_L - y|^2 per sample."""
-        out = self.layer(state, self.n_layers)
-        return 0.5 * np.sum((out - target) ** 2, axis=1)
-
-    def encode_target(self, labels: np.ndarray) -> np.ndarray:
-        """One-hot targets y for class labels."""
-        target = np.zeros((len(labels), self.output_size))
-        target[np.arange(len(labels)), labels] = 1.0
-        return target
-
-    def predict(self, state: np.ndarray) -> np.ndarray:
-        return np.argmax(self.layer(state, self.n_layers), axis=1)
 
     # -- EP measurements --------------------------------------------------------------------
 

@@ -67,3 +67,22 @@ class LayeredModel:
             bound = self.init_gain / np.sqrt(self.sizes[self.layer_of(name) - 1])
             params[name] = rng.uniform(-bound, bound, size=shape)
         return params
+
+
+class SquaredErrorReadout(LayeredModel):
+    """A layered network whose output layer s_L is compared with one-hot targets:
+    C = 1/2 |s_L - y|^2; the prediction is the most active output unit."""
+
+    def cost(self, state: np.ndarray, target: np.ndarray) -> np.ndarray:
+        """C = 1/2 |s_L - y|^2 per sample."""
+        out = self.layer(state, self.n_layers)
+        return 0.5 * np.sum((out - target) ** 2, axis=1)
+
+    def encode_target(self, labels: np.ndarray) -> np.ndarray:
+        """One-hot targets y for class labels."""
+        target = np.zeros((len(labels), self.output_size))
+        target[np.arange(len(labels)), labels] = 1.0
+        return target
+
+    def predict(self, state: np.ndarray) -> np.ndarray:
+        return np.argmax(self.layer(state, self.n_layers), axis=1)

@@ -46,7 +46,7 @@ from __future__ import annotations
 import numpy as np
 
 from labep.models import Params
-from labep.models.layered import LayeredModel
+from labep.models.layered import SquaredErrorReadout
 
 
 def rho(state: np.ndarray) -> np.ndarray:
@@ -66,7 +66,7 @@ def rho_second(state: np.ndarray) -> np.ndarray:
     return 16.0 * r * (1.0 - r) * (1.0 - 2.0 * r)
 
 
-class NonreciprocalLayered(LayeredModel):
+class NonreciprocalLayered(SquaredErrorReadout):
     """Layered network with forward couplings ``W1..WL``, backward couplings ``B2..BL`` mixed
     by the asymmetry a, and biases ``b1..bL``; a read-back state is [s_1, ..., s_L]."""
 
@@ -165,20 +165,6 @@ class NonreciprocalLayered(LayeredModel):
     def residual(self, inputs: np.ndarray, state: np.ndarray, params: Params) -> np.ndarray:
         """Per-sample max |f(s)|, zero at a fixed point."""
         return np.max(np.abs(self.vector_field(inputs, state, params)), axis=1)
-
-    def cost(self, state: np.ndarray, target: np.ndarray) -> np.ndarray:
-        """C = 1/2 |s_L - y|^2 per sample."""
-        out = self.layer(state, self.n_layers)
-        return 0.5 * np.sum((out - target) ** 2, axis=1)
-
-    def encode_target(self, labels: np.ndarray) -> np.ndarray:
-        """One-hot targets y for class labels."""
-        target = np.zeros((len(labels), self.output_size))
-        target[np.arange(len(labels)), labels] = 1.0
-        return target
-
-    def predict(self, state: np.ndarray) -> np.ndarray:
-        return np.argmax(self.layer(state, self.n_layers), axis=1)
 
     # -- EP measurements --------------------------------------------------------------------
 
