@@ -48,6 +48,7 @@ from labep.bench import (
     ParameterSpec,
     Relaxation,
     Settle,
+    check_safe_value,
     safe_values,
 )
 from labep.drivers import oim_wire as wire
@@ -265,10 +266,7 @@ class OIMBoard(BenchLifecycle):
         codes = {}
         for name, value in self._safe_values.items():
             spec = self.spec.parameter(name)
-            try:
-                spec.check_range(np.full(spec.shape, value), bench=self.instrument)
-            except OutOfRangeError as err:
-                raise OutOfRangeError(f"{err} (bench.options.safe_values)") from None
+            check_safe_value(spec, value, bench=self.instrument)
             assert spec.levels is not None
             scaled = (value - spec.low) * (spec.levels - 1) / (spec.high - spec.low)
             code = min(max(math.ceil(scaled - 0.5), 0), spec.levels - 1)

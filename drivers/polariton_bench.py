@@ -59,6 +59,7 @@ from labep.bench import (
     ParameterSpec,
     Relaxation,
     Settle,
+    check_safe_value,
     safe_values,
 )
 from labep.drivers.visa_instruments import Camera, PumpLaser, SpatialLightModulator
@@ -297,10 +298,7 @@ class PolaritonBench(BenchLifecycle):
         if self._safe_value is None:
             code = spec.levels // 2
         else:
-            try:
-                spec.check_range(np.full(spec.shape, self._safe_value), bench=self.name)
-            except OutOfRangeError as err:
-                raise OutOfRangeError(f"{err} (bench.options.safe_values)") from None
+            check_safe_value(spec, self._safe_value, bench=self.name)
             code = round((self._safe_value - spec.low) / self.lsb)
         return np.full(spec.shape, code, dtype=np.int64)
 

@@ -162,6 +162,15 @@ def safe_values(names: dict[str, tuple[int, ...]], requested: dict[str, float], 
     return resolved
 
 
+def check_safe_value(spec: ParameterSpec, value: float, *, bench: str) -> None:
+    """:class:`OutOfRangeError` (naming ``bench.options.safe_values``) unless a safe value
+    lies in the parameter's physical range."""
+    try:
+        spec.check_range(np.full(spec.shape, value), bench=bench)
+    except OutOfRangeError as err:
+        raise OutOfRangeError(f"{err} (bench.options.safe_values)") from None
+
+
 def _prefix(name: str) -> str:
     """A parameter name without its layer number: ``J12`` -> ``J``."""
     return name.rstrip("0123456789") or name

@@ -7,6 +7,7 @@ refused (nothing was created); 3 gradcheck refused to compare (states did not se
 from __future__ import annotations
 
 import json
+import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -333,8 +334,6 @@ def emulate_oim_board(transport: str, tcp_port: int | None, link_path: str | Non
                       fault_spec: str) -> None:
     """Serve an emulated FPGA oscillator Ising board (the OIM simulator behind the board's wire
     protocol) until SIGINT or SIGTERM. Prints the port's URL or path on the first line."""
-    import signal
-
     from pydantic import ValidationError
 
     from labep.simulators.oim_board_emulator import BoardConfig, BoardEmulator, FaultSpec
@@ -356,6 +355,11 @@ def emulate_oim_board(transport: str, tcp_port: int | None, link_path: str | Non
     click.echo(f"oim board emulator: sizes {'-'.join(map(str, config.sizes))}, {bits} bits, "
                f"ranges +-{coupling_range:g} / +-{bias_range:g}, faults "
                f"{fault_spec or 'none'}; serving until SIGINT/SIGTERM", err=True)
+    _serve_until_signalled(emulator)
+
+
+def _serve_until_signalled(emulator: Any) -> None:
+    """Serve an emulator until SIGINT or SIGTERM, then close it."""
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: emulator.request_stop())
     try:
@@ -393,8 +397,6 @@ def emulate_polariton_bench(tcp_port: int, protocol_path: str | None, lattice: s
                             seed: int, interlock_open: bool) -> None:
     """Serve an emulated polariton bench (the polariton simulator behind the SCPI commands of
     a light modulator, a camera and a pump laser) until SIGINT or SIGTERM."""
-    import signal
-
     from pydantic import ValidationError
 
     from labep.simulators.polariton_emulator import EmulatorConfig, PolaritonBenchEmulator
@@ -423,12 +425,7 @@ def emulate_polariton_bench(tcp_port: int, protocol_path: str | None, lattice: s
     click.echo(f"polariton bench emulator: lattice {config.lattice}, {slm_bits}-bit modulator, "
                f"camera on port {emulator.port + 1}, laser on port {emulator.port + 2}; serving "
                "until SIGINT/SIGTERM", err=True)
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, lambda *_: emulator.request_stop())
-    try:
-        emulator.serve_forever()
-    finally:
-        emulator.close()
+    _serve_until_signalled(emulator)
 
 if __name__ == "__main__":  # pragma: no cover
     main(prog_name=Path(sys.argv[0]).name)

@@ -24,6 +24,7 @@ import numpy as np
 
 from labep.bench import Relaxation
 from labep.models import Model, Params
+from labep.thermal import block_stderr, finite_nudge, relative_stderr, thermal_covariance
 
 
 @dataclass
@@ -44,8 +45,6 @@ class Estimate:
         estimate over sample sets; nothing for a deterministic one."""
         if self.stderr is None:
             return {}
-        from labep.thermal import relative_stderr
-
         return {"estimate_readouts": float(self.readouts),
                 "estimate_rel_stderr": float(relative_stderr(self.gradient, self.stderr))}
 
@@ -130,8 +129,6 @@ class FiniteNudge(Estimator):
         return [sign * beta]
 
     def estimate(self, model, inputs, free, nudged, strengths, weights, target=None):
-        from labep.thermal import block_stderr, finite_nudge
-
         (beta,) = strengths
         free_samples, nudged_samples = _samples(self.name, free), _samples(self.name, nudged[0])
         gradient = finite_nudge(model, inputs, free_samples, nudged_samples, beta, weights)
@@ -157,8 +154,6 @@ class ThermalCovariance(Estimator):
         return []
 
     def estimate(self, model, inputs, free, nudged, strengths, weights, target=None):
-        from labep.thermal import block_stderr, thermal_covariance
-
         if target is None:
             raise ValueError("thermal_covariance needs the targets of the batch")
         samples = _samples(self.name, free)

@@ -16,7 +16,7 @@ import numpy as np
 from labep.bench import Nudge, Settle
 from labep.engine import build_bench, build_model, load_dataset, stream
 from labep.estimators import make_estimator
-from labep.models import Params
+from labep.models import Model, Params
 from labep.protocol import Protocol
 from labep.thermal import THERMAL_ESTIMATORS, thermal_gradcheck
 
@@ -45,6 +45,20 @@ def compare(estimate: np.ndarray, exact: np.ndarray) -> Comparison:
     return Comparison(cosine, float(np.linalg.norm(estimate - exact) / norm_x))
 
 
+def gradcheck_batch(protocol: Protocol, samples: int | None, seed: int,
+                    params: Params | None) -> tuple[Model, np.ndarray, np.ndarray, Params]:
+    """What every gradient check compares on: the model, ``samples`` training inputs (default
+    a batch) and their targets drawn from ``seed``, and ``params`` (default: fresh ones from
+    ``seed``, as a run with that seed starts)."""
+    model = build_model(protocol)
+    data = load_dataset(protocol)
+    count = min(samples or protocol.training.batch_size, len(data.train_labels))
+    rows = stream(seed, 3).choice(len(data.train_labels), size=count, replace=False)
+    x, labels = data.train_inputs[rows], data.train_labels[rows]
+    params = model.init_params(stream(seed, 0)) if params is None else params
+    return model, x, model.encode_target(labels), params
+
+
 def gradcheck(
     protocol: Protocol,
     *,
@@ -71,13 +85,8 @@ def gradcheck(
         return thermal_gradcheck(protocol, beta=beta, estimator=name, samples=samples,
                                  seed=seed, params=params)
     correction = protocol.estimator.correction if correction is None else correction
-    model = build_model(protocol)
-    data = load_dataset(protocol)
-    count = min(samples or protocol.training.batch_size, len(data.train_labels))
-    rows = stream(seed, 3).choice(len(data.train_labels), size=count, replace=False)
-    x, labels = data.train_inputs[rows], data.train_labels[rows]
-    target = model.encode_target(labels)
-    params = model.init_params(stream(seed, 0)) if params is None else params
+    model, x, target, params = gradcheck_batch(protocol, samples, seed, params)
+    count = len(x)
     settle = Settle(tolerance, max_steps)
     with build_bench(protocol, model, dtype="float64") as bench:
         if correction and not getattr(bench, "supports_correction", False):

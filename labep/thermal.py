@@ -226,22 +226,17 @@ def thermal_gradcheck(protocol: Any, *, beta: float, estimator: str, samples: in
     """``labep gradcheck`` for a thermal estimator: the estimate from the bench's samples
     (``phases.readout_average`` readouts a phase) vs the exact gradient it targets, by
     enumeration of every binary state (``units: binary``, at most 20 free units)."""
-    from labep.engine import build_bench, build_model, load_dataset, stream
+    from labep.engine import build_bench
     from labep.estimators import make_estimator
-    from labep.gradcheck import GradcheckError, compare
+    from labep.gradcheck import GradcheckError, compare, gradcheck_batch
 
-    model = build_model(protocol)
+    model, x, target, params = gradcheck_batch(protocol, samples, seed, params)
+    count = len(x)
     options = protocol.bench.options
     if options.get("units") != "binary" or model.state_size > 20:
         raise GradcheckError("an exact thermal gradient is computed by enumerating every "
                              "state: it needs bench.options.units: binary and at most 20 free "
                              f"units (this model has {model.state_size})")
-    data = load_dataset(protocol)
-    count = min(samples or protocol.training.batch_size, len(data.train_labels))
-    chosen = stream(seed, 3).choice(len(data.train_labels), size=count, replace=False)
-    x, labels = data.train_inputs[chosen], data.train_labels[chosen]
-    target = model.encode_target(labels)
-    params = model.init_params(stream(seed, 0)) if params is None else params
     est = make_estimator(estimator)
     settle = Settle(1.0, 1, readouts=protocol.phases.readout_average, samples=True)
     with build_bench(protocol, model, dtype="float64") as bench:
