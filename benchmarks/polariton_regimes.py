@@ -1,5 +1,5 @@
 """Where in parameter space a polariton chain can learn XOR, and where near-equilibrium EP
-estimates its gradient: the regime map behind the open polariton issue.
+estimates its gradient: the regime map behind polariton_xor.yaml.
 
 Each regime is a 9-site chain (``labep.models.polariton.PolaritonLattice``), run on the numba
 simulator in float64. For every regime and seed the script reports:
@@ -7,24 +7,28 @@ simulator in float64. For every regime and seed the script reports:
 - ``settled``: the fraction of the four XOR samples whose free phase settled (rotating-frame
   residual <= 1e-8) at fresh parameters;
 - ``response``: how much the inputs move the readout, max over outputs of the spread (max - min
-  over the four inputs) of the output intensity, at fresh parameters;
-- ``EP cosine``: cosine between the symmetric EP estimate (beta 0.01, the gauge projection of the
-  model applied) and the exact gradient (implicit differentiation), at fresh parameters;
+  over the four inputs) of the output intensity (or fraction), at fresh parameters;
+- ``EP cosine``: cosine between the symmetric EP estimate (beta 0.01, the model's intensity
+  projection applied) and the exact gradient (implicit differentiation), at fresh parameters;
 - ``exact XOR``: the accuracy reached by training V with the *exact* gradient and Adam (lr 0.05,
   ``--steps`` full-batch steps): what the physics can represent, independent of EP;
 - ``EP XOR``: the same training with the symmetric EP estimate in place of the exact gradient.
 
-Regimes (J = 1 is the energy unit):
+Regimes (J = 1 is the energy unit). The first three read one site per class as its absolute
+intensity (``cost: intensity``); the last is the shipped ``polariton_xor.yaml``:
 
-- ``uniform-TF``: every site pumped, g |psi|^2 ~ 2 J (the shipped ``polariton_xor.yaml``): the
-  healing length is under a site, each site's intensity follows its own potential, and the
-  inputs at the ends barely reach the outputs;
-- ``uniform-weak``: every site pumped, dissipation 10x weaker than the loss of the TF regime,
-  g = 0.3, energy relaxation eta = 0.05, inputs flanking the outputs: settles, responds, EP
-  is close to exact, but the stationary state's dependence on the inputs is too smooth for XOR;
+- ``uniform-TF``: every site pumped, g |psi|^2 ~ 2 J: the healing length is under a site, each
+  site's intensity follows its own potential, and the inputs at the ends barely reach the
+  outputs;
+- ``uniform-weak``: every site pumped, dissipation 10x weaker, g = 0.3, energy relaxation
+  eta = 0.05, inputs flanking the outputs: settles, responds, but the lowest-energy state's
+  intensities are nodeless and no single site is lit for both unequal inputs;
 - ``source``: one pumped site at the end of the chain (a polariton source), loss everywhere:
   waves run through the two input barriers and interfere, XOR is representable; the state is
-  far from equilibrium (strong currents) and EP's estimate is poor.
+  far from equilibrium (strong currents) and EP's estimate is poor;
+- ``ground-state``: weak uniform dissipation, eta = 0.5, g = 0.1, inputs on sites 2 and 6, class 0
+  read on site 4 and class 1 on the region {0, 8}, ``cost: fraction`` (the protocol): EP is
+  exact, and training digs the double well that separates XOR.
 
     python benchmarks/polariton_regimes.py [--seeds 0 1] [--steps 300] [--only source] [--json]
 """
@@ -56,6 +60,10 @@ REGIMES: dict[str, dict[str, Any]] = {
     "source": {"input_sites": [3, 5], "output_sites": [7, 8], "pump_sites": [0],
                "interaction": 0.3, "pump": 1.5, "loss": 0.3, "saturation": 0.3,
                "input_potential": 1.5, "target_low": 0.1, "target_high": 0.5},
+    "ground-state": {"input_sites": [2, 6], "output_sites": [4, [0, 8]], "interaction": 0.1,
+                     "pump": 0.06, "loss": 0.03, "saturation": 0.015,
+                     "energy_relaxation": 0.5, "input_potential": 1.0, "cost": "fraction",
+                     "target_low": 0.3, "target_high": 0.7},
 }
 
 
@@ -99,6 +107,8 @@ def measure(name: str, seed: int, steps: int, beta: float) -> dict[str, Any]:
     free = sim.relax(XOR, settle=SETTLE)
     target = model.encode_target(LABELS)
     outputs = model.output_intensities(free.state)
+    if model.cost_kind == "fraction":
+        outputs = outputs / outputs.sum(axis=1, keepdims=True)
     exact = model.exact_gradient(XOR, free.state, target, {"V": v})["V"]
     estimate = ep_estimate(model, sim, free.state, target, beta)
     cosine = float(exact @ estimate / (np.linalg.norm(exact) * np.linalg.norm(estimate)))

@@ -30,6 +30,7 @@ from labep.datasets import Split, load_digits, load_idx_pair, load_xor
 from labep.estimators import make_estimator
 from labep.faults import FaultPolicy, SkipBatch
 from labep.models import Model, Params
+from labep.optimizers import Optimizer, make_optimizer
 from labep.protocol import (
     DigitsConfig,
     IdxConfig,
@@ -254,10 +255,12 @@ class Trainer:
         return result
 
     def _restore(self, run_id: str, point: tuple[int, dict[str, Any]], bench: Bench,
-                 identity: BenchIdentity, faults: FaultPolicy) -> WritePath:
-        """The write path and the bench as they were at a resume point: the same calibration
-        (refused if it belongs to another bench), the shadow, the codes, the counters; a
-        simulator's whole state, or a hardware bench's parameters written again."""
+                 identity: BenchIdentity, faults: FaultPolicy,
+                 optimizer: Optimizer) -> WritePath:
+        """The write path, the optimizer and the bench as they were at a resume point: the
+        same calibration (refused if it belongs to another bench), the shadow, the codes, the
+        counters, the optimizer's moments; a simulator's whole state, or a hardware bench's
+        parameters written again."""
         step, state = point
         summary = self.store.summary(run_id, with_protocol=False)
         maps: dict[str, CodeMap] = {}
@@ -281,6 +284,10 @@ class Trainer:
                        {} if codes is None else codes[1])
         faults.total = int(state["faults"]["total"])
         faults.skipped_batches = int(state["faults"]["skipped_batches"])
+        prefix = "optimizer."
+        optimizer.restore(state.get("optimizer", {"name": "sgd"}),
+                          {k[len(prefix):]: v for k, v in extra[1].items()
+                           if k.startswith(prefix)})
         if isinstance(bench, Resumable) and "bench" in state:
             prefix = "bench."
             bench.load_state(state["bench"], {k[len(prefix):]: v for k, v in extra[1].items()
@@ -290,13 +297,16 @@ class Trainer:
         return writes
 
     def _resume_state(self, position: dict[str, Any], writes: WritePath, faults: FaultPolicy,
-                      bench: Bench) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+                      bench: Bench, optimizer: Optimizer
+                      ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
         """The JSON state and arrays of a resume point."""
         write_meta, write_arrays = writes.state()
-        state: dict[str, Any] = {**position, "writes": write_meta,
+        optimizer_meta, optimizer_arrays = optimizer.state()
+        state: dict[str, Any] = {**position, "writes": write_meta, "optimizer": optimizer_meta,
                                  "faults": {"total": faults.total,
                                             "skipped_batches": faults.skipped_batches}}
         arrays = {f"writes.{k}": v for k, v in write_arrays.items()}
+        arrays.update({f"optimizer.{k}": v for k, v in optimizer_arrays.items()})
         if isinstance(bench, Resumable):
             bench_meta, bench_arrays = bench.save_state()
             state["bench"] = bench_meta
@@ -313,7 +323,7 @@ class Trainer:
         train_free, train_nudged = ((replace(free_settle, samples=True),
                                      replace(nudged_settle, samples=True))
                                     if estimator.samples else (free_settle, nudged_settle))
-        rates = learning_rates(protocol, model)
+        optimizer = make_optimizer(training.optimizer, learning_rates(protocol, model))
         faults = FaultPolicy(protocol.faults, bench)
         position: dict[str, Any] = {"epoch": 0, "batch": 0, "step": 0, "loss_sum": 0.0,
                                     "correct": 0, "seen": 0, "test": {}}
@@ -323,13 +333,12 @@ class Trainer:
             writes = WritePath(bench, model.init_params(stream(protocol.seed, 0)),
                                write_policy(protocol), maps, stream(protocol.seed, 4))
             faults.call("write", writes.write_all)
-            state, arrays = self._resume_state(position, writes, faults, bench)
+            state, arrays = self._resume_state(position, writes, faults, bench, optimizer)
             self.store.save_start(run_id, {**code_snapshot(writes), "resume": arrays}, state)
         else:
-            writes = self._restore(run_id, point, bench, identity, faults)
+            writes = self._restore(run_id, point, bench, identity, faults, optimizer)
             position = {key: point[1][key] for key in position}
 
-        n_train = len(data.train_labels)
         n_train = len(data.train_labels)
         batches = -(-n_train // training.batch_size)
         step = position["step"]
@@ -381,9 +390,7 @@ class Trainer:
                             estimate = estimator.estimate(model, *used, strengths,
                                                           np.ones(int(ok.sum())), **extra)
                             metrics.update(estimate.metrics())
-                            update = estimate.gradient
-                            for name, gradient in update.items():
-                                gradient *= -rates[name]  # in place: theta <- theta - lr * g
+                            update = optimizer.step(estimate.gradient)
                             report = faults.call("write", writes.apply, update)
                             metrics.update(report.metrics())
                             if report.clipped:
@@ -416,7 +423,7 @@ class Trainer:
                         resume, resume_arrays = self._resume_state(
                             {"epoch": epoch, "batch": index + 1, "step": step,
                              "loss_sum": loss_sum, "correct": correct, "seen": seen,
-                             "test": test}, writes, faults, bench)
+                             "test": test}, writes, faults, bench, optimizer)
                         snapshot = {**code_snapshot(writes), "resume": resume_arrays}
                     self.store.commit_step(run_id, step, epoch, metrics, arrays=snapshot,
                                            events=events, resume=resume)

@@ -147,8 +147,9 @@ class PolaritonConfig(_Strict):
     inputs: PositiveInt = Field(le=1_000_000, description="Raw input features (the dataset's).")
     input_sites: list[Annotated[int, Field(ge=0)]] = Field(
         min_length=1, description="Sites (row-major) whose potential carries the encoded inputs.")
-    output_sites: list[Annotated[int, Field(ge=0)]] = Field(
-        min_length=2, description="One site per class, read as its intensity |psi|^2.")
+    output_sites: list[Annotated[int, Field(ge=0)] | list[Annotated[int, Field(ge=0)]]] = Field(
+        min_length=2, description="One output region per class: a site, or a list of sites "
+        "whose intensities |psi|^2 are summed (a camera's region of interest).")
     encoding: Literal["direct", "downsample"] = Field(
         "direct", description="direct: feature k drives input site k; downsample: the features "
         "are an image (image_shape), averaged over pool x pool blocks, row-major.")
@@ -165,11 +166,18 @@ class PolaritonConfig(_Strict):
                                    description="u: input site k gets the potential u x_k.")
     input_pump: float = Field(0.0, ge=0.0, le=1e3,
                               description="p_in: input site k gets the extra pump p_in x_k.")
-    target_low: float = Field(0.5, ge=0.0, le=1e6, description="Target intensity, other classes.")
-    target_high: float = Field(2.0, ge=0.0, le=1e6, description="Target intensity, the class.")
+    target_low: float = Field(0.5, ge=0.0, le=1e6,
+                              description="Target intensity (or fraction), other classes.")
+    target_high: float = Field(2.0, ge=0.0, le=1e6,
+                               description="Target intensity (or fraction), the class.")
     init_potential: tuple[float, float] = Field((-0.5, 0.5), description="V ~ U(low, high).")
-    gauge_projection: bool = Field(
-        True, description="Remove the uniform (gauge) component of the EP contrast of V.")
+    cost: Literal["intensity", "fraction"] = Field(
+        "intensity", description="intensity: 1/2 sum (n_k - t_k)^2; fraction: 1/2 sum (f_k - "
+        "t_k)^2 with f_k = n_k / sum_j n_j, blind to the total intensity (EP exact with the "
+        "intensity projection).")
+    projection: Literal["none", "uniform", "intensity"] = Field(
+        "intensity", description="How the EP contrast of V is made to sum to zero (the gauge "
+        "identity): along the states' intensity pattern, uniformly, or not at all.")
     energy_relaxation: float = Field(
         0.0, ge=0.0, le=10.0, description="eta, energy relaxation of the generalized GP "
         "(0: none, the bare driven-dissipative equation).")
@@ -179,19 +187,27 @@ class PolaritonConfig(_Strict):
         """[input features, classes], what the dataset checks compare against."""
         return [self.inputs, len(self.output_sites)]
 
+    @property
+    def output_site_list(self) -> list[int]:
+        """Every output site, region by region."""
+        return [site for region in self.output_sites
+                for site in ([region] if isinstance(region, int) else region)]
+
     @model_validator(mode="after")
     def _geometry(self) -> PolaritonConfig:
         n_sites = math.prod(self.lattice)
         if n_sites > 65_536:
             raise ValueError("a lattice has at most 65,536 sites (dense gradient checks)")
+        if any(isinstance(region, list) and not region for region in self.output_sites):
+            raise ValueError("output_sites: a region has no sites")
         for label, sites in (("input_sites", self.input_sites),
-                             ("output_sites", self.output_sites),
+                             ("output_sites", self.output_site_list),
                              ("pump_sites", self.pump_sites or [0])):
             if max(sites) >= n_sites:
                 raise ValueError(f"{label}: sites are 0 .. {n_sites - 1}, got {max(sites)}")
             if len(set(sites)) != len(sites):
                 raise ValueError(f"{label}: a site appears twice")
-        if set(self.input_sites) & set(self.output_sites):
+        if set(self.input_sites) & set(self.output_site_list):
             raise ValueError("a site cannot be both an input and an output")
         if self.encoding == "direct":
             encoded = self.inputs
@@ -317,6 +333,18 @@ class EstimatorConfig(_Strict):
         "supports it.")
 
 
+class OptimizerConfig(_Strict):
+    """How a gradient estimate becomes a step (labep.optimizers): plain SGD, or Adam with its
+    moment decay rates and epsilon."""
+
+    name: Literal["sgd", "adam"] = Field(
+        "sgd", description="sgd: theta <- theta - lr g; adam: Kingma and Ba's Adam with bias "
+        "correction (its moments are part of every resume point).")
+    beta1: float = Field(0.9, ge=0.0, lt=1.0, description="Adam: decay of the first moment.")
+    beta2: float = Field(0.999, ge=0.0, lt=1.0, description="Adam: decay of the second moment.")
+    epsilon: PositiveFloat = Field(1e-8, description="Adam: added to sqrt(v_hat).")
+
+
 class TrainingConfig(_Strict):
     epochs: PositiveInt = Field(1, le=100_000)
     batch_size: PositiveInt = Field(20, le=1_000_000)
@@ -326,6 +354,9 @@ class TrainingConfig(_Strict):
     checkpoint_every: PositiveInt = Field(
         100, description="Store a parameter snapshot every this many steps (and at each epoch end)."
     )
+    optimizer: OptimizerConfig = Field(
+        default_factory=OptimizerConfig,
+        description="sgd (the default) or adam; learning_rates are the step sizes of either.")
 
     @field_validator("learning_rates", mode="before")
     @classmethod

@@ -61,6 +61,8 @@ class EmulatorConfig(BaseModel):
     interaction: float = Field(1.0, description="g (model units).")
     loss: float = Field(0.3, gt=0.0, description="gamma (model units).")
     saturation: float = Field(0.3, gt=0.0, description="Gamma (model units).")
+    energy_relaxation: float = Field(0.0, ge=0.0, le=10.0, description="eta, the "
+                                     "condensate's energy relaxation (model units).")
     pump_sites: list[int] | None = Field(None, description="Sites the pump spot covers "
                                          "(None: every site).")
     energy_unit_mev: float = Field(1.0, gt=0.0, description="The model energy unit (meV).")
@@ -112,6 +114,7 @@ class EmulatorConfig(BaseModel):
             "lattice": list(model.lattice), "hopping": model.hopping,
             "interaction": model.interaction, "loss": model.loss,
             "saturation": model.saturation, "pump_sites": model.pump_sites,
+            "energy_relaxation": model.energy_relaxation,
         }
         for key in ("energy_unit_mev", "pump_per_mw"):
             if key in options:
@@ -136,7 +139,7 @@ class Condensate:
         self.model = PolaritonLattice(
             config.lattice, 1, [0], [n - 2, n - 1], hopping=config.hopping,
             interaction=config.interaction, loss=config.loss, saturation=config.saturation,
-            pump_sites=config.pump_sites)
+            pump_sites=config.pump_sites, energy_relaxation=config.energy_relaxation)
         self.simulator = PolaritonSimulator(self.model, PolaritonSimulatorOptions(
             dtype=config.dtype, dt=config.dt, check_every=config.check_every,
             potential_range=(-1e9, 1e9), margin=0.0, rest_amplitude=config.rest_amplitude))

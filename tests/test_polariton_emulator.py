@@ -15,7 +15,7 @@ import pyvisa
 
 from labep.bench import BenchFaultError, Nudge, Settle
 from labep.drivers.polariton_bench import PolaritonBench, PolaritonBenchOptions
-from labep.engine import Trainer
+from labep.engine import Trainer, build_model
 from labep.models.polariton import PolaritonLattice
 from labep.protocol import load_protocol
 from labep.simulators.device import DeviceOptions
@@ -31,7 +31,8 @@ XOR = np.array([[0, 0], [0, 1], [1, 0], [1, 1]], dtype=float)
 @pytest.fixture
 def emulator() -> Iterator[PolaritonBenchEmulator]:
     protocol = load_protocol(PROTOCOLS / "polariton_bench_xor.yaml").protocol
-    emu = PolaritonBenchEmulator(EmulatorConfig.from_protocol(protocol)).start()
+    emu = PolaritonBenchEmulator(EmulatorConfig.from_protocol(
+        protocol, slm_bits=16, potential_mev=(-8.0, 8.0))).start()
     yield emu
     emu.close()
 
@@ -46,9 +47,9 @@ def sessions(emu: PolaritonBenchEmulator) -> tuple[object, object, object]:
 def test_the_emulated_instruments_refuse_what_hardware_refuses(emulator) -> None:
     slm, camera, laser = sessions(emulator)
     assert slm.query("*IDN?").startswith("labep,SLM-EMU")  # type: ignore[attr-defined]
-    slm.write("SLM:PATT " + ",".join(["1024"] * 9))  # type: ignore[attr-defined]
+    slm.write("SLM:PATT " + ",".join(["65536"] * 9))  # type: ignore[attr-defined]
     assert slm.query("SYST:ERR?").startswith("-222")  # type: ignore[attr-defined]
-    assert slm.query("SLM:PATT?") == ",".join(["512"] * 9)  # type: ignore[attr-defined]
+    assert slm.query("SLM:PATT?") == ",".join(["32768"] * 9)  # type: ignore[attr-defined]
     laser.write("SOUR:POW 501")  # type: ignore[attr-defined]
     assert laser.query("SYST:ERR?").startswith("-222")  # type: ignore[attr-defined]
     emulator.set_interlock(False)
@@ -70,15 +71,19 @@ def test_the_emulated_instruments_refuse_what_hardware_refuses(emulator) -> None
 
 
 def test_bench_states_match_the_simulator_with_the_same_grid(emulator) -> None:
-    model = PolaritonLattice([9], 2, [0, 8], [3, 5], input_potential=1.5)
-    bench = PolaritonBench(model, PolaritonBenchOptions(), resource=emulator.url)
+    """The emulator serves the bench protocol's physics; the simulator runs the same model on
+    the same 16-bit grid: the same codes give the same free and nudged intensities."""
+    model = build_model(load_protocol(PROTOCOLS / "polariton_bench_xor.yaml").protocol)
+    bench = PolaritonBench(model, PolaritonBenchOptions(margin=2.0), resource=emulator.url)
     bench.open()
     simulator = PolaritonSimulator(model, PolaritonSimulatorOptions(
-        potential_range=(-4.0, 4.0), margin=1.5, device=DeviceOptions(bits=10)))
+        potential_range=(-8.0, 8.0), margin=2.0, device=DeviceOptions(bits=16)))
     assert bench.spec == simulator.spec
-    codes = np.random.default_rng(1).integers(250, 390, 9)
-    bench.write({"V": codes})
-    simulator.write({"V": codes})
+    spec = simulator.spec.parameter("V")
+    potentials = np.array([0.5, -0.3, -4.0, 0.4, 0.2, 0.7, -4.1, -0.4, 0.3])
+    codes = np.rint((potentials - spec.low) / (spec.high - spec.low) * (spec.levels - 1))
+    bench.write({"V": codes.astype(np.int64)})
+    simulator.write({"V": codes.astype(np.int64)})
     target = model.encode_target(np.array([0, 1, 1, 0]))
     ours = bench.relax(XOR, settle=Settle(1e-9, 10))
     theirs = simulator.relax(XOR, settle=Settle(1e-11, 200_000))
@@ -100,12 +105,12 @@ def test_a_protocol_through_the_bench_ends_with_the_simulators_potentials(emulat
                                                                            tmp_path) -> None:
     """Same protocol, seed and modulator grid, noise off: the codes the bench run ends with
     are the simulator run's."""
-    epochs = ["training.epochs=4", "evaluation.every_epochs=4"]
+    epochs = ["training.epochs=8", "evaluation.every_epochs=8"]
     bench_run = load_protocol(PROTOCOLS / "polariton_bench_xor.yaml",
                               [f"bench.resource={emulator.url}", *epochs])
     simulator_run = load_protocol(PROTOCOLS / "polariton_xor.yaml", [
-        "bench.options.device.bits=10", "bench.options.potential_range=[-4.0, 4.0]",
-        "bench.options.margin=1.5", "phases.free.tolerance=1e-11",
+        "bench.options.device.bits=16", "bench.options.potential_range=[-8.0, 8.0]",
+        "bench.options.margin=2.0", "phases.free.tolerance=1e-11",
         "phases.nudged.tolerance=1e-11", "phases.free.max_steps=200000",
         "phases.nudged.max_steps=200000", *epochs])
     results = {}
@@ -120,10 +125,23 @@ def test_a_protocol_through_the_bench_ends_with_the_simulators_potentials(emulat
             results[label] = (result, codes["V"], shadow["V"])
     (bench_result, bench_codes, bench_shadow), (sim_result, sim_codes, sim_shadow) = (
         results["bench"], results["simulator"])
-    assert bench_result.steps == sim_result.steps == 16
+    assert bench_result.steps == sim_result.steps == 8
     np.testing.assert_array_equal(bench_codes, sim_codes)
     np.testing.assert_allclose(bench_shadow, sim_shadow, atol=1e-6)
     assert bench_result.test_accuracy == sim_result.test_accuracy
+
+
+@pytest.mark.slow
+def test_the_bench_protocol_learns_xor_through_the_emulator(emulator, tmp_path) -> None:
+    """polariton_bench_xor.yaml as shipped (about 20 s), through pyvisa-py and the emulated
+    instruments: 100% on the four XOR points, the laser off at the end."""
+    loaded = load_protocol(PROTOCOLS / "polariton_bench_xor.yaml",
+                           [f"bench.resource={emulator.url}"])
+    with RunStore(tmp_path / "runs.db") as store:
+        result = Trainer(loaded, store, progress=False).run()
+    assert result.status == "completed" and result.steps == 300
+    assert result.test_accuracy == 1.0
+    assert not emulator.condensate.emitting
 
 
 def test_opening_the_interlock_stops_the_run_with_the_laser_off(emulator) -> None:

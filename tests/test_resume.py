@@ -62,8 +62,11 @@ def committed_steps(path: Path, run_id: str) -> list[int]:
         db.close()
 
 
-@pytest.mark.parametrize("doc", [tiny_xor(**{"training.checkpoint_every": 3}), noisy_oim()],
-                         ids=["hopfield", "noisy-oim"])
+@pytest.mark.parametrize("doc", [tiny_xor(**{"training.checkpoint_every": 3}), noisy_oim(),
+                                 tiny_xor(**{"training.checkpoint_every": 3,
+                                             "training.optimizer": {"name": "adam"},
+                                             "training.learning_rates": [0.02, 0.01]})],
+                         ids=["hopfield", "noisy-oim", "hopfield-adam"])
 @pytest.mark.parametrize("crash_at", [1, 5, 16])
 def test_crashed_run_resumes_to_identical_parameters(tmp_path: Path, doc: dict[str, Any],
                                                      crash_at: int,

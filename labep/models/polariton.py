@@ -42,19 +42,26 @@ Gamma small against J and g) a steady state psi_i(t) = psi_i exp(-i mu t) sits n
 stationary point of E - mu N (N = sum |psi_i|^2) at the frame frequency mu that the gain-loss
 balance sum_i (P_i - gamma - Gamma |psi_i|^2) |psi_i|^2 = 0 selects.
 
-Readout and cost: the intensities n_k = |psi_{o_k}|^2 of the output sites o_k (one per class),
-cost C = 1/2 sum_k (n_k - t_k)^2, targets t_k = ``target_high`` for the class and
-``target_low`` for the others; the prediction is the brightest output site.
+Readout and cost: the intensity n_k of output region k (one region per class; a region is a
+single site or several, summed like a camera's region of interest), and either
 
-Nudge: a forcing beta dC/d(psi_k*) = beta (n_k - t_k) psi_k on the output sites, i.e. a
-potential step beta (n_k - t_k) there. A bench displays it on the light modulator with n_k
-frozen at the start (free) state's intensities (:meth:`PolaritonLattice.nudge_potential`),
-which agrees with the self-consistent forcing to first order in beta, all EP uses.
+- ``cost: intensity``: C = 1/2 sum_k (n_k - t_k)^2, targets t_k = ``target_high`` for the class
+  and ``target_low`` for the others (intensities);
+- ``cost: fraction``: C = 1/2 sum_k (f_k - t_k)^2 with f_k = n_k / sum_j n_j the fraction of the
+  output light in region k (targets are fractions). Blind to the total intensity, which the
+  gain balance sets and a camera's exposure scales; with it EP is exact (below).
+
+The prediction is the brightest output region.
+
+Nudge: a forcing beta dC/d(psi_i*) = beta (dC/dn_k) psi_i on the sites of region k, i.e. a
+potential step beta dC/dn_k there. A bench displays it on the light modulator with dC/dn_k
+frozen at the start (free) state (:meth:`PolaritonLattice.nudge_potential`), which agrees with
+the self-consistent forcing to first order in beta, all EP uses.
 
 State: a read-back state row is the complex field, as (Re psi, Im psi) pairs of the sites in
-*readout order* (every non-output site in increasing index, then the output sites in class
-order), so that the outputs' fields are the last 2 n_out entries (``output_slice``). A camera
-measures the intensities and, interferometrically, the phases.
+*readout order* (every non-output site in increasing index, then the output sites region by
+region in class order), so that the outputs' fields are the last entries (``output_slice``).
+A camera measures the intensities and, interferometrically, the phases.
 
 Settling (:meth:`PolaritonLattice.residual`): in the frame rotating at mu, i d(psi)/dt =
 F(mu) = A - mu B with A = (1 - i eta) dE/d(psi*) + (i/2)(P_i - gamma - Gamma |psi|^2) psi and
@@ -71,16 +78,33 @@ that removes the U(1) freedom psi -> exp(i a) psi (psi0 the free state). With th
 these 2n + 1 equations and lambda = M^-T dC/dx, dC/dV_i = -lambda . dF/dV_i, where dF_i/dV_i =
 (1 - i eta) psi_i. Float64, one dense solve per sample.
 
-How close EP comes. As the dissipation (P, gamma, Gamma together) goes to 0 the steady state
-tends to a stationary point of E - mu N with mu fixed by the balance B(psi) =
-sum (P_i - gamma - Gamma |psi_i|^2) |psi_i|^2 = 0. The EP contrast is exact for a stationary point
-of a fixed function; here the nudged state moves along the one-parameter family of stationary
-states (d psi/d mu) to keep B = 0, while the exact gradient needs the adjoint of that
-constraint. The two agree only if grad B is parallel to grad N (every site at the same
-P_i - gamma - 2 Gamma |psi_i|^2), so with local gain saturation a rank-one difference survives
-the limit and the cosine with the exact gradient rises to a plateau below 1 as gamma -> 0
-(``benchmarks/polariton_gradcheck.py`` prints the table). Its uniform part is removed exactly by
-the gauge projection (see :meth:`PolaritonLattice.contrast`).
+How close EP comes. In the weakly dissipative regime the steady state is a stationary point
+of E - mu N, and the gain-loss balance B(psi) = sum_i (P_i - gamma - Gamma |psi_i|^2)
+|psi_i|^2 = 0 picks mu, i.e. the total intensity N. The EP contrast is exact for a stationary
+point of a fixed function; here the nudged state also moves along the one-parameter family of
+stationary states (d psi / d mu) to keep B = 0, which adds to the contrast a component along
+that family, while the exact gradient needs the adjoint of the balance constraint. Two things
+remove the difference:
+
+- a cost blind to the total intensity (``cost: fraction``), so that the rescaling of the
+  pattern along the family does not enter the exact gradient;
+- the ``intensity`` projection of the contrast (:meth:`PolaritonLattice.contrast`), which
+  removes the family's component, fixing its size by the gauge identity sum_i dC/dV_i = 0.
+
+Under a uniform pump the two together give the exact gradient (``labep gradcheck``: cosine
+1.0000 at g = 0.1 to 3, energy relaxation 0 or 0.5). With the ``intensity`` cost a part of the
+difference stays, and with the ``uniform`` projection (remove the mean) more of it
+(``benchmarks/polariton_gradcheck.py`` prints the table over gamma). Far from equilibrium
+(strong currents, e.g. a single pumped site feeding the lattice) EP is not exact.
+
+Which regime learns. With energy relaxation (eta ~ 0.5) and weak dissipation the attractor is
+the lowest-energy stationary state, whose intensities are nodeless (no destructive
+interference), and the repulsive interaction g smooths their response. A double well is its
+sharpest nonlinearity: two wells of equal depth share the condensate, a small difference of
+depth localizes it in the deeper one. With the inputs on the two wells, a region between them
+(lit by both wells' tails) and a region of the two outer flanks (lit by the occupied well)
+compare "balanced" with "localized", which is XOR; EP training finds that geometry by itself
+(``protocols/polariton_xor.yaml``).
 """
 
 from __future__ import annotations
@@ -124,7 +148,7 @@ class PolaritonLattice:
         lattice: list[int] | tuple[int, ...],
         inputs: int,
         input_sites: list[int] | tuple[int, ...],
-        output_sites: list[int] | tuple[int, ...],
+        output_sites: list[int | list[int]] | tuple[int | list[int], ...],
         *,
         encoding: str = "direct",
         image_shape: list[int] | tuple[int, ...] | None = None,
@@ -140,7 +164,8 @@ class PolaritonLattice:
         target_low: float = 0.5,
         target_high: float = 2.0,
         init_potential: list[float] | tuple[float, float] = (-0.5, 0.5),
-        gauge_projection: bool = True,
+        cost: str = "intensity",
+        projection: str = "intensity",
         energy_relaxation: float = 0.0,
     ) -> None:
         self.lattice = tuple(int(n) for n in lattice)
@@ -148,8 +173,14 @@ class PolaritonLattice:
         self.n_sites = int(self.neighbours.shape[0])
         self.input_size = int(inputs)
         self.input_sites = np.asarray(input_sites, dtype=np.int64)
-        self.output_sites = np.asarray(output_sites, dtype=np.int64)
-        self.output_size = len(self.output_sites)
+        #: the sites of each output region (one region per class; a bare site is a region of one)
+        self.output_regions = [np.atleast_1d(np.asarray(region, dtype=np.int64))
+                               for region in output_sites]
+        if any(region.size == 0 for region in self.output_regions):
+            raise ValueError("an output region has no sites")
+        #: every output site, region by region in class order
+        self.output_sites = np.concatenate(self.output_regions)
+        self.output_size = len(self.output_regions)
         self.state_size = 2 * self.n_sites
         for label, sites in (("input", self.input_sites), ("output", self.output_sites)):
             if sites.size == 0 or sites.min() < 0 or sites.max() >= self.n_sites:
@@ -181,8 +212,18 @@ class PolaritonLattice:
         self.target_low = float(target_low)
         self.target_high = float(target_high)
         self.init_potential = (float(init_potential[0]), float(init_potential[1]))
-        self.gauge_projection = bool(gauge_projection)
+        if cost not in ("intensity", "fraction"):
+            raise ValueError(f"unknown cost {cost!r}; known: intensity, fraction")
+        if projection not in ("none", "uniform", "intensity"):
+            raise ValueError(f"unknown projection {projection!r}; known: none, uniform, "
+                             "intensity")
+        self.cost_kind = cost
+        self.projection = projection
         self.energy_relaxation = float(energy_relaxation)
+        #: (classes, sites) 0/1 matrix: region k's intensity is region_matrix[k] @ |psi|^2
+        self.region_matrix = np.zeros((self.output_size, self.n_sites))
+        for k, region in enumerate(self.output_regions):
+            self.region_matrix[k, region] = 1.0
         outputs = set(self.output_sites.tolist())
         #: site of each readout slot: non-output sites ascending, then the outputs by class
         self.readout_order = np.array(
@@ -200,7 +241,7 @@ class PolaritonLattice:
 
     @property
     def output_slice(self) -> tuple[int, int]:
-        return self.state_size - 2 * self.output_size, self.state_size
+        return self.state_size - 2 * len(self.output_sites), self.state_size
 
     def _encoded_size(self) -> int:
         if self.encoding == "direct":
@@ -246,11 +287,13 @@ class PolaritonLattice:
 
     def nudge_potential(self, strength: float, target: np.ndarray,
                         start: np.ndarray) -> np.ndarray:
-        """The nudge as a potential (batch, n_sites): beta (n_k - t_k) on the output sites,
-        with n_k the intensities of the ``start`` state rows (the free state)."""
+        """The nudge as a potential (batch, n_sites): beta dC/dn_k on every site of output
+        region k, with dC/dn_k at the ``start`` state rows (the free state), since the forcing
+        beta dC/d(psi_i*) = beta (dC/dn_k) psi_i is that potential times psi_i."""
         out = np.zeros((start.shape[0], self.n_sites))
         if strength != 0.0:
-            out[:, self.output_sites] = strength * (self.output_intensities(start) - target)
+            out += strength * (self.cost_gradient(self.output_intensities(start), target)
+                               @ self.region_matrix)
         return out
 
     # -- state layout -----------------------------------------------------------------------
@@ -276,10 +319,9 @@ class PolaritonLattice:
         return slots[:, self.slot_of_site]
 
     def output_intensities(self, state: np.ndarray) -> np.ndarray:
-        """n_k = |psi_{o_k}|^2 (batch, n_out), by class."""
-        lo, _ = self.output_slice
-        outs = np.asarray(state)[:, lo:]
-        return outs[:, 0::2] ** 2 + outs[:, 1::2] ** 2
+        """n_k = sum of |psi_i|^2 over output region k (batch, n_out), by class (a camera's
+        region of interest; a single site for a region of one)."""
+        return self.intensities(state) @ self.region_matrix.T
 
     # -- the Model protocol -----------------------------------------------------------------
 
@@ -305,7 +347,28 @@ class PolaritonLattice:
         return np.argmax(self.output_intensities(state), axis=1)
 
     def cost(self, state: np.ndarray, target: np.ndarray) -> np.ndarray:
-        return 0.5 * np.sum((self.output_intensities(state) - target) ** 2, axis=1)
+        """C per sample: 1/2 sum_k (n_k - t_k)^2 (``intensity``) or 1/2 sum_k (f_k - t_k)^2
+        with f_k = n_k / sum_j n_j the fraction of the output light in region k
+        (``fraction``)."""
+        return 0.5 * np.sum((self._readout(self.output_intensities(state)) - target) ** 2,
+                            axis=1)
+
+    def _readout(self, n_out: np.ndarray) -> np.ndarray:
+        if self.cost_kind == "intensity":
+            return n_out
+        return n_out / np.maximum(n_out.sum(axis=1, keepdims=True), 1e-300)
+
+    def cost_gradient(self, n_out: np.ndarray, target: np.ndarray) -> np.ndarray:
+        """dC/dn_k (batch, n_out) at output intensities n_out: n_k - t_k (``intensity``), or
+        (e_k - sum_j e_j f_j) / S with S = sum_j n_j, e = f - t (``fraction``; its sum
+        weighted by n is 0, the cost being blind to the total intensity)."""
+        n_out = np.asarray(n_out, dtype=np.float64)
+        if self.cost_kind == "intensity":
+            return n_out - target
+        total = np.maximum(n_out.sum(axis=1, keepdims=True), 1e-300)
+        fraction = n_out / total
+        excess = fraction - target
+        return (excess - np.sum(excess * fraction, axis=1, keepdims=True)) / total
 
     def contrast(
         self,
@@ -316,22 +379,38 @@ class PolaritonLattice:
         scale: float = 1.0,
     ) -> Params:
         """``scale`` times the weighted batch mean of dE/dV(psi_a) - dE/dV(psi_b), with
-        dE/dV_i = |psi_i|^2: a difference of two camera images.
+        dE/dV_i = |psi_i|^2: a difference of two camera images, projected (``projection``).
 
-        With ``gauge_projection`` the mean over the sites is removed: a uniform shift of every
-        V_i only shifts the frame frequency mu (psi -> psi exp(-i c t)) and changes no
-        intensity, so the exact gradient has no uniform component, while the raw contrast
-        carries one (the change of the total intensity N between the two states, which the
-        gain-loss balance sets). The projection is exact physics, not a fit."""
+        A uniform shift of every V_i only shifts the frame frequency mu (psi -> psi
+        exp(-i c t)) and changes no intensity, so the exact gradient sums to zero over the
+        sites; the raw contrast does not, because the gain-loss balance changes the total
+        intensity N between the two states. Each sample's contrast d is therefore projected
+        so that it sums to zero:
+
+        - ``uniform``: d - mean(d), along the uniform direction;
+        - ``intensity`` (the default): d - n (sum d / sum n), along the intensity pattern n of
+          the two states (their mean, the free state's to O(beta^2)). The nudged state leaves
+          the free one along the family of stationary states of E - mu N that the gain
+          balance moves along, which rescales n; with a cost blind to the total intensity
+          (``cost: fraction``) this removes the whole difference between EP and the exact
+          gradient under a uniform pump (``labep gradcheck``: cosine 1.0000 from g = 0.1 to 3);
+        - ``none``: the raw contrast.
+
+        The projections use only the two camera images."""
         batch = state_a.shape[0]
         dtype = state_a.dtype
         w = np.full(batch, 1.0 / batch) if weights is None else weights / max(weights.sum(), 1e-300)
         w = w * scale
-        difference = self.intensities(state_a).astype(np.float64) - self.intensities(state_b)
-        gradient = w @ difference
-        if self.gauge_projection:
-            gradient = gradient - gradient.mean()
-        return {"V": np.asarray(gradient, dtype=dtype)}
+        intensity_a = self.intensities(state_a).astype(np.float64)
+        intensity_b = self.intensities(state_b).astype(np.float64)
+        difference = intensity_a - intensity_b
+        if self.projection == "uniform":
+            difference -= difference.mean(axis=1, keepdims=True)
+        elif self.projection == "intensity":
+            pattern = 0.5 * (intensity_a + intensity_b)
+            total = np.maximum(pattern.sum(axis=1, keepdims=True), 1e-300)
+            difference -= pattern * (difference.sum(axis=1, keepdims=True) / total)
+        return {"V": np.asarray(w @ difference, dtype=dtype)}
 
     # -- physics ----------------------------------------------------------------------------
 
@@ -428,14 +507,15 @@ class PolaritonLattice:
         target = np.asarray(target, dtype=np.float64)
         jac, _ = self.stationary_jacobian(inputs, psi, params)
         batch, n = psi.shape
-        outputs = self.output_sites
+        # dC/dn_i on every site (dC/dn_k on the sites of region k), then dn_i/dpsi = 2 psi_i
+        site_gradient = (self.cost_gradient(np.abs(psi) ** 2 @ self.region_matrix.T, target)
+                         @ self.region_matrix)
         gradient = np.zeros((batch, n))
         for sample in range(batch):
             p = psi[sample]
             dcdx = np.zeros(2 * n + 1)
-            excess = np.abs(p[outputs]) ** 2 - target[sample]
-            dcdx[outputs] = 2.0 * excess * p[outputs].real
-            dcdx[n + outputs] = 2.0 * excess * p[outputs].imag
+            dcdx[:n] = 2.0 * site_gradient[sample] * p.real
+            dcdx[n:2 * n] = 2.0 * site_gradient[sample] * p.imag
             lam = np.linalg.solve(jac[sample].T, dcdx)
             dfdv = (1.0 - 1j * self.energy_relaxation) * p  # dF_i/dV_i
             gradient[sample] = -(lam[:n] * dfdv.real + lam[n:2 * n] * dfdv.imag)

@@ -1,0 +1,67 @@
+"""Optimizers: SGD and Adam turn an EP estimate into the step the write path applies; a
+protocol chooses one, and Adam's moments survive a resume (tests/test_resume.py)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from labep.engine import Trainer, final_params
+from labep.optimizers import Adam, Sgd
+from labep.protocol import ProtocolError, load_protocol
+from labep.store import RunStore
+
+from .conftest import tiny_xor
+
+
+def test_sgd_steps_against_the_gradient_at_each_parameters_rate() -> None:
+    sgd = Sgd({"W1": 0.5, "b1": 0.1})
+    step = sgd.step({"W1": np.array([1.0, -2.0]), "b1": np.array([4.0])})
+    np.testing.assert_allclose(step["W1"], [-0.5, 1.0])
+    np.testing.assert_allclose(step["b1"], [-0.4])
+
+
+def test_adam_matches_kingma_and_ba() -> None:
+    """Three steps against the algorithm written out: moments, bias correction, epsilon."""
+    rng = np.random.default_rng(0)
+    gradients = [rng.standard_normal(5) * scale for scale in (1.0, 10.0, 0.01)]
+    adam = Adam({"V": 0.05}, beta1=0.8, beta2=0.99, epsilon=1e-6)
+    m = np.zeros(5)
+    v = np.zeros(5)
+    for t, g in enumerate(gradients, start=1):
+        m = 0.8 * m + 0.2 * g
+        v = 0.99 * v + 0.01 * g * g
+        expected = -0.05 * (m / (1 - 0.8 ** t)) / (np.sqrt(v / (1 - 0.99 ** t)) + 1e-6)
+        np.testing.assert_allclose(adam.step({"V": g.copy()})["V"], expected, rtol=1e-12)
+    # the first step has the size of the learning rate whatever the gradient's scale
+    first = Adam({"V": 0.05}).step({"V": np.array([1e-4, -300.0])})["V"]
+    np.testing.assert_allclose(np.abs(first), 0.05, rtol=1e-3)
+
+
+def test_adam_state_round_trips_and_refuses_another_optimizers_state() -> None:
+    adam = Adam({"V": 0.1})
+    adam.step({"V": np.array([1.0, 2.0])})
+    meta, arrays = adam.state()
+    again = Adam({"V": 0.1})
+    again.restore(meta, arrays)
+    g = np.array([0.3, -0.7])
+    np.testing.assert_array_equal(adam.step({"V": g.copy()})["V"], again.step({"V": g.copy()})["V"])
+    with pytest.raises(ValueError, match="'adam' optimizer state"):
+        Sgd({"V": 0.1}).restore(meta, arrays)
+    with pytest.raises(ValueError, match="'sgd' optimizer state"):
+        Adam({"V": 0.1}).restore(*Sgd({"V": 0.1}).state())
+
+
+def test_a_protocol_chooses_the_optimizer(tmp_path) -> None:
+    with pytest.raises(ProtocolError, match="optimizer"):
+        load_protocol(tiny_xor(**{"training.optimizer": {"name": "rmsprop"}}))
+    with pytest.raises(ProtocolError, match="beta2"):
+        load_protocol(tiny_xor(**{"training.optimizer": {"name": "adam", "beta2": 1.0}}))
+    finals = {}
+    with RunStore(tmp_path / "runs.db") as store:
+        for name in ("sgd", "adam"):
+            doc = tiny_xor(**{"training.optimizer": {"name": name}})
+            result = Trainer(load_protocol(doc), store, progress=False).run()
+            assert result.status == "completed"
+            finals[name] = final_params(store, result.run_id)
+    assert not np.allclose(finals["sgd"]["W1"], finals["adam"]["W1"])
