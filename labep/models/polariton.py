@@ -92,9 +92,10 @@ remove the difference:
   removes the family's component, fixing its size by the gauge identity sum_i dC/dV_i = 0.
 
 Under a uniform pump the two together give the exact gradient (``labep gradcheck``: cosine
-1.0000 at g = 0.1 to 3, energy relaxation 0 or 0.5). With the ``intensity`` cost a part of the
-difference stays, and with the ``uniform`` projection (remove the mean) more of it
-(``benchmarks/polariton_gradcheck.py`` prints the table over gamma). Far from equilibrium
+1.0000 at g = 0.1 to 3 with energy relaxation 0.5, and at g = 1 and 3 without). With the
+``uniform`` projection (remove the mean) a part of the difference stays (cosine ~0.97), and
+with the ``intensity`` cost more of it (~0.8 whatever the projection;
+``benchmarks/polariton_gradcheck.py`` prints the table over gamma). Far from equilibrium
 (strong currents, e.g. a single pumped site feeding the lattice) EP is not exact.
 
 Which regime learns. With energy relaxation (eta ~ 0.5) and weak dissipation the attractor is
