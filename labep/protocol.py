@@ -136,6 +136,12 @@ class DenseOIMConfig(_Strict):
         return sizes
 
 
+def _flatten_regions(regions: list[int | list[int]]) -> list[int]:
+    """Every site of a list of regions (a region is a site or a list of sites), in order."""
+    return [site for region in regions
+            for site in ([region] if isinstance(region, int) else region)]
+
+
 class PolaritonConfig(_Strict):
     """Exciton-polariton lattice (driven-dissipative Gross-Pitaevskii, labep.models.polariton):
     complex fields psi_i on a chain [n] or a grid [rows, cols], trainable local potentials V_i,
@@ -145,8 +151,9 @@ class PolaritonConfig(_Strict):
     lattice: list[PositiveInt] = Field(min_length=1, max_length=2,
                                        description="[n] (chain) or [rows, cols] (grid).")
     inputs: PositiveInt = Field(le=1_000_000, description="Raw input features (the dataset's).")
-    input_sites: list[Annotated[int, Field(ge=0)]] = Field(
-        min_length=1, description="Sites (row-major) whose potential carries the encoded inputs.")
+    input_sites: list[Annotated[int, Field(ge=0)] | list[Annotated[int, Field(ge=0)]]] = Field(
+        min_length=1, description="One input region per encoded feature: a site (row-major), "
+        "or a list of sites that all display the feature.")
     output_sites: list[Annotated[int, Field(ge=0)] | list[Annotated[int, Field(ge=0)]]] = Field(
         min_length=2, description="One output region per class: a site, or a list of sites "
         "whose intensities |psi|^2 are summed (a camera's region of interest).")
@@ -171,10 +178,11 @@ class PolaritonConfig(_Strict):
     target_high: float = Field(2.0, ge=0.0, le=1e6,
                                description="Target intensity (or fraction), the class.")
     init_potential: tuple[float, float] = Field((-0.5, 0.5), description="V ~ U(low, high).")
-    cost: Literal["intensity", "fraction"] = Field(
+    cost: Literal["intensity", "fraction", "cross_entropy"] = Field(
         "intensity", description="intensity: 1/2 sum (n_k - t_k)^2; fraction: 1/2 sum (f_k - "
-        "t_k)^2 with f_k = n_k / sum_j n_j, blind to the total intensity (EP exact with the "
-        "intensity projection).")
+        "t_k)^2 with f_k = n_k / sum_j n_j; cross_entropy: -sum t_k log f_k (targets 0 and 1). "
+        "The last two are blind to the total intensity (EP exact with the intensity "
+        "projection).")
     projection: Literal["none", "uniform", "intensity"] = Field(
         "intensity", description="How the EP contrast of V is made to sum to zero (the gauge "
         "identity): along the states' intensity pattern, uniformly, or not at all.")
@@ -190,24 +198,30 @@ class PolaritonConfig(_Strict):
     @property
     def output_site_list(self) -> list[int]:
         """Every output site, region by region."""
-        return [site for region in self.output_sites
-                for site in ([region] if isinstance(region, int) else region)]
+        return _flatten_regions(self.output_sites)
+
+    @property
+    def input_site_list(self) -> list[int]:
+        """Every input site, region by region."""
+        return _flatten_regions(self.input_sites)
 
     @model_validator(mode="after")
     def _geometry(self) -> PolaritonConfig:
         n_sites = math.prod(self.lattice)
         if n_sites > 65_536:
             raise ValueError("a lattice has at most 65,536 sites (dense gradient checks)")
-        if any(isinstance(region, list) and not region for region in self.output_sites):
-            raise ValueError("output_sites: a region has no sites")
-        for label, sites in (("input_sites", self.input_sites),
+        for label, regions in (("input_sites", self.input_sites),
+                               ("output_sites", self.output_sites)):
+            if any(isinstance(region, list) and not region for region in regions):
+                raise ValueError(f"{label}: a region has no sites")
+        for label, sites in (("input_sites", self.input_site_list),
                              ("output_sites", self.output_site_list),
                              ("pump_sites", self.pump_sites or [0])):
             if max(sites) >= n_sites:
                 raise ValueError(f"{label}: sites are 0 .. {n_sites - 1}, got {max(sites)}")
             if len(set(sites)) != len(sites):
                 raise ValueError(f"{label}: a site appears twice")
-        if set(self.input_sites) & set(self.output_site_list):
+        if set(self.input_site_list) & set(self.output_site_list):
             raise ValueError("a site cannot be both an input and an output")
         if self.encoding == "direct":
             encoded = self.inputs
@@ -220,7 +234,7 @@ class PolaritonConfig(_Strict):
             encoded = (shape[0] // self.pool) * (shape[1] // self.pool)
         if encoded != len(self.input_sites):
             raise ValueError(f"the {self.encoding} encoding gives {encoded} features for "
-                             f"{len(self.input_sites)} input sites")
+                             f"{len(self.input_sites)} input regions")
         return self
 
 

@@ -68,6 +68,26 @@ def test_lattice_geometry_and_state_layout() -> None:
         PolaritonLattice([6], 2, [1, 4], [3, [0, 3]])
 
 
+def test_an_input_region_displays_its_feature_on_every_site() -> None:
+    """input_sites entries may be regions: feature k's potential u x_k (and input pump) is on
+    every site of region k, nowhere else; a protocol takes the nested form."""
+    model = PolaritonLattice([8], 2, [[0, 1], [5, 6]], [3, 7], input_potential=2.0,
+                             input_pump=0.5, pump=0.1, pump_sites=[0, 4])
+    x = np.array([[0.25, 1.0]])
+    np.testing.assert_allclose(model.input_potentials(x)[0],
+                               [0.5, 0.5, 0, 0, 0, 2.0, 2.0, 0])
+    np.testing.assert_allclose(model.pumps(x)[0],
+                               [0.225, 0.125, 0, 0, 0.1, 0.5, 0.5, 0])
+    assert model.input_sites.tolist() == [0, 1, 5, 6]
+    with pytest.raises(ValueError, match="2 features but there are 3 input regions"):
+        PolaritonLattice([8], 2, [[0, 1], 5, 6], [3, 7])
+    with pytest.raises(ValueError, match="input region has no sites"):
+        PolaritonLattice([8], 2, [[0, 1], []], [3, 7])
+    doc = load_protocol(PROTOCOLS / "polariton_xor.yaml").document
+    wide = load_protocol({**doc, "model": {**doc["model"], "input_sites": [[1, 2], [6, 7]]}})
+    assert wide.protocol.model.input_site_list == [1, 2, 6, 7]
+
+
 def test_downsample_encoding_averages_blocks() -> None:
     model = PolaritonLattice([3, 3], 16, [0, 1, 2, 3], [7, 8], encoding="downsample",
                              image_shape=[4, 4], pool=2)
@@ -129,7 +149,9 @@ def test_a_dead_condensate_never_counts_as_settled() -> None:
 @pytest.mark.parametrize(("relaxation", "physics"), [
     (0.0, {}), (0.4, {}),
     (0.4, {"cost": "fraction", "output_sites": [2, [3, 4]], "target_low": 0.3,
-           "target_high": 0.7})])
+           "target_high": 0.7}),
+    (0.4, {"cost": "cross_entropy", "output_sites": [2, [3, 4]], "target_low": 0.0,
+           "target_high": 1.0})])
 def test_exact_gradient_matches_finite_differences(relaxation: float, physics: dict) -> None:
     model, sim, params = make(seed=2, relaxation=relaxation, physics=physics)
     target = model.encode_target(XOR_LABELS)
@@ -191,6 +213,18 @@ def test_fraction_cost_and_intensity_projection_give_the_exact_gradient(
     assert min(cosines["intensity"]) > 0.9999
     assert max(cosines["none"]) < 0.999
     assert np.mean(cosines["intensity"]) > np.mean(cosines["uniform"])
+
+
+def test_cross_entropy_cost_keeps_ep_exact() -> None:
+    """The categorical cross-entropy of the output fractions is blind to the total intensity
+    too: with the intensity projection EP is the exact gradient (weak and strong g)."""
+    for interaction in (0.1, 1.0):
+        protocol = load_protocol(PROTOCOLS / "polariton_xor.yaml", [
+            "model.cost=cross_entropy", "model.target_low=0", "model.target_high=1",
+            f"model.interaction={interaction}"]).protocol
+        for seed in (0, 1):
+            report = gradcheck(protocol, beta=1e-3, samples=4, seed=seed, tolerance=1e-10)
+            assert report["cosine"] > 0.9999
 
 
 def test_near_equilibrium_ep_approaches_the_exact_gradient_as_dissipation_vanishes() -> None:
@@ -282,13 +316,23 @@ def test_nudge_is_a_potential_step_on_the_outputs() -> None:
     assert after < before
 
 
-def test_fraction_nudge_is_the_cost_gradient_on_every_site_of_a_region() -> None:
-    """cost: fraction, regions: the step on each site of region k is beta dC/dn_k, dC/dn_k
-    the derivative of 1/2 sum (n_k / sum n - t_k)^2 (checked by finite differences), and a
+FRACTION_COSTS = {
+    "fraction": lambda f, t: 0.5 * ((f - t) ** 2).sum(1),
+    "cross_entropy": lambda f, t: -(t * np.log(f)).sum(1),
+}
+
+
+@pytest.mark.parametrize(("cost", "low", "high"), [("fraction", 0.3, 0.7),
+                                                   ("cross_entropy", 0.0, 1.0)])
+def test_fraction_nudge_is_the_cost_gradient_on_every_site_of_a_region(
+        cost: str, low: float, high: float) -> None:
+    """cost: fraction or cross_entropy, regions: the step on each site of region k is
+    beta dC/dn_k, dC/dn_k the derivative of 1/2 sum (f_k - t_k)^2 or -sum t_k log f_k,
+    f_k = n_k / sum n (checked by finite differences), blind to the total intensity, and a
     positive nudge lowers the cost."""
     model, sim, _ = make(seed=6, relaxation=0.4, physics={
-        "cost": "fraction", "output_sites": [2, [3, 4]], "target_low": 0.3,
-        "target_high": 0.7})
+        "cost": cost, "output_sites": [2, [3, 4]], "target_low": low, "target_high": high})
+    formula = FRACTION_COSTS[cost]
     free = sim.relax(XOR, settle=TIGHT)
     target = model.encode_target(XOR_LABELS)
     step = model.nudge_potential(0.1, target, free.state)
@@ -298,9 +342,11 @@ def test_fraction_nudge_is_the_cost_gradient_on_every_site_of_a_region() -> None
         shift = np.zeros_like(n_out)
         shift[:, k] = 1e-6
         fractions = [(n / n.sum(1, keepdims=True)) for n in (n_out + shift, n_out - shift)]
-        numeric = (0.5 * ((fractions[0] - target) ** 2).sum(1)
-                   - 0.5 * ((fractions[1] - target) ** 2).sum(1)) / 2e-6
+        numeric = (formula(fractions[0], target) - formula(fractions[1], target)) / 2e-6
         np.testing.assert_allclose(gradient[:, k], numeric, rtol=1e-6, atol=1e-9)
+    np.testing.assert_allclose((gradient * n_out).sum(1), 0.0, atol=1e-12)
+    np.testing.assert_allclose(model.cost(free.state, target),
+                               formula(n_out / n_out.sum(1, keepdims=True), target))
     np.testing.assert_allclose(step[:, 2], 0.1 * gradient[:, 0])
     np.testing.assert_allclose(step[:, [3, 4]], 0.1 * gradient[:, [1, 1]])
     assert np.all(step[:, [0, 1, 5]] == 0)
@@ -329,8 +375,14 @@ def test_protocol_validation_names_the_offending_field() -> None:
         load_protocol(bad)
     digits = load_protocol(PROTOCOLS / "polariton_digits.yaml").document
     bad = {**digits, "model": {**digits["model"], "pool": 4}}
-    with pytest.raises(ProtocolError, match="input sites"):
+    with pytest.raises(ProtocolError, match="input regions"):
         load_protocol(bad)
+    empty = {**doc, "model": {**doc["model"], "input_sites": [2, []]}}
+    with pytest.raises(ProtocolError, match="input_sites: a region has no sites"):
+        load_protocol(empty)
+    overlap = {**doc, "model": {**doc["model"], "input_sites": [2, [6, 4]]}}
+    with pytest.raises(ProtocolError, match="both an input and an output"):
+        load_protocol(overlap)
 
 
 @pytest.mark.parametrize("seed", [0, 3])

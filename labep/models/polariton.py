@@ -24,8 +24,10 @@ the eta = 0 equation with renormalized constants).
 Trainable parameters: the local potentials V_i of every site (``V``, shape (n_sites,)), written
 optically (a spatial light modulator shaping a non-resonant beam).
 
-Inputs (the encoding): a potential on the input sites, U_i(x) = u * x_k on the k-th input site
-(u the ``input_potential``, x_k in [0, 1] the k-th encoded feature; 0 elsewhere), displayed by
+Inputs (the encoding): a potential on the input sites, U_i(x) = u * x_k on every site of the
+k-th input region (a site, or a list of sites showing the same feature: a larger spot, or one
+feature displayed in several places; u the ``input_potential``, x_k in [0, 1] the k-th encoded
+feature; 0 elsewhere), displayed by
 the same light modulator on top of V (and, optionally, an extra pump p_in * x_k there,
 ``input_pump``, 0 by default). ``encoding`` ``direct`` takes the raw features as they
 are; ``downsample`` reads the raw features as an image (``image_shape``) and averages
@@ -49,7 +51,10 @@ single site or several, summed like a camera's region of interest), and either
   and ``target_low`` for the others (intensities);
 - ``cost: fraction``: C = 1/2 sum_k (f_k - t_k)^2 with f_k = n_k / sum_j n_j the fraction of the
   output light in region k (targets are fractions). Blind to the total intensity, which the
-  gain balance sets and a camera's exposure scales; with it EP is exact (below).
+  gain balance sets and a camera's exposure scales; with it EP is exact (below);
+- ``cost: cross_entropy``: C = -sum_k t_k log f_k, the categorical cross-entropy of the
+  fractions read as class probabilities (targets one-hot: ``target_low`` 0, ``target_high``
+  1; other values give soft targets). Blind to the total intensity too.
 
 The prediction is the brightest output region.
 
@@ -86,8 +91,8 @@ stationary states (d psi / d mu) to keep B = 0, which adds to the contrast a com
 that family, while the exact gradient needs the adjoint of the balance constraint. Two things
 remove the difference:
 
-- a cost blind to the total intensity (``cost: fraction``), so that the rescaling of the
-  pattern along the family does not enter the exact gradient;
+- a cost blind to the total intensity (``cost: fraction`` or ``cross_entropy``), so that
+  the rescaling of the pattern along the family does not enter the exact gradient;
 - the ``intensity`` projection of the contrast (:meth:`PolaritonLattice.contrast`), which
   removes the family's component, fixing its size by the gauge identity sum_i dC/dV_i = 0.
 
@@ -148,7 +153,7 @@ class PolaritonLattice:
         self,
         lattice: list[int] | tuple[int, ...],
         inputs: int,
-        input_sites: list[int] | tuple[int, ...],
+        input_sites: list[int | list[int]] | tuple[int | list[int], ...],
         output_sites: list[int | list[int]] | tuple[int | list[int], ...],
         *,
         encoding: str = "direct",
@@ -173,7 +178,13 @@ class PolaritonLattice:
         self.neighbours = lattice_neighbours(self.lattice)
         self.n_sites = int(self.neighbours.shape[0])
         self.input_size = int(inputs)
-        self.input_sites = np.asarray(input_sites, dtype=np.int64)
+        #: the sites of each input region (feature k is displayed on every site of region k)
+        self.input_regions = [np.atleast_1d(np.asarray(region, dtype=np.int64))
+                              for region in input_sites]
+        if any(region.size == 0 for region in self.input_regions):
+            raise ValueError("an input region has no sites")
+        #: every input site, region by region in feature order
+        self.input_sites = np.concatenate(self.input_regions)
         #: the sites of each output region (one region per class; a bare site is a region of one)
         self.output_regions = [np.atleast_1d(np.asarray(region, dtype=np.int64))
                                for region in output_sites]
@@ -195,9 +206,13 @@ class PolaritonLattice:
         self.pool = int(pool)
         self.image_shape = None if image_shape is None else tuple(int(n) for n in image_shape)
         n_features = self._encoded_size()
-        if n_features != len(self.input_sites):
+        if n_features != len(self.input_regions):
             raise ValueError(f"the {encoding} encoding gives {n_features} features but there "
-                             f"are {len(self.input_sites)} input sites")
+                             f"are {len(self.input_regions)} input regions")
+        #: (features, sites) 0/1 matrix: U(x) = u * x @ input_matrix
+        self.input_matrix = np.zeros((n_features, self.n_sites))
+        for k, region in enumerate(self.input_regions):
+            self.input_matrix[k, region] = 1.0
         self.hopping = float(hopping)
         self.interaction = float(interaction)
         self.pump = float(pump)
@@ -213,8 +228,9 @@ class PolaritonLattice:
         self.target_low = float(target_low)
         self.target_high = float(target_high)
         self.init_potential = (float(init_potential[0]), float(init_potential[1]))
-        if cost not in ("intensity", "fraction"):
-            raise ValueError(f"unknown cost {cost!r}; known: intensity, fraction")
+        if cost not in ("intensity", "fraction", "cross_entropy"):
+            raise ValueError(f"unknown cost {cost!r}; known: intensity, fraction, "
+                             "cross_entropy")
         if projection not in ("none", "uniform", "intensity"):
             raise ValueError(f"unknown projection {projection!r}; known: none, uniform, "
                              "intensity")
@@ -258,7 +274,7 @@ class PolaritonLattice:
         raise ValueError(f"unknown encoding {self.encoding!r}; known: direct, downsample")
 
     def encode(self, inputs: np.ndarray) -> np.ndarray:
-        """The features x (batch, n_input_sites) that drive the input sites."""
+        """The features x (batch, n_input_regions) that drive the input regions."""
         x = np.asarray(inputs, dtype=np.float64)
         if x.ndim != 2 or x.shape[1] != self.input_size:
             raise ValueError(f"inputs must be (batch, {self.input_size}), got {x.shape}")
@@ -271,19 +287,16 @@ class PolaritonLattice:
         return blocks.mean(axis=(2, 4)).reshape(len(x), -1)
 
     def input_potentials(self, inputs: np.ndarray) -> np.ndarray:
-        """U(x) (batch, n_sites): u * x_k on the k-th input site, 0 elsewhere (units of J)."""
-        features = self.encode(inputs)
-        out = np.zeros((features.shape[0], self.n_sites))
-        out[:, self.input_sites] = self.input_potential * features
-        return out
+        """U(x) (batch, n_sites): u * x_k on every site of the k-th input region, 0 elsewhere
+        (units of J)."""
+        return self.input_potential * (self.encode(inputs) @ self.input_matrix)
 
     def pumps(self, inputs: np.ndarray) -> np.ndarray:
         """P_i (batch, n_sites): the pump P on the pump sites (every site by default), plus
-        p_in * x_k on the k-th input site."""
+        p_in * x_k on every site of the k-th input region."""
         features = self.encode(inputs)
-        out = np.zeros((features.shape[0], self.n_sites))
-        out[:, self.pump_sites] = self.pump
-        out[:, self.input_sites] += self.input_pump * features
+        out = self.input_pump * (features @ self.input_matrix)
+        out[:, self.pump_sites] += self.pump
         return out
 
     def nudge_potential(self, strength: float, target: np.ndarray,
@@ -348,11 +361,13 @@ class PolaritonLattice:
         return np.argmax(self.output_intensities(state), axis=1)
 
     def cost(self, state: np.ndarray, target: np.ndarray) -> np.ndarray:
-        """C per sample: 1/2 sum_k (n_k - t_k)^2 (``intensity``) or 1/2 sum_k (f_k - t_k)^2
+        """C per sample: 1/2 sum_k (n_k - t_k)^2 (``intensity``), 1/2 sum_k (f_k - t_k)^2
         with f_k = n_k / sum_j n_j the fraction of the output light in region k
-        (``fraction``)."""
-        return 0.5 * np.sum((self._readout(self.output_intensities(state)) - target) ** 2,
-                            axis=1)
+        (``fraction``), or -sum_k t_k log f_k (``cross_entropy``)."""
+        readout = self._readout(self.output_intensities(state))
+        if self.cost_kind == "cross_entropy":
+            return -np.sum(target * np.log(np.maximum(readout, 1e-300)), axis=1)
+        return 0.5 * np.sum((readout - target) ** 2, axis=1)
 
     def _readout(self, n_out: np.ndarray) -> np.ndarray:
         if self.cost_kind == "intensity":
@@ -361,12 +376,16 @@ class PolaritonLattice:
 
     def cost_gradient(self, n_out: np.ndarray, target: np.ndarray) -> np.ndarray:
         """dC/dn_k (batch, n_out) at output intensities n_out: n_k - t_k (``intensity``), or
-        (e_k - sum_j e_j f_j) / S with S = sum_j n_j, e = f - t (``fraction``; its sum
-        weighted by n is 0, the cost being blind to the total intensity)."""
+        (e_k - sum_j e_j f_j) / S with S = sum_j n_j, e = f - t (``fraction``), or
+        sum_j t_j / S - t_k / n_k (``cross_entropy``). The last two are blind to the total
+        intensity: their sums weighted by n are 0."""
         n_out = np.asarray(n_out, dtype=np.float64)
         if self.cost_kind == "intensity":
             return n_out - target
         total = np.maximum(n_out.sum(axis=1, keepdims=True), 1e-300)
+        if self.cost_kind == "cross_entropy":
+            return (np.sum(target, axis=1, keepdims=True) / total
+                    - target / np.maximum(n_out, 1e-300))
         fraction = n_out / total
         excess = fraction - target
         return (excess - np.sum(excess * fraction, axis=1, keepdims=True)) / total
