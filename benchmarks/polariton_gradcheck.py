@@ -9,11 +9,12 @@ differentiation of the stationary state in the rotating frame) at fresh paramete
 batch, for several seeds. Printed per gamma: the cosine similarity (mean and worst over seeds)
 for the three projections of the contrast (``model.projection``: ``intensity``, the default,
 ``uniform`` and ``none``) and the relative error of the first. ``--cost`` overrides the
-protocol's cost (``fraction`` or ``intensity``). A plot goes to
+protocol's cost (``fraction``, ``cross_entropy`` with targets 0 and 1, or ``intensity``).
+A plot goes to
 ``benchmarks/out/polariton_gradcheck.png``.
 
     python benchmarks/polariton_gradcheck.py [--protocol protocols/polariton_xor.yaml]
-        [--scales 30 10 3 1 0.3 0.1] [--seeds 0 1 2 3] [--beta 1e-3] [--cost intensity] [--json]
+        [--scales 30 10 3 1 0.3 0.1] [--seeds 0 1 2 3] [--beta 1e-3] [--cost cross_entropy] [--json]
 """
 
 from __future__ import annotations
@@ -71,13 +72,16 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3])
     parser.add_argument("--beta", type=float, default=1e-3)
     parser.add_argument("--samples", type=int, default=4)
-    parser.add_argument("--cost", choices=["fraction", "intensity"], default=None)
+    parser.add_argument("--cost", choices=["fraction", "cross_entropy", "intensity"],
+                        default=None)
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "out"
                                              / "polariton_gradcheck.png"))
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
 
     extra = [] if args.cost is None else [f"model.cost={args.cost}"]
+    if args.cost == "cross_entropy":
+        extra += ["model.target_low=0", "model.target_high=1"]
     model = load_protocol(args.protocol, extra).protocol.model
     base = {"pump": model.pump, "loss": model.loss, "saturation": model.saturation}
     started = time.perf_counter()

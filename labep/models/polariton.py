@@ -54,7 +54,10 @@ single site or several, summed like a camera's region of interest), and either
   gain balance sets and a camera's exposure scales; with it EP is exact (below);
 - ``cost: cross_entropy``: C = -sum_k t_k log f_k, the categorical cross-entropy of the
   fractions read as class probabilities (targets one-hot: ``target_low`` 0, ``target_high``
-  1; other values give soft targets). Blind to the total intensity too.
+  1; other values give soft targets). Blind to the total intensity too. Its nudge step on
+  the class's region, beta (sum_j t_j / S - t_k / n_k), grows without bound as that region
+  goes dark (n_k -> 0): keep beta small against n_k; a pattern that leaves the modulator's
+  range is refused before it is displayed.
 
 The prediction is the brightest output region.
 
