@@ -59,10 +59,17 @@ class RunResult:
 # -- building blocks from a validated protocol ----------------------------------------------
 
 
-def build_model(protocol: Protocol) -> Model:
+def build_model(protocol: Protocol, data: Split | None = None) -> Model:
+    """The protocol's model; with ``data``, an encoding fitted on the training inputs (a
+    model's ``fit_encoding``, e.g. the polariton lattice's pca) is fitted on its training
+    split."""
     cfg = protocol.model
     cls = registry.load_model_class(cfg.kind)
-    return cls(**cfg.model_dump(exclude={"kind", "activation"}))
+    model = cls(**cfg.model_dump(exclude={"kind", "activation"}))
+    fit = getattr(model, "fit_encoding", None)
+    if data is not None and fit is not None:
+        fit(data.train_inputs)
+    return model
 
 
 def build_bench(protocol: Protocol, model: Model, **overrides: Any) -> Bench:
@@ -232,7 +239,7 @@ class Trainer:
         protocol = self.protocol
         try:
             data = load_dataset(protocol)
-            model = build_model(protocol)
+            model = build_model(protocol, data)
             bench = build_bench(protocol, model)
             # numba kernels parallelize over the samples of a batch; a BLAS pool spinning on
             # the same cores between kernel calls costs several times the work, so BLAS runs

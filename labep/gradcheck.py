@@ -50,8 +50,8 @@ def gradcheck_batch(protocol: Protocol, samples: int | None, seed: int,
     """What every gradient check compares on: the model, ``samples`` training inputs (default
     a batch) and their targets drawn from ``seed``, and ``params`` (default: fresh ones from
     ``seed``, as a run with that seed starts)."""
-    model = build_model(protocol)
     data = load_dataset(protocol)
+    model = build_model(protocol, data)
     count = min(samples or protocol.training.batch_size, len(data.train_labels))
     rows = stream(seed, 3).choice(len(data.train_labels), size=count, replace=False)
     x, labels = data.train_inputs[rows], data.train_labels[rows]

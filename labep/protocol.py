@@ -157,9 +157,11 @@ class PolaritonConfig(_Strict):
     output_sites: list[Annotated[int, Field(ge=0)] | list[Annotated[int, Field(ge=0)]]] = Field(
         min_length=2, description="One output region per class: a site, or a list of sites "
         "whose intensities |psi|^2 are summed (a camera's region of interest).")
-    encoding: Literal["direct", "downsample"] = Field(
-        "direct", description="direct: feature k drives input site k; downsample: the features "
-        "are an image (image_shape), averaged over pool x pool blocks, row-major.")
+    encoding: Literal["direct", "downsample", "pca"] = Field(
+        "direct", description="direct: feature k drives input region k; downsample: the "
+        "features are an image (image_shape), averaged over pool x pool blocks, row-major; pca: "
+        "the first K principal components of the training inputs, standardized (K input "
+        "regions).")
     image_shape: list[PositiveInt] | None = Field(None, min_length=2, max_length=2)
     pool: PositiveInt = Field(1, le=64)
     hopping: PositiveFloat = Field(1.0, le=1e3, description="J, the tunnelling (energy unit).")
@@ -225,6 +227,11 @@ class PolaritonConfig(_Strict):
             raise ValueError("a site cannot be both an input and an output")
         if self.encoding == "direct":
             encoded = self.inputs
+        elif self.encoding == "pca":
+            if len(self.input_sites) > self.inputs:
+                raise ValueError(f"pca keeps at most the {self.inputs} inputs as components, "
+                                 f"not {len(self.input_sites)} input regions")
+            encoded = len(self.input_sites)
         else:
             shape = self.image_shape
             if (shape is None or shape[0] * shape[1] != self.inputs or shape[0] % self.pool

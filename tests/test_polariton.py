@@ -88,6 +88,55 @@ def test_an_input_region_displays_its_feature_on_every_site() -> None:
     assert wide.protocol.model.input_site_list == [1, 2, 6, 7]
 
 
+def test_pca_encoding_is_fitted_on_the_training_inputs() -> None:
+    """encoding: pca projects on the first K principal directions of the training inputs (K
+    input regions), standardized: mean 0, unit variance, uncorrelated on the training set;
+    the fit is deterministic; encoding before the fit is refused with the remedy named."""
+    from labep.datasets import load_digits
+
+    data = load_digits(0.2, 0)
+    model = PolaritonLattice([4, 4], 64, [0, 1, 2, 3], list(range(6, 16)), encoding="pca")
+    with pytest.raises(ValueError, match="fitted on the training inputs first"):
+        model.encode(data.train_inputs[:2])
+    model.fit_encoding(data.train_inputs)
+    z = model.encode(data.train_inputs)
+    assert z.shape == (len(data.train_inputs), 4)
+    np.testing.assert_allclose(z.mean(axis=0), 0.0, atol=1e-9)
+    np.testing.assert_allclose(np.cov(z.T, bias=True), np.eye(4), atol=1e-9)
+    x = data.train_inputs.astype(np.float64)
+    _, vectors = np.linalg.eigh(np.cov(x.T, bias=True))
+    top = vectors[:, -1]
+    assert abs(abs(top @ model.pca[1][0]) - 1.0) < 1e-9  # the leading principal direction
+    again = PolaritonLattice([4, 4], 64, [0, 1, 2, 3], list(range(6, 16)), encoding="pca")
+    again.fit_encoding(data.train_inputs)
+    np.testing.assert_array_equal(again.encode(data.test_inputs), model.encode(data.test_inputs))
+    np.testing.assert_allclose(model.input_potentials(data.test_inputs[:3])[:, :4],
+                               model.input_potential * model.encode(data.test_inputs[:3]))
+
+
+def test_a_pca_protocol_is_fitted_by_the_engine_and_ep_stays_exact() -> None:
+    """A protocol with the pca encoding: the engine fits it on the training split when it
+    builds the model (gradcheck runs through it), and EP is exact there too; more components
+    than raw inputs is refused by the protocol."""
+    doc = {"name": "pca", "seed": 0,
+           "bench": {"simulator": "polariton", "options": {"dtype": "float64"}},
+           "model": {"kind": "polariton", "lattice": [4, 4], "inputs": 64, "encoding": "pca",
+                     "input_sites": [0, 1, 2, 3], "output_sites": list(range(6, 16)),
+                     "interaction": 0.1, "pump": 0.06, "loss": 0.03, "saturation": 0.015,
+                     "energy_relaxation": 0.5, "input_potential": 0.3,
+                     "cost": "cross_entropy", "target_low": 0.0, "target_high": 1.0},
+           "dataset": {"name": "digits"},
+           "estimator": {"name": "symmetric", "beta": 0.001},
+           "training": {"epochs": 1, "batch_size": 4, "learning_rates": [0.01]}}
+    report = gradcheck(load_protocol(doc).protocol, beta=1e-3, samples=4, seed=0,
+                       tolerance=1e-10)
+    assert report["cosine"] > 0.9999
+    xor = load_protocol(PROTOCOLS / "polariton_xor.yaml").document
+    bad = {**xor, "model": {**xor["model"], "encoding": "pca", "input_sites": [1, 2, 3]}}
+    with pytest.raises(ProtocolError, match="pca keeps at most the 2 inputs"):
+        load_protocol(bad)
+
+
 def test_downsample_encoding_averages_blocks() -> None:
     model = PolaritonLattice([3, 3], 16, [0, 1, 2, 3], [7, 8], encoding="downsample",
                              image_shape=[4, 4], pool=2)

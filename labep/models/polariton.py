@@ -31,7 +31,12 @@ feature; 0 elsewhere), displayed by
 the same light modulator on top of V (and, optionally, an extra pump p_in * x_k there,
 ``input_pump``, 0 by default). ``encoding`` ``direct`` takes the raw features as they
 are; ``downsample`` reads the raw features as an image (``image_shape``) and averages
-``pool`` x ``pool`` blocks (an 8 x 8 digit becomes 4 x 4 features with pool 2), row-major.
+``pool`` x ``pool`` blocks (an 8 x 8 digit becomes 4 x 4 features with pool 2), row-major;
+``pca`` projects the raw features on the first K principal directions of the training inputs
+(K the number of input regions) and standardizes them (z_k of mean 0 and unit variance over
+the training set, so the potentials u z_k take both signs): :meth:`PolaritonLattice.
+fit_encoding`, which the engine calls with the training split whenever it builds the model
+(the fit is deterministic, so a resumed run encodes as the first one did).
 
 Energy. Without dissipation the equation is i d(psi)/dt = dE/d(psi*) with the conservative
 energy
@@ -208,6 +213,8 @@ class PolaritonLattice:
         self.encoding = encoding
         self.pool = int(pool)
         self.image_shape = None if image_shape is None else tuple(int(n) for n in image_shape)
+        #: the fitted pca encoding (mean, directions, spread), None until fit_encoding
+        self.pca: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
         n_features = self._encoded_size()
         if n_features != len(self.input_regions):
             raise ValueError(f"the {encoding} encoding gives {n_features} features but there "
@@ -274,7 +281,34 @@ class PolaritonLattice:
                 raise ValueError(f"image_shape {list(self.image_shape)} must hold the "
                                  f"{self.input_size} inputs and divide by pool {self.pool}")
             return (rows // self.pool) * (cols // self.pool)
-        raise ValueError(f"unknown encoding {self.encoding!r}; known: direct, downsample")
+        if self.encoding == "pca":
+            if len(self.input_regions) > self.input_size:
+                raise ValueError(f"the pca encoding keeps at most the {self.input_size} raw "
+                                 f"features, not {len(self.input_regions)} components")
+            return len(self.input_regions)
+        raise ValueError(f"unknown encoding {self.encoding!r}; known: direct, downsample, pca")
+
+    def fit_encoding(self, train_inputs: np.ndarray) -> None:
+        """Fit the ``pca`` encoding on the training inputs (nothing to fit otherwise): the mean
+        m, the first K principal directions p_k (K input regions; SVD of the centred inputs,
+        each direction's largest entry made positive, so the fit is deterministic) and the
+        standard deviation s_k of each projection; x encodes as z_k = (x - m) . p_k / s_k."""
+        if self.encoding != "pca":
+            return
+        x = np.asarray(train_inputs, dtype=np.float64)
+        if x.ndim != 2 or x.shape[1] != self.input_size or len(x) < 2:
+            raise ValueError(f"the pca encoding is fitted on (n >= 2, {self.input_size}) "
+                             f"training inputs, got {x.shape}")
+        mean = x.mean(axis=0)
+        _, _, directions = np.linalg.svd(x - mean, full_matrices=False)
+        count = len(self.input_regions)
+        if directions.shape[0] < count:
+            raise ValueError(f"{len(x)} training inputs span fewer than {count} components")
+        directions = directions[:count]
+        largest = np.argmax(np.abs(directions), axis=1)
+        directions *= np.sign(directions[np.arange(count), largest])[:, None]
+        spread = np.maximum(((x - mean) @ directions.T).std(axis=0), 1e-12)
+        self.pca = (mean, directions, spread)
 
     def encode(self, inputs: np.ndarray) -> np.ndarray:
         """The features x (batch, n_input_regions) that drive the input regions."""
@@ -283,6 +317,12 @@ class PolaritonLattice:
             raise ValueError(f"inputs must be (batch, {self.input_size}), got {x.shape}")
         if self.encoding == "direct":
             return x
+        if self.encoding == "pca":
+            if self.pca is None:
+                raise ValueError("the pca encoding is fitted on the training inputs first "
+                                 "(fit_encoding; labep.engine.build_model(protocol, data))")
+            mean, directions, spread = self.pca
+            return ((x - mean) @ directions.T) / spread
         assert self.image_shape is not None
         rows, cols = self.image_shape
         p = self.pool
