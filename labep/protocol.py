@@ -136,6 +136,13 @@ class DenseOIMConfig(_Strict):
         return sizes
 
 
+class InitRegion(_Strict):
+    """Initial potentials of some sites of a polariton lattice: V ~ U(low, high) there."""
+
+    sites: list[Annotated[int, Field(ge=0)]] = Field(min_length=1)
+    potential: tuple[float, float] = Field(description="[low, high], units of J.")
+
+
 def _flatten_regions(regions: list[int | list[int]]) -> list[int]:
     """Every site of a list of regions (a region is a site or a list of sites), in order."""
     return [site for region in regions
@@ -180,6 +187,8 @@ class PolaritonConfig(_Strict):
     target_high: float = Field(2.0, ge=0.0, le=1e6,
                                description="Target intensity (or fraction), the class.")
     init_potential: tuple[float, float] = Field((-0.5, 0.5), description="V ~ U(low, high).")
+    init_regions: list[InitRegion] = Field(
+        [], description="Sites drawn from their own range instead, in order (walls, wells).")
     cost: Literal["intensity", "fraction", "cross_entropy"] = Field(
         "intensity", description="intensity: 1/2 sum (n_k - t_k)^2; fraction: 1/2 sum (f_k - "
         "t_k)^2 with f_k = n_k / sum_j n_j; cross_entropy: -sum t_k log f_k (targets 0 and 1). "
@@ -216,6 +225,10 @@ class PolaritonConfig(_Strict):
                                ("output_sites", self.output_sites)):
             if any(isinstance(region, list) and not region for region in regions):
                 raise ValueError(f"{label}: a region has no sites")
+        for number, region in enumerate(self.init_regions):
+            if max(region.sites) >= n_sites:
+                raise ValueError(f"init_regions[{number}]: sites are 0 .. {n_sites - 1}, got "
+                                 f"{max(region.sites)}")
         for label, sites in (("input_sites", self.input_site_list),
                              ("output_sites", self.output_site_list),
                              ("pump_sites", self.pump_sites or [0])):
@@ -223,8 +236,6 @@ class PolaritonConfig(_Strict):
                 raise ValueError(f"{label}: sites are 0 .. {n_sites - 1}, got {max(sites)}")
             if len(set(sites)) != len(sites):
                 raise ValueError(f"{label}: a site appears twice")
-        if set(self.input_site_list) & set(self.output_site_list):
-            raise ValueError("a site cannot be both an input and an output")
         if self.encoding == "direct":
             encoded = self.inputs
         elif self.encoding == "pca":

@@ -62,8 +62,12 @@ def test_lattice_geometry_and_state_layout() -> None:
     intensity = np.abs(psi) ** 2
     np.testing.assert_allclose(regions.output_intensities(state),
                                np.stack([intensity[:, 3], intensity[:, 0] + intensity[:, 5]], 1))
-    with pytest.raises(ValueError, match="both an input and an output"):
-        PolaritonLattice([6], 2, [1, 4], [3, [4, 5]])
+    # an output region may hold input sites: the camera reads a site the modulator drives
+    shared = PolaritonLattice([6], 2, [1, 4], [3, [4, 5]], input_potential=2.0)
+    np.testing.assert_allclose(shared.output_intensities(shared.pack(psi)),
+                               np.stack([intensity[:, 3], intensity[:, 4] + intensity[:, 5]], 1))
+    np.testing.assert_allclose(shared.input_potentials(np.array([[0.5, 1.0]]))[0],
+                               [0, 1.0, 0, 0, 2.0, 0])
     with pytest.raises(ValueError, match="repeat"):
         PolaritonLattice([6], 2, [1, 4], [3, [0, 3]])
 
@@ -134,6 +138,27 @@ def test_a_pca_protocol_is_fitted_by_the_engine_and_ep_stays_exact() -> None:
     xor = load_protocol(PROTOCOLS / "polariton_xor.yaml").document
     bad = {**xor, "model": {**xor["model"], "encoding": "pca", "input_sites": [1, 2, 3]}}
     with pytest.raises(ProtocolError, match="pca keeps at most the 2 inputs"):
+        load_protocol(bad)
+
+
+def test_init_regions_draw_their_own_potentials() -> None:
+    """init_regions: the listed sites start from their own range (walls between regions),
+    the others from init_potential; seeded; a site off the lattice is refused by name."""
+    doc = load_protocol(PROTOCOLS / "polariton_xor.yaml").document
+    walls = {**doc, "model": {**doc["model"], "init_potential": [-0.1, 0.1], "init_regions": [
+        {"sites": [0, 8], "potential": [3.0, 3.5]}, {"sites": [4], "potential": [-1.0, -1.0]}]}}
+    loaded = load_protocol(walls)
+    from labep.engine import build_model
+
+    model = build_model(loaded.protocol)
+    first = model.init_params(np.random.default_rng(5))["V"]
+    assert np.all((first[[0, 8]] >= 3.0) & (first[[0, 8]] <= 3.5))
+    assert first[4] == -1.0
+    assert np.all(np.abs(first[[1, 2, 3, 5, 6, 7]]) <= 0.1)
+    np.testing.assert_array_equal(model.init_params(np.random.default_rng(5))["V"], first)
+    bad = {**doc, "model": {**doc["model"], "init_regions": [{"sites": [9],
+                                                              "potential": [1, 1]}]}}
+    with pytest.raises(ProtocolError, match="init_regions"):
         load_protocol(bad)
 
 
@@ -422,16 +447,17 @@ def test_protocol_validation_names_the_offending_field() -> None:
     bad = {**doc, "model": {**doc["model"], "output_sites": [3, 9]}}
     with pytest.raises(ProtocolError, match="output_sites"):
         load_protocol(bad)
-    digits = load_protocol(PROTOCOLS / "polariton_digits.yaml").document
-    bad = {**digits, "model": {**digits["model"], "pool": 4}}
+    bad = {**doc, "dataset": {"name": "digits"},
+           "model": {**doc["model"], "inputs": 64, "encoding": "downsample",
+                     "image_shape": [8, 8], "pool": 4}}  # 4 features for 2 input regions
     with pytest.raises(ProtocolError, match="input regions"):
         load_protocol(bad)
     empty = {**doc, "model": {**doc["model"], "input_sites": [2, []]}}
     with pytest.raises(ProtocolError, match="input_sites: a region has no sites"):
         load_protocol(empty)
-    overlap = {**doc, "model": {**doc["model"], "input_sites": [2, [6, 4]]}}
-    with pytest.raises(ProtocolError, match="both an input and an output"):
-        load_protocol(overlap)
+    overlap = load_protocol({**doc, "model": {**doc["model"], "input_sites": [2, [6, 4]]}})
+    assert 4 in overlap.protocol.model.input_site_list
+    assert 4 in overlap.protocol.model.output_site_list
 
 
 @pytest.mark.parametrize("seed", [0, 3])

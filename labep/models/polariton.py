@@ -50,7 +50,8 @@ stationary point of E - mu N (N = sum |psi_i|^2) at the frame frequency mu that 
 balance sum_i (P_i - gamma - Gamma |psi_i|^2) |psi_i|^2 = 0 selects.
 
 Readout and cost: the intensity n_k of output region k (one region per class; a region is a
-single site or several, summed like a camera's region of interest), and either
+single site or several, summed like a camera's region of interest; it may hold input sites,
+the camera reading the light of a site whose potential the modulator sets), and either
 
 - ``cost: intensity``: C = 1/2 sum_k (n_k - t_k)^2, targets t_k = ``target_high`` for the class
   and ``target_low`` for the others (intensities);
@@ -178,6 +179,7 @@ class PolaritonLattice:
         target_low: float = 0.5,
         target_high: float = 2.0,
         init_potential: list[float] | tuple[float, float] = (-0.5, 0.5),
+        init_regions: list[dict] | None = None,
         cost: str = "intensity",
         projection: str = "intensity",
         energy_relaxation: float = 0.0,
@@ -208,8 +210,6 @@ class PolaritonLattice:
                                  f"{sites.tolist()}")
             if len(set(sites.tolist())) != sites.size:
                 raise ValueError(f"{label} sites repeat: {sites.tolist()}")
-        if set(self.input_sites.tolist()) & set(self.output_sites.tolist()):
-            raise ValueError("a site cannot be both an input and an output")
         self.encoding = encoding
         self.pool = int(pool)
         self.image_shape = None if image_shape is None else tuple(int(n) for n in image_shape)
@@ -238,6 +238,14 @@ class PolaritonLattice:
         self.target_low = float(target_low)
         self.target_high = float(target_high)
         self.init_potential = (float(init_potential[0]), float(init_potential[1]))
+        #: (sites, (low, high)) pairs: V ~ U(low, high) there instead (walls, wells)
+        self.init_regions = [(np.asarray(region["sites"], dtype=np.int64),
+                              (float(region["potential"][0]), float(region["potential"][1])))
+                             for region in (init_regions or [])]
+        for sites, _ in self.init_regions:
+            if sites.size == 0 or sites.min() < 0 or sites.max() >= self.n_sites:
+                raise ValueError(f"init_regions: sites must be 0 .. {self.n_sites - 1}, got "
+                                 f"{sites.tolist()}")
         if cost not in ("intensity", "fraction", "cross_entropy"):
             raise ValueError(f"unknown cost {cost!r}; known: intensity, fraction, "
                              "cross_entropy")
@@ -391,9 +399,13 @@ class PolaritonLattice:
         return 1
 
     def init_params(self, rng: np.random.Generator) -> Params:
-        """V ~ U(init_potential)."""
+        """V ~ U(init_potential), then V ~ U(low, high) on the sites of each init region in
+        turn (walls between regions, wells), all from ``rng``."""
         low, high = self.init_potential
-        return {"V": rng.uniform(low, high, size=self.n_sites)}
+        potentials = rng.uniform(low, high, size=self.n_sites)
+        for sites, (low, high) in self.init_regions:
+            potentials[sites] = rng.uniform(low, high, size=sites.size)
+        return {"V": potentials}
 
     def encode_target(self, labels: np.ndarray) -> np.ndarray:
         target = np.full((len(labels), self.output_size), self.target_low)
