@@ -150,6 +150,22 @@ def lattice_neighbours(lattice: tuple[int, ...]) -> np.ndarray:
     return table
 
 
+def _regions(entries: list | tuple, label: str) -> list[np.ndarray]:
+    """Regions as site arrays: each entry is a site (a region of one) or a list of sites."""
+    regions = [np.atleast_1d(np.asarray(entry, dtype=np.int64)) for entry in entries]
+    if any(region.size == 0 for region in regions):
+        raise ValueError(f"an {label} region has no sites")
+    return regions
+
+
+def _membership(regions: list[np.ndarray], n_sites: int) -> np.ndarray:
+    """The (regions, sites) 0/1 matrix whose row k marks the sites of region k."""
+    matrix = np.zeros((len(regions), n_sites))
+    for k, region in enumerate(regions):
+        matrix[k, region] = 1.0
+    return matrix
+
+
 class PolaritonLattice:
     """The polariton model shared by the polariton simulator and the VISA polariton bench.
 
@@ -189,17 +205,11 @@ class PolaritonLattice:
         self.n_sites = int(self.neighbours.shape[0])
         self.input_size = int(inputs)
         #: the sites of each input region (feature k is displayed on every site of region k)
-        self.input_regions = [np.atleast_1d(np.asarray(region, dtype=np.int64))
-                              for region in input_sites]
-        if any(region.size == 0 for region in self.input_regions):
-            raise ValueError("an input region has no sites")
+        self.input_regions = _regions(input_sites, "input")
         #: every input site, region by region in feature order
         self.input_sites = np.concatenate(self.input_regions)
         #: the sites of each output region (one region per class; a bare site is a region of one)
-        self.output_regions = [np.atleast_1d(np.asarray(region, dtype=np.int64))
-                               for region in output_sites]
-        if any(region.size == 0 for region in self.output_regions):
-            raise ValueError("an output region has no sites")
+        self.output_regions = _regions(output_sites, "output")
         #: every output site, region by region in class order
         self.output_sites = np.concatenate(self.output_regions)
         self.output_size = len(self.output_regions)
@@ -220,9 +230,7 @@ class PolaritonLattice:
             raise ValueError(f"the {encoding} encoding gives {n_features} features but there "
                              f"are {len(self.input_regions)} input regions")
         #: (features, sites) 0/1 matrix: U(x) = u * x @ input_matrix
-        self.input_matrix = np.zeros((n_features, self.n_sites))
-        for k, region in enumerate(self.input_regions):
-            self.input_matrix[k, region] = 1.0
+        self.input_matrix = _membership(self.input_regions, self.n_sites)
         self.hopping = float(hopping)
         self.interaction = float(interaction)
         self.pump = float(pump)
@@ -256,9 +264,7 @@ class PolaritonLattice:
         self.projection = projection
         self.energy_relaxation = float(energy_relaxation)
         #: (classes, sites) 0/1 matrix: region k's intensity is region_matrix[k] @ |psi|^2
-        self.region_matrix = np.zeros((self.output_size, self.n_sites))
-        for k, region in enumerate(self.output_regions):
-            self.region_matrix[k, region] = 1.0
+        self.region_matrix = _membership(self.output_regions, self.n_sites)
         outputs = set(self.output_sites.tolist())
         #: site of each readout slot: non-output sites ascending, then the outputs by class
         self.readout_order = np.array(
