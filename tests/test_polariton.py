@@ -220,6 +220,30 @@ def test_a_dead_condensate_never_counts_as_settled() -> None:
     assert not free.converged.any()
 
 
+@pytest.mark.parametrize(("detuning", "stationary"), [(0.1, False), (0.5, True)])
+def test_an_unlit_well_near_the_condensate_frequency_lases_too(detuning: float,
+                                                                stationary: bool) -> None:
+    """Two single-site wells behind 5 J walls (no tunnelling to speak of). The lit well is
+    saturated, the other is not: if its energy lies below mu + (P - gamma) / (2 eta), mu the
+    condensate frequency (the lit well's energy plus its shift g n, about 0.22 J here), it
+    lases at its own frequency and the state never becomes stationary; 0.5 J above the lit
+    well, it stays dark and the state settles."""
+    n = 11
+    model = PolaritonLattice([n], 2, [0, n - 1], [1, n - 2], interaction=0.1, pump=0.06,
+                             loss=0.03, saturation=0.015, energy_relaxation=0.5)
+    sim = PolaritonSimulator(model)
+    wells = np.full(n, 2.5)
+    wells[1], wells[n - 2] = -2.5, -2.5 + detuning
+    sim.write({"V": wells})
+    free = sim.relax(np.zeros((1, 2)), settle=Settle(1e-6, 60_000))
+    light = model.output_intensities(free.state)[0]
+    assert free.converged[0] == stationary
+    if stationary:
+        assert light[1] < 1e-6 * light[0]  # the higher well stays dark
+    else:
+        assert free.residual[0] > 1e-3 and light.min() > 0.1 * light.max()  # both lase
+
+
 @pytest.mark.parametrize(("relaxation", "physics"), [
     (0.0, {}), (0.4, {}),
     (0.4, {"cost": "fraction", "output_sites": [2, [3, 4]], "target_low": 0.3,
