@@ -1,8 +1,9 @@
 """The run engine: epochs over mini-batches of free and nudged phases on a bench.
 
 Per training step: relax the free phase with the inputs clamped, relax each nudged phase the
-estimator asks for (starting from the free state), keep only the samples whose every phase
-settled with a finite readout, estimate the gradient through the model, and apply
+estimator asks for (starting from the free state; a sample whose free phase did not settle is
+not nudged), keep only the samples whose every phase settled with a finite readout, estimate
+the gradient through the model, and apply
 theta <- theta - lr * estimate through the write path. Every step is committed to the run store
 in one transaction; parameter snapshots are stored every ``checkpoint_every`` steps and at the end
 of each epoch. Random streams are derived from (seed, purpose, epoch, batch), so the data order
@@ -371,12 +372,21 @@ class Trainer:
                     metrics: dict[str, float] = {}
                     try:
                         free = faults.call("free phase", bench.relax, x, settle=train_free)
-                        nudged = [faults.call(f"nudged phase (beta {s:+g})", bench.relax, x,
-                                              Nudge(s, target, correction), start=free.state,
-                                              settle=train_nudged) for s in strengths]
-                        ok = settled_mask([free, *nudged])
+                        # a sample whose free phase did not settle is left out of the update,
+                        # so it is not nudged either: its nudge, computed from a state that is
+                        # not steady, could be anything (a dark readout's is unbounded)
+                        free_ok = settled_mask([free])
+                        nudged = ([faults.call(f"nudged phase (beta {s:+g})", bench.relax,
+                                               x[free_ok], Nudge(s, target[free_ok],
+                                                                 correction),
+                                               start=free.state[free_ok], settle=train_nudged)
+                                   for s in strengths] if free_ok.any() else [])
+                        ok = free_ok.copy()
+                        if nudged:
+                            ok[free_ok] = settled_mask(nudged)
                         if not ok.all():
                             detail = {"samples": int(np.count_nonzero(~ok)),
+                                      "free_unsettled": int(np.count_nonzero(~free_ok)),
                                       "free_residual": float(np.max(free.residual)),
                                       "nudged_residual": max((float(np.max(p.residual))
                                                               for p in nudged), default=0.0)}
@@ -391,7 +401,7 @@ class Trainer:
                             # only settled, finite samples enter the estimate (a zero weight
                             # would still carry a NaN readout into the contrast: 0 * NaN)
                             used = (x, free, nudged) if ok.all() else (
-                                x[ok], free.rows(ok), [p.rows(ok) for p in nudged])
+                                x[ok], free.rows(ok), [p.rows(ok[free_ok]) for p in nudged])
                             extra = ({"target": target if ok.all() else target[ok]}
                                      if estimator.samples else {})
                             estimate = estimator.estimate(model, *used, strengths,
@@ -413,8 +423,9 @@ class Trainer:
                             "loss": float(cost.mean()),
                             "batch_accuracy": hits / len(rows),
                             "free_steps": float(np.mean(free.steps)),
+                            # none: thermal_covariance, or no free phase settled
                             "nudged_steps": (float(np.mean([p.steps.mean() for p in nudged]))
-                                             if nudged else 0.0),  # none: thermal_covariance
+                                             if nudged else 0.0),
                             "free_residual": float(np.max(free.residual)),
                             "unsettled": int(np.count_nonzero(~ok)),
                         })

@@ -32,6 +32,7 @@ class FlakyHopfield(HopfieldSimulator):
 
     name = "flaky_hopfield"
     plan: ClassVar[dict[str, set[int]]] = {}
+    relaxed: ClassVar[list[tuple[int, bool]]] = []  # (batch size, nudged?) of every relax call
 
     def __init__(self, model: Any, options: Any = None) -> None:
         super().__init__(model, options)
@@ -42,6 +43,7 @@ class FlakyHopfield(HopfieldSimulator):
     def relax(self, inputs: np.ndarray, nudge: Nudge | None = None,
               start: np.ndarray | None = None, settle: Settle | None = None) -> Relaxation:
         call, self.calls = self.calls, self.calls + 1
+        self.relaxed.append((len(inputs), nudge is not None))
         if call in self.plan.get("fail_calls", set()):
             raise BenchFaultError("no reply after 3 retries", kind="timeout",
                                   instrument="flaky COM9", command="RUN")
@@ -77,6 +79,7 @@ def flaky(monkeypatch: pytest.MonkeyPatch) -> type[FlakyHopfield]:
     entry = registry.BenchEntry("simulator", f"{__name__}:FlakyHopfield")
     monkeypatch.setitem(registry.BENCHES, "flaky_hopfield", entry)
     monkeypatch.setattr(FlakyHopfield, "plan", {})
+    monkeypatch.setattr(FlakyHopfield, "relaxed", [])
     return FlakyHopfield
 
 
@@ -150,6 +153,19 @@ def test_a_nan_readout_never_produces_an_update(tmp_path: Path,
     assert unsettled[0] == 1 and unsettled[1:].sum() == 0
     for values in final_params(store, run_id).values():
         assert np.all(np.isfinite(values))
+
+
+def test_a_sample_whose_free_phase_failed_is_not_nudged(tmp_path: Path,
+                                                        flaky: type[FlakyHopfield]) -> None:
+    """Its nudge would be computed from a state that is not steady (here NaN), and it is left
+    out of the update anyway: the nudged phases of that step run on the other samples."""
+    flaky.plan = {"nan_calls": {0}}  # the first free phase reads back NaN for sample 0
+    store, run_id, _ = run(tmp_path / "nan.db", "flaky_hopfield")
+    assert flaky.relaxed[:3] == [(4, False), (3, True), (3, True)]
+    assert flaky.relaxed[3:6] == [(4, False), (4, True), (4, True)]
+    (event,) = [e for e in store.events(run_id) if e["kind"] == "unsettled"]
+    assert event["step"] == 1  # steps count from 1
+    assert event["detail"]["samples"] == 1 and event["detail"]["free_unsettled"] == 1
 
 
 def test_fault_policy_is_validated() -> None:
