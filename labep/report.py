@@ -3,26 +3,60 @@
 One figure: the training cost per step (with the per-epoch mean), train and test accuracy per
 epoch, steps to settle in the free and nudged phases, and the histograms of the newest parameter
 snapshot; for a bench with quantized parameters also the write-verify mismatch per step and
-the histograms of the codes the bench holds.
+the histograms of the codes the bench holds; for a polariton lattice also the map of the
+potentials V_i on the lattice, with the input sites and the class regions marked.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+from matplotlib.axes import Axes
 from matplotlib.figure import Figure  # no pyplot: no global state, no display needed
 
 from labep.store import RunStore
 
 
+def _sites(entries: list) -> list[list[int]]:
+    """A protocol's ``input_sites`` or ``output_sites``: each entry a site or a list of sites."""
+    return [[int(e)] if np.isscalar(e) else [int(s) for s in e] for e in entries]
+
+
+def draw_lattice_map(ax: Axes, model: dict[str, Any], potential: np.ndarray) -> None:
+    """The potentials V_i of a polariton lattice (``model``: the protocol's model section) as
+    an image of the chain or grid, input sites dotted, each class region framed in its colour."""
+    lattice = [int(n) for n in model["lattice"]]
+    rows, cols = (1, lattice[0]) if len(lattice) == 1 else lattice
+    image = ax.imshow(np.asarray(potential, dtype=float).reshape(rows, cols), cmap="viridis",
+                      interpolation="nearest", aspect="equal")
+    ax.figure.colorbar(image, ax=ax, label="V (J)", shrink=0.8)
+    inputs = sorted({s for region in _sites(model.get("input_sites", [])) for s in region})
+    if inputs:
+        ax.plot(np.mod(inputs, cols), np.floor_divide(inputs, cols), "o", ms=3, mfc="w",
+                mec="k", mew=0.5, label="input sites")
+    for k, region in enumerate(_sites(model.get("output_sites", []))):
+        site = np.asarray(region)
+        ax.plot(site % cols, site // cols, "s", mfc="none", ms=7, mew=1.2,
+                color=f"C{k % 10}", label=f"class {k}")
+    ax.set(title="potentials V on the lattice (columns across, rows down)")
+    if rows <= 12:
+        ax.set_yticks(np.arange(rows))
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.18), fontsize="x-small", ncols=6)
+
+
 def draw_report(store: RunStore, run_id: str, out: Path) -> Path:
     """Write the report figure of ``run_id`` to ``out`` (PNG, PDF or SVG by suffix)."""
-    summary = store.summary(run_id, with_protocol=False)
+    summary = store.summary(run_id)
     run_id = summary["id"]
     codes = store.arrays(run_id, "codes")
     _, mismatch = store.metric_series(run_id, "write_mismatch_mean_lsb")
-    rows = 3 if (codes is not None or len(mismatch)) else 2
+    snapshot = store.arrays(run_id, "checkpoint")
+    model = (summary["protocol"] or {}).get("model", {})
+    lattice = (model if model.get("kind") == "polariton" and snapshot is not None
+               and "V" in snapshot[1] else None)
+    rows = (3 if (codes is not None or len(mismatch)) else 2) + (lattice is not None)
     fig = Figure(figsize=(11, 3.75 * rows), layout="constrained")
     axes = fig.subplots(rows, 2)
     fig.suptitle(f"{summary['name']}  ({run_id}, {summary['status']}, bench "
@@ -60,7 +94,6 @@ def draw_report(store: RunStore, run_id: str, out: Path) -> Path:
     ax.legend(loc="upper right")
 
     ax = axes[1, 1]
-    snapshot = store.arrays(run_id, "checkpoint")
     if snapshot is not None:
         at_step, params = snapshot
         for name, values in sorted(params.items()):
@@ -68,7 +101,7 @@ def draw_report(store: RunStore, run_id: str, out: Path) -> Path:
         ax.set(title=f"parameters at step {at_step}", xlabel="value", ylabel="density",
                yscale="log")
         ax.legend(loc="upper right", fontsize="small")
-    if rows == 3:
+    if codes is not None or len(mismatch):
         ax = axes[2, 0]
         for name, label in (("write_mismatch_mean_lsb", "mean"),
                             ("write_mismatch_max_lsb", "max")):
@@ -87,6 +120,11 @@ def draw_report(store: RunStore, run_id: str, out: Path) -> Path:
             ax.set(xlabel="code", ylabel="channels", yscale="log",
                    title=f"codes held at step {codes[0]}")
             ax.legend(loc="upper right", fontsize="small")
+    if lattice is not None and snapshot is not None:
+        grid = axes[-1, 0].get_gridspec()
+        for ax in axes[-1]:
+            ax.remove()
+        draw_lattice_map(fig.add_subplot(grid[-1, :]), lattice, snapshot[1]["V"])
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=110)
     return out

@@ -13,9 +13,10 @@ import pytest
 
 from labep.engine import Trainer, final_params
 from labep.protocol import load_protocol
+from labep.report import draw_lattice_map
 from labep.store import SCHEMA_VERSION, RunStore, StoreError
 
-from .conftest import cli, cli_json, tiny_xor, write_protocol
+from .conftest import PROTOCOLS, cli, cli_json, tiny_xor, write_protocol
 
 
 def test_run_is_readable_with_sqlite3_alone(tmp_path: Path, store: Path) -> None:
@@ -110,6 +111,34 @@ def test_unsettled_samples_never_update(store: Path) -> None:
         events = runs.events(result.run_id)
         assert len(events) == result.steps
         assert all(e["kind"] == "unsettled" and e["detail"]["samples"] == 4 for e in events)
+
+
+def test_lattice_map_puts_every_potential_on_its_site() -> None:
+    from matplotlib.figure import Figure
+
+    model = {"kind": "polariton", "lattice": [3, 4], "input_sites": [0, [5, 6]],
+             "output_sites": [[1, 2], 11]}
+    ax = Figure().subplots()
+    draw_lattice_map(ax, model, np.arange(12.0))
+    np.testing.assert_array_equal(ax.images[0].get_array(), np.arange(12.0).reshape(3, 4))
+    marks = {line.get_label(): list(zip(line.get_xdata(), line.get_ydata(), strict=True))
+             for line in ax.lines}
+    assert marks == {"input sites": [(0, 0), (1, 1), (2, 1)],
+                     "class 0": [(1, 0), (2, 0)], "class 1": [(3, 2)]}
+
+
+def test_report_of_a_polariton_run_adds_the_lattice_map(tmp_path: Path, store: Path) -> None:
+    import matplotlib.image
+
+    heights = []
+    for protocol in (write_protocol(tmp_path / "xor.yaml", tiny_xor()),
+                     PROTOCOLS / "polariton_xor.yaml"):
+        assert cli("run", str(protocol), "--store", str(store), "--no-progress",
+                   "--set", "training.epochs=2").exit_code == 0
+        out = tmp_path / f"{protocol.stem}.png"
+        assert cli("report", "latest", "--store", str(store), "--out", str(out)).exit_code == 0
+        heights.append(matplotlib.image.imread(out).shape[0])
+    assert heights[1] > heights[0] * 1.4  # one more row of the figure: the map
 
 
 def test_newer_schema_is_refused(store: Path) -> None:
