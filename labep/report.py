@@ -16,12 +16,8 @@ import numpy as np
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure  # no pyplot: no global state, no display needed
 
+from labep.models.polariton import site_regions
 from labep.store import RunStore
-
-
-def _sites(entries: list) -> list[list[int]]:
-    """A protocol's ``input_sites`` or ``output_sites``: each entry a site or a list of sites."""
-    return [[int(e)] if np.isscalar(e) else [int(s) for s in e] for e in entries]
 
 
 def draw_lattice_map(ax: Axes, model: dict[str, Any], potential: np.ndarray) -> None:
@@ -32,12 +28,12 @@ def draw_lattice_map(ax: Axes, model: dict[str, Any], potential: np.ndarray) -> 
     image = ax.imshow(np.asarray(potential, dtype=float).reshape(rows, cols), cmap="viridis",
                       interpolation="nearest", aspect="equal")
     ax.figure.colorbar(image, ax=ax, label="V (J)", shrink=0.8)
-    inputs = sorted({s for region in _sites(model.get("input_sites", [])) for s in region})
+    inputs = sorted({int(s) for region in site_regions(model.get("input_sites", []), "input")
+                     for s in region})
     if inputs:
         ax.plot(np.mod(inputs, cols), np.floor_divide(inputs, cols), "o", ms=3, mfc="w",
                 mec="k", mew=0.5, label="input sites")
-    for k, region in enumerate(_sites(model.get("output_sites", []))):
-        site = np.asarray(region)
+    for k, site in enumerate(site_regions(model.get("output_sites", []), "output")):
         ax.plot(site % cols, site // cols, "s", mfc="none", ms=7, mew=1.2,
                 color=f"C{k % 10}", label=f"class {k}")
     ax.set(title="potentials V on the lattice (columns across, rows down)")

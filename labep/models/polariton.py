@@ -150,7 +150,7 @@ def lattice_neighbours(lattice: tuple[int, ...]) -> np.ndarray:
     return table
 
 
-def _regions(entries: list | tuple, label: str) -> list[np.ndarray]:
+def site_regions(entries: list | tuple, label: str) -> list[np.ndarray]:
     """Regions as site arrays: each entry is a site (a region of one) or a list of sites."""
     regions = [np.atleast_1d(np.asarray(entry, dtype=np.int64)) for entry in entries]
     if any(region.size == 0 for region in regions):
@@ -205,11 +205,11 @@ class PolaritonLattice:
         self.n_sites = int(self.neighbours.shape[0])
         self.input_size = int(inputs)
         #: the sites of each input region (feature k is displayed on every site of region k)
-        self.input_regions = _regions(input_sites, "input")
+        self.input_regions = site_regions(input_sites, "input")
         #: every input site, region by region in feature order
         self.input_sites = np.concatenate(self.input_regions)
         #: the sites of each output region (one region per class; a bare site is a region of one)
-        self.output_regions = _regions(output_sites, "output")
+        self.output_regions = site_regions(output_sites, "output")
         #: every output site, region by region in class order
         self.output_sites = np.concatenate(self.output_regions)
         self.output_size = len(self.output_regions)
