@@ -50,9 +50,11 @@ def draw_report(store: RunStore, run_id: str, out: Path) -> Path:
     _, mismatch = store.metric_series(run_id, "write_mismatch_mean_lsb")
     snapshot = store.arrays(run_id, "checkpoint")
     model = (summary["protocol"] or {}).get("model", {})
-    lattice = (model if model.get("kind") == "polariton" and snapshot is not None
-               and "V" in snapshot[1] else None)
-    rows = (3 if (codes is not None or len(mismatch)) else 2) + (lattice is not None)
+    # a polariton run also gets the map of its newest potentials on the lattice
+    potential = (snapshot[1].get("V") if model.get("kind") == "polariton" and snapshot
+                 else None)
+    writes_row = codes is not None or len(mismatch) > 0
+    rows = 2 + writes_row + (potential is not None)
     fig = Figure(figsize=(11, 3.75 * rows), layout="constrained")
     axes = fig.subplots(rows, 2)
     fig.suptitle(f"{summary['name']}  ({run_id}, {summary['status']}, bench "
@@ -97,7 +99,7 @@ def draw_report(store: RunStore, run_id: str, out: Path) -> Path:
         ax.set(title=f"parameters at step {at_step}", xlabel="value", ylabel="density",
                yscale="log")
         ax.legend(loc="upper right", fontsize="small")
-    if codes is not None or len(mismatch):
+    if writes_row:
         ax = axes[2, 0]
         for name, label in (("write_mismatch_mean_lsb", "mean"),
                             ("write_mismatch_max_lsb", "max")):
@@ -116,11 +118,11 @@ def draw_report(store: RunStore, run_id: str, out: Path) -> Path:
             ax.set(xlabel="code", ylabel="channels", yscale="log",
                    title=f"codes held at step {codes[0]}")
             ax.legend(loc="upper right", fontsize="small")
-    if lattice is not None and snapshot is not None:
+    if potential is not None:
         grid = axes[-1, 0].get_gridspec()
         for ax in axes[-1]:
             ax.remove()
-        draw_lattice_map(fig.add_subplot(grid[-1, :]), lattice, snapshot[1]["V"])
+        draw_lattice_map(fig.add_subplot(grid[-1, :]), model, potential)
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=110)
     return out
