@@ -31,7 +31,7 @@ from labep.datasets import Split, load_digits, load_idx_pair, load_xor
 from labep.estimators import make_estimator
 from labep.faults import FaultPolicy, SkipBatch
 from labep.models import Model, Params
-from labep.optimizers import Optimizer, make_optimizer
+from labep.optimizers import Optimizer, make_optimizer, schedule_scale
 from labep.protocol import (
     DigitsConfig,
     IdxConfig,
@@ -407,7 +407,10 @@ class Trainer:
                             estimate = estimator.estimate(model, *used, strengths,
                                                           np.ones(int(ok.sum())), **extra)
                             metrics.update(estimate.metrics())
-                            update = optimizer.step(estimate.gradient)
+                            scale = schedule_scale(training.schedule, step, batches,
+                                                   training.epochs)
+                            metrics["lr_scale"] = scale
+                            update = optimizer.step(estimate.gradient, scale)
                             report = faults.call("write", writes.apply, update)
                             metrics.update(report.metrics())
                             if report.clipped:

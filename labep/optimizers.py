@@ -10,12 +10,21 @@ optimizer, which returns the step delta-theta the write path then applies:
   parameters whose gradients differ by orders of magnitude (the local potentials of a
   polariton lattice near a double well and far from it) train at comparable rates.
 
-An optimizer's state (Adam's moments and step count) is part of every resume point, so a
-resumed run takes the same steps as an uninterrupted one.
+A learning-rate schedule (``training.schedule``) scales every rate by a factor s(t) of the
+training step t = 0 .. T - 1 (T = epochs x batches per epoch):
+
+- ``constant``: s = 1;
+- ``cosine``: s(t) = f + (1 - f) (1 + cos(pi t / T)) / 2, from 1 down towards the floor
+  f = ``final_fraction``;
+- ``step``: s(t) = ``factor`` ** (number of ``every_epochs``-epoch periods completed).
+
+s depends on the step alone, and an optimizer's state (Adam's moments and step count) is part
+of every resume point, so a resumed run takes the same steps as an uninterrupted one.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
@@ -31,10 +40,11 @@ class Sgd:
     def __init__(self, rates: dict[str, float]) -> None:
         self.rates = dict(rates)
 
-    def step(self, gradient: Params) -> Params:
-        """The step for one gradient estimate (the arrays of ``gradient`` are reused)."""
+    def step(self, gradient: Params, scale: float = 1.0) -> Params:
+        """The step for one gradient estimate, every rate times ``scale`` (the schedule's
+        s(t)); the arrays of ``gradient`` are reused."""
         for name, values in gradient.items():
-            values *= -self.rates[name]
+            values *= -self.rates[name] * scale
         return gradient
 
     def state(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
@@ -57,9 +67,9 @@ class Adam:
         self.first: dict[str, np.ndarray] = {}
         self.second: dict[str, np.ndarray] = {}
 
-    def step(self, gradient: Params) -> Params:
-        """The step for one gradient estimate (float64 moments; the update in the gradient's
-        dtype)."""
+    def step(self, gradient: Params, scale: float = 1.0) -> Params:
+        """The step for one gradient estimate, every rate times ``scale`` (the schedule's
+        s(t)); float64 moments, the update in the gradient's dtype."""
         self.steps += 1
         bias1 = 1.0 - self.beta1 ** self.steps
         bias2 = 1.0 - self.beta2 ** self.steps
@@ -72,7 +82,7 @@ class Adam:
             first += (1.0 - self.beta1) * g
             second *= self.beta2
             second += (1.0 - self.beta2) * g * g
-            delta = -self.rates[name] * (first / bias1) / (np.sqrt(second / bias2)
+            delta = -self.rates[name] * scale * (first / bias1) / (np.sqrt(second / bias2)
                                                            + self.epsilon)
             out[name] = delta.astype(np.asarray(values).dtype)
         return out
@@ -98,6 +108,17 @@ def _check_name(name: str, meta: dict[str, Any]) -> None:
     if meta.get("name", "sgd") != name:
         raise ValueError(f"the resume point holds a {meta.get('name')!r} optimizer state; the "
                          f"protocol asks for {name!r}")
+
+
+def schedule_scale(config: Any, step: int, steps_per_epoch: int, epochs: int) -> float:
+    """s(t), the factor a ``training.schedule`` puts on every learning rate at step t."""
+    if config.name == "cosine":
+        progress = step / max(steps_per_epoch * epochs, 1)
+        return config.final_fraction + (1.0 - config.final_fraction) * 0.5 * (
+            1.0 + math.cos(math.pi * progress))
+    if config.name == "step":
+        return config.factor ** (step // (steps_per_epoch * config.every_epochs))
+    return 1.0
 
 
 def make_optimizer(config: Any, rates: dict[str, float]) -> Optimizer:

@@ -377,6 +377,19 @@ class OptimizerConfig(_Strict):
     epsilon: PositiveFloat = Field(1e-8, description="Adam: added to sqrt(v_hat).")
 
 
+class ScheduleConfig(_Strict):
+    """A learning-rate schedule s(t) on every rate (labep.optimizers.schedule_scale)."""
+
+    name: Literal["constant", "cosine", "step"] = Field(
+        "constant", description="constant: s = 1; cosine: from 1 down to final_fraction over "
+        "the run's steps; step: times factor every every_epochs epochs.")
+    final_fraction: float = Field(
+        0.0, ge=0.0, le=1.0, description="cosine: the floor f of s(t) = f + (1 - f)(1 + "
+        "cos(pi t / T)) / 2.")
+    factor: float = Field(0.5, gt=0.0, le=1.0, description="step: the factor per period.")
+    every_epochs: PositiveInt = Field(1, description="step: the period in epochs.")
+
+
 class TrainingConfig(_Strict):
     epochs: PositiveInt = Field(1, le=100_000)
     batch_size: PositiveInt = Field(20, le=1_000_000)
@@ -389,6 +402,9 @@ class TrainingConfig(_Strict):
     optimizer: OptimizerConfig = Field(
         default_factory=OptimizerConfig,
         description="sgd (the default) or adam; learning_rates are the step sizes of either.")
+    schedule: ScheduleConfig = Field(
+        default_factory=ScheduleConfig,
+        description="Learning-rate schedule: constant (the default), cosine or step decay.")
 
     @field_validator("learning_rates", mode="before")
     @classmethod

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from labep.engine import Trainer, final_params
-from labep.optimizers import Adam, Sgd
-from labep.protocol import ProtocolError, load_protocol
+from labep.optimizers import Adam, Sgd, schedule_scale
+from labep.protocol import ProtocolError, ScheduleConfig, load_protocol
 from labep.store import RunStore
 
 from .conftest import tiny_xor
@@ -65,3 +65,36 @@ def test_a_protocol_chooses_the_optimizer(tmp_path) -> None:
             assert result.status == "completed"
             finals[name] = final_params(store, result.run_id)
     assert not np.allclose(finals["sgd"]["W1"], finals["adam"]["W1"])
+
+
+def test_schedules_scale_the_rate_by_the_step() -> None:
+    cosine = ScheduleConfig(name="cosine", final_fraction=0.1)
+    scales = [schedule_scale(cosine, t, 10, 2) for t in range(20)]
+    assert scales[0] == 1.0
+    assert scales[10] == pytest.approx(0.55)  # half way: f + (1 - f) / 2
+    assert np.all(np.diff(scales) < 0) and scales[-1] > 0.1
+    step = ScheduleConfig(name="step", factor=0.5, every_epochs=2)
+    assert [schedule_scale(step, t, 10, 6) for t in (0, 19, 20, 39, 40)] == [
+        1.0, 1.0, 0.5, 0.5, 0.25]
+    assert schedule_scale(ScheduleConfig(), 17, 10, 2) == 1.0
+    # the scale multiplies the optimizer's step
+    np.testing.assert_allclose(Sgd({"V": 0.5}).step({"V": np.array([2.0])}, 0.1)["V"], [-0.1])
+    np.testing.assert_allclose(Adam({"V": 0.5}).step({"V": np.array([2.0])}, 0.1)["V"], [-0.05],
+                               rtol=1e-6)
+
+
+def test_a_protocols_schedule_shrinks_the_steps_it_takes(tmp_path) -> None:
+    with pytest.raises(ProtocolError, match="schedule"):
+        load_protocol(tiny_xor(**{"training.schedule": {"name": "linear"}}))
+    with RunStore(tmp_path / "runs.db") as store:
+        runs = {}
+        for name in ("constant", "cosine"):
+            doc = tiny_xor(**{"training.schedule": {"name": name}})
+            runs[name] = Trainer(load_protocol(doc), store, progress=False).run().run_id
+        _, scale = store.metric_series(runs["cosine"], "lr_scale")
+        # tiny_xor: 2 epochs of 8 batches; the scale the run used at every step is recorded
+        np.testing.assert_allclose(scale, 0.5 * (1 + np.cos(np.pi * np.arange(16) / 16)))
+        assert np.all(store.metric_series(runs["constant"], "lr_scale")[1] == 1.0)
+        for name, run_id in runs.items():
+            runs[name] = final_params(store, run_id)
+    assert not np.allclose(runs["constant"]["W1"], runs["cosine"]["W1"])
