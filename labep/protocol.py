@@ -189,11 +189,12 @@ class PolaritonConfig(_Strict):
     init_potential: tuple[float, float] = Field((-0.5, 0.5), description="V ~ U(low, high).")
     init_regions: list[InitRegion] = Field(
         [], description="Sites drawn from their own range instead, in order (walls, wells).")
-    cost: Literal["intensity", "fraction", "cross_entropy"] = Field(
+    cost: Literal["intensity", "fraction", "fraction_hinge", "cross_entropy"] = Field(
         "intensity", description="intensity: 1/2 sum (n_k - t_k)^2; fraction: 1/2 sum (f_k - "
-        "t_k)^2 with f_k = n_k / sum_j n_j; cross_entropy: -sum t_k log f_k (targets 0 and 1). "
-        "The last two are blind to the total intensity (EP exact with the intensity "
-        "projection).")
+        "t_k)^2 with f_k = n_k / sum_j n_j; fraction_hinge: the same, but the class's region "
+        "costs nothing above target_high nor the others below target_low; cross_entropy: "
+        "-sum t_k log f_k (targets 0 and 1). The last three are blind to the total intensity "
+        "(EP exact with the intensity projection).")
     projection: Literal["none", "uniform", "intensity"] = Field(
         "intensity", description="How the EP contrast of V is made to sum to zero (the gauge "
         "identity): along the states' intensity pattern, uniformly, or not at all.")

@@ -249,7 +249,9 @@ def test_an_unlit_well_near_the_condensate_frequency_lases_too(detuning: float,
     (0.4, {"cost": "fraction", "output_sites": [2, [3, 4]], "target_low": 0.3,
            "target_high": 0.7}),
     (0.4, {"cost": "cross_entropy", "output_sites": [2, [3, 4]], "target_low": 0.0,
-           "target_high": 1.0})])
+           "target_high": 1.0}),
+    (0.4, {"cost": "fraction_hinge", "output_sites": [2, [3, 4]], "target_low": 0.3,
+           "target_high": 0.6})])
 def test_exact_gradient_matches_finite_differences(relaxation: float, physics: dict) -> None:
     model, sim, params = make(seed=2, relaxation=relaxation, physics=physics)
     target = model.encode_target(XOR_LABELS)
@@ -417,15 +419,20 @@ def test_nudge_is_a_potential_step_on_the_outputs() -> None:
 FRACTION_COSTS = {
     "fraction": lambda f, t: 0.5 * ((f - t) ** 2).sum(1),
     "cross_entropy": lambda f, t: -(t * np.log(f)).sum(1),
+    "fraction_hinge": lambda f, t: 0.5 * (np.where(t == t.max(1, keepdims=True),
+                                                   np.minimum(f - t, 0), np.maximum(f - t, 0))
+                                          ** 2).sum(1),
 }
 
 
 @pytest.mark.parametrize(("cost", "low", "high"), [("fraction", 0.3, 0.7),
-                                                   ("cross_entropy", 0.0, 1.0)])
+                                                   ("cross_entropy", 0.0, 1.0),
+                                                   ("fraction_hinge", 0.3, 0.6)])
 def test_fraction_nudge_is_the_cost_gradient_on_every_site_of_a_region(
         cost: str, low: float, high: float) -> None:
-    """cost: fraction or cross_entropy, regions: the step on each site of region k is
-    beta dC/dn_k, dC/dn_k the derivative of 1/2 sum (f_k - t_k)^2 or -sum t_k log f_k,
+    """cost: fraction, fraction_hinge or cross_entropy, regions: the step on each site of
+    region k is beta dC/dn_k, dC/dn_k the derivative of 1/2 sum (f_k - t_k)^2 (clipped
+    one-sidedly for the hinge) or -sum t_k log f_k,
     f_k = n_k / sum n (checked by finite differences), blind to the total intensity, and a
     positive nudge lowers the cost."""
     model, sim, _ = make(seed=6, relaxation=0.4, physics={
@@ -450,6 +457,25 @@ def test_fraction_nudge_is_the_cost_gradient_on_every_site_of_a_region(
     assert np.all(step[:, [0, 1, 5]] == 0)
     nudged = sim.relax(XOR, Nudge(0.1, target), start=free.state, settle=TIGHT)
     assert model.cost(nudged.state, target).sum() < model.cost(free.state, target).sum()
+
+
+def test_fraction_hinge_costs_nothing_past_the_targets() -> None:
+    """The hinge holds the class's fraction at or above target_high and the others' at or
+    below target_low: a region past its target costs nothing and is not nudged, where the
+    plain fraction cost pulls a confident class back down."""
+    kwargs = {"output_sites": [0, 1, 2], "target_low": 0.2, "target_high": 0.5}
+    hinge = PolaritonLattice([6], 2, [4, 5], cost="fraction_hinge", **kwargs)
+    plain = PolaritonLattice([6], 2, [4, 5], cost="fraction", **kwargs)
+    target = hinge.encode_target(np.array([0, 0]))
+    n_out = np.array([[0.8, 0.1, 0.1],    # past every target
+                      [0.4, 0.45, 0.15]])  # class short, region 1 over, region 2 fine
+    gradient = hinge.cost_gradient(n_out, target)
+    np.testing.assert_array_equal(gradient[0], 0.0)
+    assert np.all(plain.cost_gradient(n_out, target)[0] != 0.0)
+    assert gradient[1, 0] < 0 < gradient[1, 1]
+    np.testing.assert_allclose((gradient * n_out).sum(1), 0.0, atol=1e-15)
+    excess = np.array([0.4 - 0.5, 0.45 - 0.2, 0.0])
+    np.testing.assert_allclose(gradient[1], excess - excess @ n_out[1])
 
 
 def test_simulator_state_round_trips_for_resume() -> None:

@@ -58,6 +58,11 @@ the camera reading the light of a site whose potential the modulator sets), and 
 - ``cost: fraction``: C = 1/2 sum_k (f_k - t_k)^2 with f_k = n_k / sum_j n_j the fraction of the
   output light in region k (targets are fractions). Blind to the total intensity, which the
   gain balance sets and a camera's exposure scales; with it EP is exact (below);
+- ``cost: fraction_hinge``: the ``fraction`` cost as a squared hinge, C = 1/2 sum_k e_k^2 with
+  e_k = min(f_k - t_k, 0) on the class's region and max(f_k - t_k, 0) on the others: the
+  class is pushed up to at least ``target_high`` and the others down to at most
+  ``target_low``, and a region already past its target costs nothing (``fraction`` pulls an
+  over-confident class back to its target, which narrows the margin of every other sample);
 - ``cost: cross_entropy``: C = -sum_k t_k log f_k, the categorical cross-entropy of the
   fractions read as class probabilities (targets one-hot: ``target_low`` 0, ``target_high``
   1; other values give soft targets). Blind to the total intensity too. Its nudge step on
@@ -158,6 +163,14 @@ def site_regions(entries: list | tuple, label: str) -> list[np.ndarray]:
     return regions
 
 
+def _hinge_excess(fraction: np.ndarray, target: np.ndarray) -> np.ndarray:
+    """e = f - t clipped one-sidedly: a class region (its target the row's largest) past its
+    target, or another region below its own, is not in excess (the squared hinge's dC/df)."""
+    excess = fraction - target
+    is_class = target >= target.max(axis=1, keepdims=True)
+    return np.where(is_class, np.minimum(excess, 0.0), np.maximum(excess, 0.0))
+
+
 def _membership(regions: list[np.ndarray], n_sites: int) -> np.ndarray:
     """The (regions, sites) 0/1 matrix whose row k marks the sites of region k."""
     matrix = np.zeros((len(regions), n_sites))
@@ -254,9 +267,9 @@ class PolaritonLattice:
             if sites.size == 0 or sites.min() < 0 or sites.max() >= self.n_sites:
                 raise ValueError(f"init_regions: sites must be 0 .. {self.n_sites - 1}, got "
                                  f"{sites.tolist()}")
-        if cost not in ("intensity", "fraction", "cross_entropy"):
+        if cost not in ("intensity", "fraction", "fraction_hinge", "cross_entropy"):
             raise ValueError(f"unknown cost {cost!r}; known: intensity, fraction, "
-                             "cross_entropy")
+                             "fraction_hinge, cross_entropy")
         if projection not in ("none", "uniform", "intensity"):
             raise ValueError(f"unknown projection {projection!r}; known: none, uniform, "
                              "intensity")
@@ -424,10 +437,14 @@ class PolaritonLattice:
     def cost(self, state: np.ndarray, target: np.ndarray) -> np.ndarray:
         """C per sample: 1/2 sum_k (n_k - t_k)^2 (``intensity``), 1/2 sum_k (f_k - t_k)^2
         with f_k = n_k / sum_j n_j the fraction of the output light in region k
-        (``fraction``), or -sum_k t_k log f_k (``cross_entropy``)."""
+        (``fraction``), the same with the excess e_k = f_k - t_k clipped to e_k <= 0 on the
+        class (targets at the row's largest) and e_k >= 0 elsewhere (``fraction_hinge``), or
+        -sum_k t_k log f_k (``cross_entropy``)."""
         readout = self._readout(self.output_intensities(state))
         if self.cost_kind == "cross_entropy":
             return -np.sum(target * np.log(np.maximum(readout, 1e-300)), axis=1)
+        if self.cost_kind == "fraction_hinge":
+            return 0.5 * np.sum(_hinge_excess(readout, target) ** 2, axis=1)
         return 0.5 * np.sum((readout - target) ** 2, axis=1)
 
     def _readout(self, n_out: np.ndarray) -> np.ndarray:
@@ -437,9 +454,9 @@ class PolaritonLattice:
 
     def cost_gradient(self, n_out: np.ndarray, target: np.ndarray) -> np.ndarray:
         """dC/dn_k (batch, n_out) at output intensities n_out: n_k - t_k (``intensity``), or
-        (e_k - sum_j e_j f_j) / S with S = sum_j n_j, e = f - t (``fraction``), or
-        sum_j t_j / S - t_k / n_k (``cross_entropy``). The last two are blind to the total
-        intensity: their sums weighted by n are 0."""
+        (e_k - sum_j e_j f_j) / S with S = sum_j n_j, e = f - t (``fraction``; e clipped for
+        ``fraction_hinge``), or sum_j t_j / S - t_k / n_k (``cross_entropy``). The fraction
+        costs are blind to the total intensity: their sums weighted by n are 0."""
         n_out = np.asarray(n_out, dtype=np.float64)
         if self.cost_kind == "intensity":
             return n_out - target
@@ -448,7 +465,8 @@ class PolaritonLattice:
             return (np.sum(target, axis=1, keepdims=True) / total
                     - target / np.maximum(n_out, 1e-300))
         fraction = n_out / total
-        excess = fraction - target
+        excess = (_hinge_excess(fraction, target) if self.cost_kind == "fraction_hinge"
+                  else fraction - target)
         return (excess - np.sum(excess * fraction, axis=1, keepdims=True)) / total
 
     def contrast(
