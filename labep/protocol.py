@@ -161,6 +161,11 @@ class PolaritonConfig(_Strict):
     input_sites: list[Annotated[int, Field(ge=0)] | list[Annotated[int, Field(ge=0)]]] = Field(
         min_length=1, description="One input region per encoded feature: a site (row-major), "
         "or a list of sites that all display the feature.")
+    inverted_input_sites: (list[Annotated[int, Field(ge=0)] | list[Annotated[int, Field(ge=0)]]]
+                           | None) = Field(
+        None, min_length=1, description="Optional: one more region per encoded feature that "
+        "displays it inverted, -u x_k (a differential display; the input pump is not applied "
+        "there).")
     output_sites: list[Annotated[int, Field(ge=0)] | list[Annotated[int, Field(ge=0)]]] = Field(
         min_length=2, description="One output region per class: a site, or a list of sites "
         "whose intensities |psi|^2 are summed (a camera's region of interest).")
@@ -214,15 +219,21 @@ class PolaritonConfig(_Strict):
 
     @property
     def input_site_list(self) -> list[int]:
-        """Every input site, region by region."""
-        return _flatten_regions(self.input_sites)
+        """Every input site, region by region (then the inverted regions)."""
+        return (_flatten_regions(self.input_sites)
+                + _flatten_regions(self.inverted_input_sites or []))
 
     @model_validator(mode="after")
     def _geometry(self) -> PolaritonConfig:
         n_sites = math.prod(self.lattice)
         if n_sites > 65_536:
             raise ValueError("a lattice has at most 65,536 sites (dense gradient checks)")
+        inverted = self.inverted_input_sites
+        if inverted is not None and len(inverted) != len(self.input_sites):
+            raise ValueError(f"inverted_input_sites: {len(inverted)} regions for "
+                             f"{len(self.input_sites)} input regions (one per feature)")
         for label, regions in (("input_sites", self.input_sites),
+                               ("inverted_input_sites", inverted or []),
                                ("output_sites", self.output_sites)):
             if any(isinstance(region, list) and not region for region in regions):
                 raise ValueError(f"{label}: a region has no sites")

@@ -28,8 +28,8 @@ def draw_lattice_map(ax: Axes, model: dict[str, Any], potential: np.ndarray) -> 
     image = ax.imshow(np.asarray(potential, dtype=float).reshape(rows, cols), cmap="viridis",
                       interpolation="nearest", aspect="equal")
     ax.figure.colorbar(image, ax=ax, label="V (J)", shrink=0.8)
-    inputs = sorted({int(s) for region in site_regions(model.get("input_sites", []), "input")
-                     for s in region})
+    inputs = sorted({int(s) for key in ("input_sites", "inverted_input_sites")
+                     for region in site_regions(model.get(key) or [], "input") for s in region})
     if inputs:
         ax.plot(np.mod(inputs, cols), np.floor_divide(inputs, cols), "o", ms=3, mfc="w",
                 mec="k", mew=0.5, label="input sites")

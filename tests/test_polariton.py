@@ -92,6 +92,37 @@ def test_an_input_region_displays_its_feature_on_every_site() -> None:
     assert wide.protocol.model.input_site_list == [1, 2, 6, 7]
 
 
+def test_an_inverted_input_region_displays_the_feature_with_the_other_sign() -> None:
+    """inverted_input_sites: feature k is also displayed as -u x_k on its inverted region (no
+    input pump there). On a mirror-symmetric chain with the input at one end and its inverted
+    region at the other, the simulator's state for x is the mirror image of its state for
+    -x; the protocol validates the regions (one per feature, no site twice)."""
+    model = PolaritonLattice([8], 2, [0, 1], [[3, 4], 7], inverted_input_sites=[6, 5],
+                             input_potential=2.0, input_pump=0.5, pump=0.1)
+    x = np.array([[0.25, -1.0]])
+    np.testing.assert_allclose(model.input_potentials(x)[0],
+                               [0.5, -2.0, 0, 0, 0, 2.0, -0.5, 0])
+    np.testing.assert_allclose(model.pumps(x)[0], [0.225, -0.4, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1])
+    assert model.input_sites.tolist() == [0, 1, 6, 5]
+    with pytest.raises(ValueError, match="1 inverted input regions for 2 input regions"):
+        PolaritonLattice([8], 2, [0, 1], [3, 7], inverted_input_sites=[6])
+    chain = PolaritonLattice([7], 1, [0], [[2, 3, 4]], inverted_input_sites=[6],
+                             interaction=0.1, pump=0.06, loss=0.03, saturation=0.015,
+                             energy_relaxation=0.5, input_potential=0.5)
+    sim = PolaritonSimulator(chain, PolaritonSimulatorOptions())
+    sim.write({"V": np.array([0.3, -0.2, 0.1, -0.4, 0.1, -0.2, 0.3])})
+    states = sim.relax(np.array([[0.8], [-0.8]]), settle=Settle(1e-9, 400_000))
+    assert states.converged.all()
+    density = chain.intensities(states.state)
+    assert abs(density[0, 0] - density[0, 6]) > 1e-3  # the input breaks the mirror symmetry
+    np.testing.assert_allclose(density[0], density[1, ::-1], rtol=1e-6)
+    doc = load_protocol(PROTOCOLS / "polariton_xor.yaml").document
+    for inverted, message in (([3], "1 regions for 2 input regions"),
+                              ([[3, 4], doc["model"]["input_sites"][0]], "a site appears twice")):
+        with pytest.raises(ProtocolError, match=message):
+            load_protocol({**doc, "model": {**doc["model"], "inverted_input_sites": inverted}})
+
+
 def test_pca_encoding_is_fitted_on_the_training_inputs() -> None:
     """encoding: pca projects on the first K principal directions of the training inputs (K
     input regions), standardized: mean 0, unit variance, uncorrelated on the training set;

@@ -29,9 +29,14 @@ k-th input region (a site, or a list of sites showing the same feature: a larger
 feature displayed in several places; u the ``input_potential``, x_k in [0, 1] the k-th encoded
 feature; 0 elsewhere), displayed by
 the same light modulator on top of V (and, optionally, an extra pump p_in * x_k there,
-``input_pump``, 0 by default). ``encoding`` ``direct`` takes the raw features as they
-are; ``downsample`` reads the raw features as an image (``image_shape``) and averages
-``pool`` x ``pool`` blocks (an 8 x 8 digit becomes 4 x 4 features with pool 2), row-major;
+``input_pump``, 0 by default). Optionally each feature also has an inverted region
+(``inverted_input_sites``, one per input region) that displays -u * x_k: a differential
+display, with which the light a class region draws from the sites of feature k weighs x_k
+with either sign (a region's density is positive, so without it the weights of the features
+in a region's energy shift u sum_k rho(k) x_k are all positive). ``encoding`` ``direct``
+takes the raw features as they are; ``downsample`` reads the raw features as an image
+(``image_shape``) and averages ``pool`` x ``pool`` blocks (an 8 x 8 digit becomes 4 x 4
+features with pool 2), row-major;
 ``pca`` projects the raw features on the first K principal directions of the training inputs
 (K the number of input regions) and standardizes them (z_k of mean 0 and unit variance over
 the training set, so the potentials u z_k take both signs): :meth:`PolaritonLattice.
@@ -209,6 +214,7 @@ class PolaritonLattice:
         target_high: float = 2.0,
         init_potential: list[float] | tuple[float, float] = (-0.5, 0.5),
         init_regions: list[dict] | None = None,
+        inverted_input_sites: list[int | list[int]] | tuple[int | list[int], ...] | None = None,
         cost: str = "intensity",
         projection: str = "intensity",
         energy_relaxation: float = 0.0,
@@ -219,8 +225,14 @@ class PolaritonLattice:
         self.input_size = int(inputs)
         #: the sites of each input region (feature k is displayed on every site of region k)
         self.input_regions = site_regions(input_sites, "input")
-        #: every input site, region by region in feature order
-        self.input_sites = np.concatenate(self.input_regions)
+        #: the sites of each inverted input region (feature k displayed as -u x_k), or none
+        self.inverted_regions = ([] if inverted_input_sites is None
+                                 else site_regions(inverted_input_sites, "inverted input"))
+        if self.inverted_regions and len(self.inverted_regions) != len(self.input_regions):
+            raise ValueError(f"{len(self.inverted_regions)} inverted input regions for "
+                             f"{len(self.input_regions)} input regions (one per feature)")
+        #: every input site, region by region in feature order (then the inverted ones)
+        self.input_sites = np.concatenate(self.input_regions + self.inverted_regions)
         #: the sites of each output region (one region per class; a bare site is a region of one)
         self.output_regions = site_regions(output_sites, "output")
         #: every output site, region by region in class order
@@ -242,8 +254,12 @@ class PolaritonLattice:
         if n_features != len(self.input_regions):
             raise ValueError(f"the {encoding} encoding gives {n_features} features but there "
                              f"are {len(self.input_regions)} input regions")
-        #: (features, sites) 0/1 matrix: U(x) = u * x @ input_matrix
-        self.input_matrix = _membership(self.input_regions, self.n_sites)
+        #: (features, sites) 0/1 matrix of the input regions (the input pump's)
+        self.pump_matrix = _membership(self.input_regions, self.n_sites)
+        #: (features, sites) +1/-1/0 matrix: U(x) = u * x @ input_matrix
+        self.input_matrix = self.pump_matrix.copy()
+        if self.inverted_regions:
+            self.input_matrix -= _membership(self.inverted_regions, self.n_sites)
         self.hopping = float(hopping)
         self.interaction = float(interaction)
         self.pump = float(pump)
@@ -357,15 +373,15 @@ class PolaritonLattice:
         return blocks.mean(axis=(2, 4)).reshape(len(x), -1)
 
     def input_potentials(self, inputs: np.ndarray) -> np.ndarray:
-        """U(x) (batch, n_sites): u * x_k on every site of the k-th input region, 0 elsewhere
-        (units of J)."""
+        """U(x) (batch, n_sites): u * x_k on every site of the k-th input region, -u * x_k on
+        every site of its inverted region (if any), 0 elsewhere (units of J)."""
         return self.input_potential * (self.encode(inputs) @ self.input_matrix)
 
     def pumps(self, inputs: np.ndarray) -> np.ndarray:
         """P_i (batch, n_sites): the pump P on the pump sites (every site by default), plus
-        p_in * x_k on every site of the k-th input region."""
+        p_in * x_k on every site of the k-th input region (not on the inverted ones)."""
         features = self.encode(inputs)
-        out = self.input_pump * (features @ self.input_matrix)
+        out = self.input_pump * (features @ self.pump_matrix)
         out[:, self.pump_sites] += self.pump
         return out
 
