@@ -17,7 +17,7 @@ from labep.simulators.device import DeviceOptions
 from labep.simulators.polariton import PolaritonSimulator, PolaritonSimulatorOptions
 from labep.store import RunStore
 
-from .conftest import PROTOCOLS, cli_json
+from .conftest import MNIST, PROTOCOLS, cli_json, needs_mnist
 
 XOR = np.array([[0, 0], [0, 1], [1, 0], [1, 1]], dtype=float)
 XOR_LABELS = np.array([0, 1, 1, 0])
@@ -356,6 +356,19 @@ def test_cross_entropy_cost_keeps_ep_exact() -> None:
         for seed in (0, 1):
             report = gradcheck(protocol, beta=1e-3, samples=4, seed=seed, tolerance=1e-10)
             assert report["cosine"] > 0.9999
+
+
+@needs_mnist
+def test_on_the_digits_protocol_every_state_settles_and_ep_is_exact() -> None:
+    """protocols/polariton_digits.yaml as shipped (its accuracy: benchmarks/
+    polariton_digits.py): on training images at fresh potentials the states settle (gradcheck
+    refuses a state that does not) and near-equilibrium EP is the exact gradient of the
+    hinge cost."""
+    protocol = load_protocol(PROTOCOLS / "polariton_digits.yaml",
+                             [f"dataset.path={MNIST}"]).protocol
+    assert protocol.model.cost == "fraction_hinge"
+    report = gradcheck(protocol, samples=4, seed=1)
+    assert report["cosine"] > 0.9999
 
 
 def test_near_equilibrium_ep_approaches_the_exact_gradient_as_dissipation_vanishes() -> None:
