@@ -127,6 +127,17 @@ def test_lattice_map_puts_every_potential_on_its_site() -> None:
                      "class 0": [(1, 0), (2, 0)], "class 1": [(3, 2)]}
 
 
+def test_lattice_map_dots_the_inverted_input_sites_too() -> None:
+    from matplotlib.figure import Figure
+
+    model = {"kind": "polariton", "lattice": [2, 3], "input_sites": [0],
+             "inverted_input_sites": [[4, 5]], "output_sites": [1, 2]}
+    ax = Figure().subplots()
+    draw_lattice_map(ax, model, np.zeros(6))
+    dots = next(line for line in ax.lines if line.get_label() == "input sites")
+    assert list(zip(dots.get_xdata(), dots.get_ydata(), strict=True)) == [(0, 0), (1, 1), (2, 1)]
+
+
 def test_report_of_a_polariton_run_adds_the_lattice_map(tmp_path: Path, store: Path) -> None:
     import matplotlib.image
 
