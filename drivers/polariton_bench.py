@@ -46,7 +46,7 @@ from importlib import resources as package_files
 from typing import Any, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, Field
 
 from labep.bench import (
     BenchError,
@@ -64,6 +64,7 @@ from labep.bench import (
 )
 from labep.drivers.visa_instruments import Camera, PumpLaser, SpatialLightModulator
 from labep.models.polariton import PolaritonLattice
+from labep.strict import STRICT_CONFIG
 
 #: the resource names of the shipped pyvisa-sim definitions
 SIM_RESOURCES = {
@@ -82,7 +83,7 @@ def sim_definitions() -> str:
 class InstrumentResources(BaseModel):
     """VISA resource strings of the three instruments (None: derived from bench.resource)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = STRICT_CONFIG
 
     slm: str | None = None
     camera: str | None = None
@@ -92,7 +93,7 @@ class InstrumentResources(BaseModel):
 class PolaritonBenchOptions(BaseModel):
     """Options of the VISA polariton bench (``bench.options`` in a protocol)."""
 
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+    model_config = STRICT_CONFIG
 
     resources: InstrumentResources = Field(
         default_factory=InstrumentResources,

@@ -75,6 +75,20 @@ class FaultReporting(Protocol):
         ...
 
 
+@runtime_checkable
+class LinkReporting(Protocol):
+    """A bench behind a communication link (drivers) that counts how the link behaved; the
+    engine records the counters with every epoch and when a run ends, and ``labep show``
+    prints them as the run's link-quality summary."""
+
+    def link_quality(self) -> dict[str, float]:
+        """Cumulative counters since the bench was constructed, at least ``frames`` (request
+        frames sent), ``retries`` (requests re-sent), ``bytes_resent`` and ``reconnects``;
+        any other entry is a number too (e.g. the measured error rate, the frame size in
+        use)."""
+        ...
+
+
 @dataclass(frozen=True)
 class ParameterSpec:
     """One named, writable parameter of a bench.

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import signal
+import sqlite3
 import sys
 from pathlib import Path
 from typing import Any
@@ -15,9 +16,20 @@ from typing import Any
 import click
 
 from labep.protocol import LoadedProtocol, ProtocolError, load_protocol
-from labep.store import RunStore, StoreError, default_store_path
+from labep.store import (
+    SAMPLE_COUNTS,
+    RunStore,
+    StoreError,
+    default_store_path,
+    find_damage,
+    store_error,
+)
 
 EXIT_FAILED, EXIT_INVALID, EXIT_REFUSED = 1, 2, 3
+#: the commands that only read the store (resume reads it before it writes)
+READ_COMMANDS = frozenset({"runs", "show", "report", "resume", "calibrations"})
+#: where :func:`_open_store` leaves the open store's path in ``click.Context.meta``
+_STORE_KEY = "labep.store"
 
 
 def _load(protocol: str, overrides: tuple[str, ...]) -> LoadedProtocol:
@@ -29,12 +41,58 @@ def _load(protocol: str, overrides: tuple[str, ...]) -> LoadedProtocol:
 
 
 def _open_store(path: str | None, protocol_store: str | None = None, *,
-                create: bool = True) -> RunStore:
+                create: bool = True, check_pages: bool | None = None) -> RunStore:
+    """The run store, or exit (2 for a writer, 1 for a reader) with one line saying why it
+    was refused (missing, not a labep store, damaged, newer schema); the file is unchanged.
+    The store is closed when the command ends."""
     try:
-        return RunStore(default_store_path(path, protocol_store), create=create)
+        store = RunStore(default_store_path(path, protocol_store), create=create,
+                         check_pages=check_pages)
     except StoreError as err:
         click.echo(f"error: {err}", err=True)
         sys.exit(EXIT_INVALID if create else EXIT_FAILED)
+    ctx = click.get_current_context(silent=True)
+    if ctx is not None:
+        ctx.meta[_STORE_KEY] = store.path
+        ctx.call_on_close(store.close)
+    return store
+
+
+class _Commands(click.Group):
+    """The ``labep`` group. A read command (:data:`READ_COMMANDS`) whose store turns out
+    damaged only in a later query (a malformed page, text that does not decode, rows that
+    contradict each other) ends with one line naming the file and exit 1, never a
+    traceback; so does a StoreError it left uncaught. Any other error of a read is checked
+    against the file (``PRAGMA integrity_check``): re-raised if the file is sound (a bug)."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except (click.ClickException, click.exceptions.Exit, click.Abort):
+            raise
+        except Exception as err:
+            path = ctx.meta.get(_STORE_KEY)
+            if path is None or ctx.invoked_subcommand not in READ_COMMANDS:
+                raise
+            if isinstance(err, StoreError | sqlite3.DatabaseError | UnicodeDecodeError
+                          | json.JSONDecodeError):
+                problem = store_error(path, err)
+            else:
+                damage = find_damage(path)
+                if damage is None:
+                    raise
+                problem = StoreError(f"{path}: damaged: {damage}")
+            click.echo(f"error: {problem}", err=True)
+            sys.exit(EXIT_FAILED)
+
+
+def _interrupted(err: KeyboardInterrupt) -> None:
+    """Ctrl-C or SIGTERM ended a run: say so and exit 130 (SIGINT) or 143 (SIGTERM)."""
+    from labep.interrupts import Terminated, reason
+
+    click.echo(f"{reason(err)}; the run is recorded as 'interrupted' (labep resume RUN "
+               "continues it)", err=True)
+    sys.exit(143 if isinstance(err, Terminated) else 130)
 
 
 def _dump(payload: Any) -> None:
@@ -63,7 +121,7 @@ set_option = click.option(
          "file. Repeatable.")
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=_Commands, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="labep")
 def main() -> None:
     """labep: train lab benches and their simulators with Equilibrium Propagation."""
@@ -84,9 +142,8 @@ def run(protocol: str, store_path: str | None, overrides: tuple[str, ...],
     trainer = Trainer(loaded, store, progress=progress)
     try:
         result = trainer.run()
-    except KeyboardInterrupt:
-        click.echo("interrupted; the run is recorded as 'interrupted'", err=True)
-        sys.exit(130)
+    except KeyboardInterrupt as err:
+        _interrupted(err)
     except Exception as err:
         click.echo(f"run failed: {type(err).__name__}: {err}", err=True)
         click.echo(f"(recorded in {store.path}; see 'labep show latest')", err=True)
@@ -105,15 +162,14 @@ def resume(run_id: str, store_path: str | None, progress: bool) -> None:
     protocol as it was run. Refused while another live process writes it."""
     from labep.engine import Trainer
 
-    store = _open_store(store_path, create=False)
+    store = _open_store(store_path, create=False, check_pages=True)  # it will write
     try:
         result = Trainer.resume(store, run_id, progress=progress)
     except StoreError as err:
         click.echo(f"error: {err}", err=True)
         sys.exit(EXIT_FAILED)
-    except KeyboardInterrupt:
-        click.echo("interrupted; the run is recorded as 'interrupted'", err=True)
-        sys.exit(130)
+    except KeyboardInterrupt as err:
+        _interrupted(err)
     except Exception as err:
         click.echo(f"run failed: {type(err).__name__}: {err}", err=True)
         sys.exit(EXIT_FAILED)
@@ -164,11 +220,51 @@ def show(run_id: str, store_path: str | None, as_json: bool) -> None:
     click.echo(f"created   {summary['created']}   finished {summary['finished'] or '-'}")
     click.echo(f"progress  {summary['steps']} steps, {summary['epochs']} epoch(s)")
     for name, value in sorted(summary["metrics"].items()):
-        click.echo(f"  {name:18} {'-' if value is None else f'{value:.6g}'}")
+        if name not in SAMPLE_COUNTS and not name.startswith("link_"):  # own lines below
+            click.echo(f"  {name:18} {'-' if value is None else f'{value:.6g}'}")
+    for line in _sample_lines(summary["samples"]):
+        click.echo(line)
+    if summary["link"]:
+        link = summary["link"]
+        shown = ("frames", "retries", "bytes_resent", "reconnects")
+        click.echo("link      " + ", ".join(
+            f"{name.replace('_', ' ')} {link[name]:.6g}" for name in shown if name in link))
+        rest = [f"{name.replace('_', ' ')} {value:.6g}" for name, value in sorted(link.items())
+                if name not in shown]
+        if rest:
+            click.echo("          " + ", ".join(rest))
     if summary["events"]:
-        click.echo(f"events    {len(summary['events'])} (see --json)")
+        kinds: dict[str, int] = {}
+        for event in summary["events"]:
+            kinds[event["kind"]] = kinds.get(event["kind"], 0) + 1
+        click.echo(f"events    {len(summary['events'])}: " + ", ".join(
+            f"{kind} {count}" for kind, count in sorted(kinds.items())) + " (see --json)")
     if summary["error"]:
         click.echo(f"error     {summary['error']}")
+
+
+def _sample_lines(samples: dict[str, Any]) -> list[str]:
+    """Where every sample went (``RunStore.sample_accounting``), as the lines of ``show``."""
+    if not samples["trained"] and not samples["evaluated"]["samples"]:
+        return []
+    free, nudged, test = samples["free"], samples["nudged"], samples["evaluated"]
+    lines = [f"samples   trained {samples['trained']} = used {samples['used']} + left out "
+             f"{samples['left_out']} + in skipped batches {samples['skipped']}",
+             f"          left out: free phase {free['nonfinite'] + free['unsettled']} "
+             f"(non-finite {free['nonfinite']}, unsettled {free['unsettled']}), nudged "
+             f"phases {nudged['nonfinite'] + nudged['unsettled']} (non-finite "
+             f"{nudged['nonfinite']}, unsettled {nudged['unsettled']})"]
+    if test["samples"]:
+        lines.append(f"          evaluated only: {test['samples']} test samples, unsettled "
+                     f"{test['unsettled']}, non-finite {test['nonfinite']}, in skipped "
+                     f"batches {test['skipped']}")
+    reports = samples["bench_reports"]
+    if reports["training"] or reports["evaluation"]:
+        parts = [f"{where} " + ", ".join(f"{kind} {count}" for kind, count in
+                                          sorted(found.items()))
+                 for where, found in reports.items() if found]
+        lines.append("          bench reports (one per sample and phase): " + "; ".join(parts))
+    return lines
 
 
 @main.command()
@@ -349,7 +445,11 @@ def emulate_oim_board(transport: str, tcp_port: int | None, link_path: str | Non
     emulator = BoardEmulator(config, transport="tcp" if tcp_port is not None else "pty",
                              port=tcp_port or 0, link_path=link_path, latency_baud=latency_baud,
                              faults=faults)
-    url = emulator.open()
+    try:
+        url = emulator.open()
+    except OSError as err:  # e.g. the TCP port is taken
+        click.echo(f"error: cannot serve the emulated board: {err}", err=True)
+        sys.exit(EXIT_FAILED)
     click.echo(url)
     sys.stdout.flush()
     click.echo(f"oim board emulator: sizes {'-'.join(map(str, config.sizes))}, {bits} bits, "

@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import copy
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
-    BaseModel,
-    ConfigDict,
     DirectoryPath,
     Field,
     PositiveFloat,
@@ -30,13 +29,14 @@ from pydantic import (
 )
 
 from labep import registry
+from labep.strict import StrictModel
 
 # --------------------------------------------------------------------------------------------
 # Schema
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+class _Strict(StrictModel):
+    """A protocol section: strict types (labep.strict), unknown keys and NaN refused."""
 
 
 class BenchConfig(_Strict):
@@ -140,7 +140,8 @@ class InitRegion(_Strict):
     """Initial potentials of some sites of a polariton lattice: V ~ U(low, high) there."""
 
     sites: list[Annotated[int, Field(ge=0)]] = Field(min_length=1)
-    potential: tuple[float, float] = Field(description="[low, high], units of J.")
+    potential: tuple[float, float] = Field(
+        strict=False, description="[low, high], units of J (a YAML list).")
 
 
 def _flatten_regions(regions: list[int | list[int]]) -> list[int]:
@@ -191,7 +192,8 @@ class PolaritonConfig(_Strict):
                               description="Target intensity (or fraction), other classes.")
     target_high: float = Field(2.0, ge=0.0, le=1e6,
                                description="Target intensity (or fraction), the class.")
-    init_potential: tuple[float, float] = Field((-0.5, 0.5), description="V ~ U(low, high).")
+    init_potential: tuple[float, float] = Field(
+        (-0.5, 0.5), strict=False, description="V ~ U(low, high) (a YAML list).")
     init_regions: list[InitRegion] = Field(
         [], description="Sites drawn from their own range instead, in order (walls, wells).")
     cost: Literal["intensity", "fraction", "fraction_hinge", "cross_entropy"] = Field(
@@ -316,7 +318,7 @@ class IdxConfig(_Strict):
     8,000 (first) for training and 2,000 (last) for testing."""
 
     name: Literal["idx"]
-    path: DirectoryPath
+    path: DirectoryPath = Field(strict=False, description="The folder of the IDX files.")
     train: IdxPart = IdxPart(start=0, stop=8000)
     test: IdxPart = IdxPart(start=8000, stop=10000)
 
@@ -580,6 +582,11 @@ def _describe(error: dict[str, Any]) -> str:
         return "unknown field (not part of the protocol schema)"
     if error["type"] == "missing":
         return "required field is missing"
+    given = error.get("input")
+    if error["type"] in ("int_type", "float_type") and isinstance(given, bool):
+        message += " (true and false are not numbers)"
+    elif error["type"] == "bool_type" and isinstance(given, int | float):
+        message += " (a number is not a boolean: write true or false)"
     if "input" in error and error["type"] not in ("model_type", "dict_type"):
         shown = repr(error["input"])
         shown = shown if len(shown) <= 60 else shown[:57] + "..."
@@ -589,6 +596,24 @@ def _describe(error: dict[str, Any]) -> str:
 
 # --------------------------------------------------------------------------------------------
 # Loading
+
+
+class YamlLoader(yaml.SafeLoader):
+    """PyYAML's safe loader (data only), reading an exponent without a dot (``1e-6``, YAML
+    1.2's float) as the number it is rather than as a string: with strict types a string is
+    never a number, so a number must be read as one. A quoted ``"1e-6"`` stays a string."""
+
+
+YamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
+def read_yaml(text: str) -> Any:
+    """A YAML document as data, with :class:`YamlLoader`."""
+    return yaml.load(text, Loader=YamlLoader)  # a SafeLoader: data only
 
 
 def parse_override(item: str) -> tuple[tuple[Any, ...], Any]:
@@ -602,7 +627,7 @@ def parse_override(item: str) -> tuple[tuple[Any, ...], Any]:
             raise ValueError(f"override {item!r}: empty key component")
         path.append(int(part) if part.isdigit() else part)
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = read_yaml(raw) if raw.strip() else ""
     except yaml.YAMLError as err:
         raise ValueError(f"override {item!r}: value is not valid YAML ({err})") from err
     return tuple(path), value
@@ -643,7 +668,7 @@ def load_bench_file(
     """A protocol, or a bench file with only ``bench`` and ``model`` (and ``name``)."""
     text = Path(source).read_text(errors="replace") if Path(source).is_file() else ""
     try:
-        doc = yaml.safe_load(text)
+        doc = read_yaml(text)
     except yaml.YAMLError:
         doc = None
     bench_only = isinstance(doc, dict) and set(doc) <= {"name", "bench", "model"}
@@ -703,7 +728,7 @@ def load_protocol(
         except UnicodeDecodeError as err:
             raise ProtocolError(label, [Problem("", f"not UTF-8 text ({err.reason})")]) from None
         try:
-            doc = yaml.safe_load(text)
+            doc = read_yaml(text)
         except RecursionError:
             raise ProtocolError(label, [Problem("", "not a protocol: nested too deeply")]) from None
         except yaml.YAMLError as err:

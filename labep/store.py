@@ -23,6 +23,12 @@ Tables (schema version in ``meta``):
 
 An older store is upgraded on open by forward migrations, after a backup copy
 (``NAME.vN.bak``) of the file as it was.
+
+An existing file is checked, by reading only, before anything could change it (the WAL
+switch, a migration, a run's writes): its SQLite header, labep's tables and schema version,
+and (for a writer or a migration) every page (``PRAGMA quick_check``). A file that is not a
+labep store, a damaged one, or one of a newer schema is refused with a :class:`StoreError`
+and left byte for byte as it was.
 """
 
 from __future__ import annotations
@@ -147,8 +153,72 @@ MIGRATIONS: dict[int, str] = {
 
 
 
+#: Per-step sample accounting (metrics, summed by ``labep show``). Every training sample of a
+#: step is in exactly one of: ``samples_used`` (in the update), ``samples_free_nonfinite`` /
+#: ``samples_free_unsettled`` (its free phase read back a non-finite state / did not settle:
+#: never nudged), ``samples_nudged_nonfinite`` / ``samples_nudged_unsettled`` (a nudged
+#: phase did), ``samples_skipped`` (its batch was given up by the fault policy). A sample
+#: both non-finite and unsettled counts as non-finite. Left out of the update = the four
+#: middle ones (the step's ``unsettled`` metric).
+SAMPLE_COUNTS = ("samples_used", "samples_free_nonfinite", "samples_free_unsettled",
+                 "samples_nudged_nonfinite", "samples_nudged_unsettled", "samples_skipped")
+
+
 class StoreError(RuntimeError):
     """The store cannot be opened or a run cannot be found."""
+
+
+#: the first 16 bytes of every SQLite database file
+SQLITE_MAGIC = b"SQLite format 3\x00"
+#: tables every labep store has had since schema version 1
+_LABEP_TABLES = frozenset({"meta", "runs", "steps", "metrics", "arrays", "events"})
+#: SQLite result codes of a file whose bytes are not a (whole) database
+_DAMAGE_CODES = frozenset({"SQLITE_CORRUPT", "SQLITE_NOTADB", "SQLITE_FORMAT"})
+
+
+def store_error(path: str | Path, err: BaseException, doing: str = "read") -> StoreError:
+    """The :class:`StoreError` for an SQLite error (or text that does not decode) met while
+    opening or reading the store at ``path``: ``damaged: ...`` when the file's bytes are at
+    fault, else ``cannot read the run store ...`` (a lock, an I/O error)."""
+    if isinstance(err, StoreError):
+        return err
+    if isinstance(err, UnicodeDecodeError):
+        return StoreError(f"{path}: damaged: text that is not UTF-8 ({err.reason})")
+    if isinstance(err, json.JSONDecodeError):
+        return StoreError(f"{path}: damaged: a stored JSON value does not parse ({err.msg})")
+    message = str(err)
+    if (getattr(err, "sqlite_errorname", None) in _DAMAGE_CODES or "malformed" in message
+            or "decode" in message):
+        return StoreError(f"{path}: damaged: {message}")
+    return StoreError(f"cannot {doing} the run store {path}: {message}")
+
+
+def _check_report(lines: list[str]) -> str | None:
+    """The problems an SQLite ``quick_check``/``integrity_check`` listed, on one line (None
+    for a sound file)."""
+    if lines == ["ok"]:
+        return None
+    problems = [" ".join(part.split()) for line in lines for part in line.splitlines()
+                if part.strip() and part.strip() != "*** in database main ***"]
+    return "; ".join(problems) or "the file's pages do not check"
+
+
+def find_damage(path: str | Path) -> str | None:
+    """What SQLite's full check (``PRAGMA integrity_check``) finds wrong with the existing
+    file at ``path``, on one line, or None if it is sound. Reads only; used to tell a damaged
+    store from a bug when a read fails in an unforeseen way."""
+    if not Path(path).is_file():
+        return None
+    try:
+        db = sqlite3.connect(path, timeout=30.0)
+    except sqlite3.Error as err:
+        return str(err)
+    try:
+        return _check_report([str(line) for (line,) in db.execute("PRAGMA integrity_check(3)")])
+    except (sqlite3.Error, UnicodeDecodeError) as err:
+        return str(err)
+    finally:
+        db.close()
 
 
 def _owner() -> str:
@@ -192,7 +262,12 @@ def default_store_path(explicit: str | None = None, protocol_store: str | None =
 class RunStore:
     """A SQLite run store. One connection per process; one transaction per committed step."""
 
-    def __init__(self, path: str | Path, *, create: bool = True) -> None:
+    def __init__(self, path: str | Path, *, create: bool = True,
+                 check_pages: bool | None = None) -> None:
+        """Open the store at ``path``; ``create``: make a new one if there is no file (or an
+        empty one). An existing file is verified first, reading only (see the module's
+        docstring); ``check_pages`` also reads every page (default: when ``create``, i.e.
+        for a writer; always before a migration). Raises :class:`StoreError`."""
         self.path = Path(path)
         self._beat = -float("inf")
         if not create and not self.path.exists():
@@ -200,33 +275,74 @@ class RunStore:
         parent = self.path.resolve().parent
         if not parent.is_dir():
             raise StoreError(f"cannot create the run store {self.path}: {parent} is not a folder")
+        new = create and (not self.path.exists() or self.path.stat().st_size == 0)
+        if not new:
+            self._check_header()
         try:
             self.db = sqlite3.connect(self.path, timeout=30.0, isolation_level=None)
+        except sqlite3.Error as err:
+            raise store_error(self.path, err, "open") from err
+        try:
+            if new:
+                # one transaction: a second process creating the same store waits, then
+                # finds it whole (IF NOT EXISTS, OR IGNORE)
+                self.db.executescript(
+                    "BEGIN IMMEDIATE;\n" + _SCHEMA + "INSERT OR IGNORE INTO meta (key, value) "
+                    f"VALUES ('schema_version', '{SCHEMA_VERSION}');\nCOMMIT;")
+            self.schema_version = self._verify(create if check_pages is None else check_pages)
+            # only now may the file change: WAL (a no-op on a store labep wrote)
             self.db.execute("PRAGMA journal_mode=WAL")
             self.db.execute("PRAGMA synchronous=NORMAL")
             self.db.execute("PRAGMA foreign_keys=ON")
-            has_meta = self.db.execute(
-                "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'meta'").fetchone()
-            if not has_meta:
-                self.db.executescript(_SCHEMA)
-                with self.transaction():
-                    self.db.execute(
-                        "INSERT INTO meta (key, value) VALUES ('schema_version', ?)",
-                        (str(SCHEMA_VERSION),))
-        except sqlite3.Error as err:
-            raise StoreError(f"cannot open the run store {self.path}: {err}") from err
-        self.schema_version = self._version()
-        if self.schema_version > SCHEMA_VERSION:
-            raise StoreError(
-                f"{self.path} has schema version {self.schema_version}, newer than this labep "
-                f"({SCHEMA_VERSION}); upgrade labep to read it"
-            )
+        except BaseException as err:
+            self.db.close()
+            if isinstance(err, sqlite3.Error | UnicodeDecodeError):
+                raise store_error(self.path, err, "open") from err
+            raise
         if self.schema_version < SCHEMA_VERSION:
             self._migrate()
 
-    def _version(self) -> int:
-        return int(self.db.execute(
-            "SELECT value FROM meta WHERE key = 'schema_version'").fetchone()[0])
+    def _check_header(self) -> None:
+        """Refuse a file that does not start like an SQLite database (reading 100 bytes)."""
+        try:
+            with self.path.open("rb") as file:
+                header = file.read(100)
+        except OSError as err:
+            raise StoreError(f"cannot read the run store {self.path}: {err.strerror}") from err
+        if not header:
+            raise StoreError(f"{self.path}: not a labep run store (an empty file)")
+        if not header.startswith(SQLITE_MAGIC):
+            raise StoreError(f"{self.path}: not a labep run store (not an SQLite database: "
+                             "a file of another type, or damaged over its header)")
+        if len(header) < 100:
+            raise StoreError(f"{self.path}: damaged: the SQLite header is cut short "
+                             f"({len(header)} of 100 bytes)")
+
+    def _verify(self, check_pages: bool) -> int:
+        """The schema version of the open file, once it is known (by reading only) to be a
+        labep store this labep can read: labep's tables, a schema version not newer than
+        this labep's, and with ``check_pages`` (or before a migration) every page sound."""
+        tables = {str(name) for (name,) in self.db.execute(
+            "SELECT name FROM sqlite_master WHERE type = 'table'")}
+        if not _LABEP_TABLES.issubset(tables):
+            shown = ", ".join(sorted(tables)[:6]) + (", ..." if len(tables) > 6 else "")
+            what = (f"an SQLite database with other tables: {shown}" if tables
+                    else "an SQLite database without tables")
+            raise StoreError(f"{self.path}: not a labep run store ({what})")
+        row = self.db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+        if row is None or not str(row[0]).isdigit() or int(row[0]) < min(MIGRATIONS):
+            raise StoreError(f"{self.path}: damaged: labep's tables are there but not a schema "
+                             f"version in meta (found {None if row is None else row[0]!r})")
+        version = int(row[0])
+        if version > SCHEMA_VERSION:
+            raise StoreError(f"{self.path}: schema version {version} is newer than this "
+                             f"labep's {SCHEMA_VERSION}; upgrade labep to read it")
+        if check_pages or version < SCHEMA_VERSION:
+            problems = _check_report(
+                [str(line) for (line,) in self.db.execute("PRAGMA quick_check(3)")])
+            if problems is not None:
+                raise StoreError(f"{self.path}: damaged: {problems}")
+        return version
 
     def _migrate(self) -> None:
         """Upgrade an older store in place, after a backup copy of it as it was."""
@@ -304,13 +420,17 @@ class RunStore:
 
     def truncate_after(self, run_id: str, step: int) -> int:
         """Delete what steps after ``step`` committed (they are run again from the resume
-        point at ``step``); returns how many steps were removed."""
+        point at ``step``), except the ``run_ended`` events that say why an attempt ended;
+        returns how many steps were removed."""
         with self.transaction() as db:
             (count,) = db.execute("SELECT COUNT(*) FROM steps WHERE run_id = ? AND step > ?",
                                   (run_id, step)).fetchone()
-            for table in ("steps", "metrics", "arrays", "events", "resume_points"):
+            for table in ("steps", "metrics", "arrays", "resume_points"):
                 db.execute(f"DELETE FROM {table} WHERE run_id = ? AND step > ?",
                            (run_id, step))
+            # why an earlier attempt ended stays on record
+            db.execute("DELETE FROM events WHERE run_id = ? AND step > ? AND kind != "
+                       "'run_ended'", (run_id, step))
         return int(count)
 
     def set_bench_identity(self, run_id: str, identity: dict[str, str]) -> None:
@@ -537,12 +657,68 @@ class RunStore:
             "epochs": 0 if steps[1] is None else steps[1] + 1,
             "metrics": self.final_metrics(run_id),
             "writes": self.write_summary(run_id),
+            "samples": self.sample_accounting(run_id),
+            "link": self.link_quality(run_id),
         }
         if with_protocol:
             out["protocol"] = json.loads(run["protocol"])
             out["error"] = run["error"]
             out["traceback"] = run["traceback"]
         return out
+
+    def sample_accounting(self, run_id: str) -> dict[str, Any]:
+        """Where every sample of a run went (:data:`SAMPLE_COUNTS`, summed over the
+        committed steps): ``trained`` = ``used`` + ``left_out`` + ``skipped``, ``left_out`` =
+        free (non-finite, unsettled) + nudged (non-finite, unsettled); the test samples
+        (evaluated only, never in an update) that were unsettled, non-finite or in a batch
+        the fault policy gave up on; and the bench's own per-sample reports (fault events
+        ``unsettled`` and ``invalid_readout``, one per sample and phase: a sample can be
+        reported by several phases, and by both kinds)."""
+        names = (*SAMPLE_COUNTS, "test_samples", "test_unsettled", "test_nonfinite",
+                 "test_skipped")
+        rows = self.db.execute(
+            "SELECT name, SUM(value) FROM metrics WHERE run_id = ? AND name IN "
+            f"({', '.join('?' * len(names))}) GROUP BY name", (run_id, *names)).fetchall()
+        total = {name: 0 for name in names}
+        total.update({name: int(value or 0) for name, value in rows})
+        free = {"nonfinite": total["samples_free_nonfinite"],
+                "unsettled": total["samples_free_unsettled"]}
+        nudged = {"nonfinite": total["samples_nudged_nonfinite"],
+                  "unsettled": total["samples_nudged_unsettled"]}
+        left_out = sum(free.values()) + sum(nudged.values())
+        reported: dict[str, dict[str, int]] = {"training": {}, "evaluation": {}}
+        for kind, during, count in self.db.execute(
+                "SELECT json_extract(detail, '$.fault'), json_extract(detail, '$.during'), "
+                "COUNT(*) FROM events WHERE run_id = ? AND kind = 'fault' AND "
+                "json_extract(detail, '$.fault') IN ('unsettled', 'invalid_readout') "
+                "GROUP BY 1, 2", (run_id,)):
+            where = "evaluation" if during == "evaluation" else "training"
+            reported[where][kind] = reported[where].get(kind, 0) + int(count)
+        test_bad = total["test_unsettled"]
+        return {
+            "trained": total["samples_used"] + left_out + total["samples_skipped"],
+            "used": total["samples_used"],
+            "left_out": left_out,
+            "free": free,
+            "nudged": nudged,
+            "skipped": total["samples_skipped"],
+            "evaluated": {"samples": total["test_samples"],
+                          "unsettled": test_bad - total["test_nonfinite"]
+                          - total["test_skipped"],
+                          "nonfinite": total["test_nonfinite"],
+                          "skipped": total["test_skipped"]},
+            "bench_reports": reported,
+        }
+
+    def link_quality(self, run_id: str) -> dict[str, float]:
+        """The newest link-quality counters of a run behind a link (``link_*`` metrics,
+        cumulative since the run, or its last resume, opened the bench); empty otherwise."""
+        rows = self.db.execute(
+            "SELECT m.name, m.value FROM metrics m JOIN (SELECT name, MAX(step) AS step "
+            "FROM metrics WHERE run_id = ? AND name LIKE 'link\\_%' ESCAPE '\\' "
+            "GROUP BY name) last ON m.name = last.name AND m.step = last.step "
+            "WHERE m.run_id = ?", (run_id, run_id)).fetchall()
+        return {name[len("link_"):]: value for name, value in rows}
 
     def write_summary(self, run_id: str) -> dict[str, Any]:
         """Writes of a run: counts per parameter, most code changes on one channel, clipped

@@ -189,6 +189,9 @@ class WritePath:
                         for name, spec in self.specs.items() if spec.levels is not None}
         self.clipped_total = 0
         self.pending = 0
+        #: parameters the bench may not hold as the shadow says (a write that failed part
+        #: way); :meth:`resync` re-reads the bench and writes them again
+        self.unsynced: set[str] = set()
         self._spare = {k: np.empty_like(v) for k, v in self.shadow.items()}
 
     @property
@@ -275,6 +278,7 @@ class WritePath:
         report = WriteReport(written=True)
         payload: dict[str, np.ndarray] = {}
         residues = {name: r.copy() for name, r in self.residue.items()}
+        rng_state = self.rng.bit_generator.state
         try:
             for name in names:
                 payload[name], clipped = self.encode(name, self.shadow[name])
@@ -296,8 +300,15 @@ class WritePath:
                     raise WriteBudgetError(
                         f"write {name}: a channel would exceed the write budget of {budget} "
                         "code changes; stopping before the write")
-        with deferred_interrupt():  # Ctrl-C never leaves half a block on the bench
-            self.bench.write(payload)
+        try:
+            with deferred_interrupt():  # Ctrl-C never leaves half a block on the bench
+                self.bench.write(payload)
+        except BaseException:
+            # the bench may hold part of the block: encode the same again on the next try
+            self.residue, self.rng.bit_generator.state = residues, rng_state
+            self.unsynced.update(names)
+            raise
+        self.unsynced.difference_update(names)
         for name in names:
             self.writes[name] += 1
             if name in changes:
@@ -348,7 +359,8 @@ class WritePath:
         resumed run needs: counters, the rounding residues, the rounding generator's state."""
         meta: dict[str, object] = {"writes": dict(self.writes), "pending": self.pending,
                                    "clipped_total": self.clipped_total,
-                                   "rng": self.rng.bit_generator.state}
+                                   "rng": self.rng.bit_generator.state,
+                                   "unsynced": sorted(self.unsynced)}
         arrays = {f"residue.{n}": r for n, r in self.residue.items()}
         arrays.update({f"changes.{n}": c for n, c in self.changes.items()})
         return meta, arrays
@@ -360,6 +372,7 @@ class WritePath:
         self.pending = int(meta["pending"])  # type: ignore[arg-type]
         self.clipped_total = int(meta["clipped_total"])  # type: ignore[arg-type]
         self.rng.bit_generator.state = meta["rng"]
+        self.unsynced = set(meta.get("unsynced", ()))  # type: ignore[call-overload]
         for name in self.residue:
             self.residue[name] = np.array(arrays[f"residue.{name}"], dtype=np.float64)
         for name in self.changes:
@@ -369,11 +382,45 @@ class WritePath:
     def rewrite_held(self) -> None:
         """Write again what the bench held at the checkpoint (its codes, or for continuous
         parameters the shadow values), e.g. after a resume on a bench that lost its state.
-        Not counted as writes: no code changes."""
+        Not counted as writes: no code changes. If it fails, every parameter is unsynced."""
+        # a quantized parameter whose codes were never written has nothing held to restore
+        missing = {name for name, spec in self.specs.items()
+                   if spec.levels is not None and name not in self.codes}
         payload = {name: self.codes[name] if name in self.codes else self.shadow[name]
-                   for name in self.shadow}
-        with deferred_interrupt():
-            self.bench.write(payload)
+                   for name in self.shadow if name not in missing}
+        self.unsynced.update(missing)
+        try:
+            with deferred_interrupt():
+                self.bench.write(payload)
+        except BaseException:
+            self.unsynced.update(self.shadow)
+            raise
+        self.unsynced.difference_update(payload)
+
+    def defer(self, update: Params) -> None:
+        """theta <- theta + update without writing: the update whose write the fault policy
+        gave up on stays in the shadow, and the next :meth:`resync` writes it."""
+        for name, delta in update.items():
+            self.shadow[name] = self.shadow[name] + delta
+        self.unsynced.update(update)
+        self.pending = 0
+
+    def resync(self) -> WriteReport:
+        """After a write that failed (:attr:`unsynced`): re-read what the bench holds, take
+        its codes as the truth (so code changes and the write budget count what the channels
+        really went through), and write the shadow's parameters that are unsynced or differ.
+        Afterwards the bench holds what the shadow says, as after any write."""
+        if not self.unsynced:
+            return WriteReport()
+        held = self.bench.read_params()
+        names = set(self.unsynced)
+        for name in self.codes:
+            if name in held:
+                codes = np.asarray(held[name]).astype(np.int64)
+                if not np.array_equal(codes, self.codes[name]):
+                    names.add(name)
+                self.codes[name] = codes
+        return self._write([name for name in self.shadow if name in names])
 
     def summary(self) -> dict[str, object]:
         """Write counts per parameter, code changes per channel, clipped channels."""

@@ -17,15 +17,16 @@ u = k / (levels - 1), a the ``nonlinearity`` (the bow at mid-range as a fraction
 from __future__ import annotations
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, Field, model_validator
 
 from labep.bench import BenchError, OutOfRangeError, ParameterSpec
+from labep.strict import STRICT_CONFIG
 
 
 class DeviceOptions(BaseModel):
     """Device imperfections of a simulated bench (``bench.options.device`` in a protocol)."""
 
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+    model_config = STRICT_CONFIG
 
     bits: int | None = Field(
         None, ge=1, le=16,

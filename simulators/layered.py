@@ -14,10 +14,11 @@ from typing import Any, Literal
 
 import numba
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, Field, model_validator
 
 from labep.bench import BenchIdentity, BenchLifecycle, BenchSpec, ParameterSpec
 from labep.simulators.device import DeviceOptions, ParameterDevice
+from labep.strict import STRICT_CONFIG
 
 
 @numba.njit(cache=True)
@@ -34,7 +35,7 @@ def coupling_block(weights, offset, rows, cols):
 class LayeredSimulatorOptions(BaseModel):
     """Options every layered simulator has (``bench.options`` in a protocol)."""
 
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+    model_config = STRICT_CONFIG
 
     dtype: Literal["float32", "float64"] = Field(
         "float32", description="Arithmetic precision of states and parameters."

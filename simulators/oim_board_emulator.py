@@ -187,6 +187,8 @@ class EmulatedBoard:
                           for code, spec in wire.COMMANDS.items()}
         self.physics_seconds = 0.0
         self.runs = 0
+        #: requests refused, by error name (e.g. OUT_OF_RANGE: a code >= 2^bits was sent)
+        self.refusals: dict[str, int] = {}
         self.power_on()
         self._warm_up()
 
@@ -246,6 +248,8 @@ class EmulatedBoard:
         except wire.WireFormatError as err:
             return wire.ERROR, wire.error_payload(ErrorCode.BAD_LENGTH, command, str(err))
         except _Refused as err:
+            self.refusals[ErrorCode(err.code).name] = (
+                self.refusals.get(ErrorCode(err.code).name, 0) + 1)
             return wire.ERROR, wire.error_payload(err.code, command, err.message)
         return command | wire.REPLY_BIT, reply
 
@@ -398,7 +402,7 @@ class EmulatedBoard:
 @dataclass
 class EmulatorStats:
     """What the emulator served: request frames (good and CRC-failed) and reply frames, bytes
-    each way, and link drops."""
+    each way, link drops and delayed replies."""
 
     frames_in: int = 0
     frames_out: int = 0
@@ -406,6 +410,7 @@ class EmulatorStats:
     bytes_out: int = 0
     bad_frames: int = 0
     link_drops: int = 0
+    delayed: int = 0  # replies held back by the delay fault
 
 
 class BoardEmulator:
@@ -547,6 +552,7 @@ class BoardEmulator:
                     return
                 command, payload = board.handle(item.command, item.payload)
                 if faults.delay and self._rng.random() < faults.delay:
+                    self.stats.delayed += 1
                     self._send(replies)
                     replies = []
                     time.sleep(faults.delay_seconds)

@@ -45,7 +45,7 @@ from typing import Any, Literal
 
 import numba
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, Field, model_validator
 
 from labep.bench import (
     BenchError,
@@ -60,6 +60,7 @@ from labep.bench import (
 )
 from labep.models.polariton import PolaritonLattice
 from labep.simulators.device import DeviceOptions, ParameterDevice, read_out
+from labep.strict import STRICT_CONFIG
 
 # -- kernels ---------------------------------------------------------------------------------
 
@@ -203,7 +204,7 @@ def rest_field(n_sites: int, amplitude: float) -> np.ndarray:
 class PolaritonSimulatorOptions(BaseModel):
     """Options of the polariton simulator bench (``bench.options`` in a protocol)."""
 
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+    model_config = STRICT_CONFIG
 
     dtype: Literal["float32", "float64"] = Field(
         "float64", description="Arithmetic precision of the field (float32 leaves a residual "
@@ -215,8 +216,8 @@ class PolaritonSimulatorOptions(BaseModel):
     tolerance: float = Field(1e-6, gt=0.0, description="Default settle tolerance (units of J).")
     max_steps: int = Field(20_000, ge=1, description="Default cap on RK4 steps.")
     potential_range: tuple[float, float] = Field(
-        (-4.0, 4.0), description="What the light modulator can display, [low, high] (units of "
-        "J): V + input + nudge must stay inside.")
+        (-4.0, 4.0), strict=False, description="What the light modulator can display, [low, "
+        "high] (units of J; a YAML list): V + input + nudge must stay inside.")
     margin: float = Field(
         1.5, ge=0.0, description="Kept free at both ends of potential_range for the input and "
         "nudge potentials: V is trainable in [low + margin, high - margin].")

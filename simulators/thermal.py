@@ -32,16 +32,17 @@ from typing import Any, Literal
 
 import numba
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, Field, model_validator
 
 from labep.bench import Nudge, Relaxation, Settle
 from labep.simulators.device import read_out
+from labep.strict import STRICT_CONFIG
 
 
 class SamplingOptions(BaseModel):
     """How a stochastic bench draws samples when asked for readouts (``bench.options``)."""
 
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+    model_config = STRICT_CONFIG
 
     burn_in: int = Field(
         200, ge=0, le=10_000_000,

@@ -147,3 +147,16 @@ def test_unwritable_store_is_refused_before_any_bench_opens(tmp_path: Path) -> N
     result = cli("run", str(protocol), "--store", str(tmp_path / "missing" / "runs.db"),
                  "--no-progress")
     assert result.exit_code == 2 and "not a folder" in result.stderr
+
+
+def test_emulate_on_a_taken_port_says_so_without_a_traceback() -> None:
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = cli("emulate", "oim-board", "--tcp", str(port), "--sizes", "2-4-2")
+    assert result.exit_code == 1
+    assert "cannot serve the emulated board" in result.stderr
+    assert "Traceback" not in result.output + result.stderr
