@@ -9,12 +9,22 @@ board reports (IDENTIFY), written as integer codes. A relaxation runs each sampl
 the board in turn: CLAMP the input phases, LOAD_PHASES (the start row or rest), SET_NUDGE, RUN,
 STATUS and READ_PHASES; the groups of all samples go out pipelined in one write.
 
-Robustness: every request has a timeout; a failed attempt (timeout, short or corrupt reply,
-BUSY, a board that lost its configuration) is re-sent with new sequence numbers after a
-doubling back-off, at most ``retries`` times; replies with a sequence number not awaited are
-discarded; the decoder resynchronises past garbage; a dropped link is reopened (same
-resource), the board re-identified and re-configured and every parameter re-sent from the
-host's copy of the last written codes. Each fault is logged (:meth:`OIMBoard.drain_faults`),
+Robustness: every request has a reply timeout, adapted to the latencies the link measures
+(:class:`~labep.drivers.oim_link.LinkQuality`); a request that failed (timeout, short,
+corrupt or lost reply, BAD_CRC, BUSY, a board that lost its configuration) is re-sent with a
+new sequence number, selectively: of independent requests (block writes, READ_CODES,
+CONFIGURE, IDENTIFY, reads of a settled result) only the failed ones, of an ordered sequence
+everything from its first failure on, and of a sample's relaxation group what its semantics
+allow (:meth:`OIMBoard._relax_sample`). A link in sync (a corrupt reply, BAD_CRC, a reply lost
+before later ones came) is re-sent to at once; a silent line is probed with STATUS before a
+timeout is declared (a late reply still counts), and after a timeout or a short frame the
+driver pauses only the board's gap timeout. The attempts are bounded per request
+(:meth:`OIMBoard._settle`). Block frames take their size from the measured byte error rate
+(:func:`best_payload`: the wire maximum on a clean link). Replies with a sequence number not
+awaited are discarded; the decoder resynchronises past garbage; a dropped link is reopened
+(same resource), the board re-identified and re-configured and every parameter re-sent from
+the host's copy of the last written codes. :meth:`OIMBoard.link_quality` counts what the link
+did. Each fault is logged (:meth:`OIMBoard.drain_faults`),
 its ``kind`` one of: timeout, short_frame, lost_reply, crc, garbled, stale, busy,
 error_frame, board_reset, link_closed, reconnect, safe_state (recovered or not), unsettled and
 invalid_readout (a sample that is returned not converged: ``recovered`` False).
@@ -30,11 +40,11 @@ import math
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, Field
 
 from labep.bench import (
     BenchError,
@@ -52,8 +62,9 @@ from labep.bench import (
     safe_values,
 )
 from labep.drivers import oim_wire as wire
-from labep.drivers.oim_link import Exchange, LinkLost, SerialLink
+from labep.drivers.oim_link import LinkLost, SerialLink, reply_size
 from labep.models.oim import LayeredOIM
+from labep.strict import STRICT_CONFIG
 
 Command = wire.Command
 ErrorCode = wire.ErrorCode
@@ -62,7 +73,7 @@ ErrorCode = wire.ErrorCode
 class OIMBoardOptions(BaseModel):
     """Options of the OIM board driver (``bench.options`` in a protocol)."""
 
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+    model_config = STRICT_CONFIG
 
     baudrate: int = Field(
         1_000_000, ge=300, le=20_000_000,
@@ -70,17 +81,23 @@ class OIMBoardOptions(BaseModel):
         "(10 bits a byte); a pty or socket:// link ignores it otherwise.")
     timeout: float = Field(
         0.2, gt=0.0, le=60.0,
-        description="Reply timeout of a request (s), on top of its bytes' time on the line "
-        "and a STATUS request's wait. The board answers within 10 ms of a request's end.")
+        description="Longest reply timeout of a request (s), on top of its bytes' time on the "
+        "line and a STATUS request's wait. The timeout in use adapts to the measured reply "
+        "latency (smoothed RTT + 4 deviations, at least 60 ms, doubled per timeout in a row) "
+        "and never exceeds this. The board answers within 10 ms of a request's end.")
     retries: int = Field(
         3, ge=0, le=20,
-        description="Re-sends of a request (new sequence numbers) after a timeout, a short "
-        "or corrupt reply, BUSY, or a board that lost its configuration; then the board is "
-        "put in its safe state and BenchFaultError is raised.")
+        description="Re-sends of each request (new sequence numbers) after a timeout, a "
+        "dropped link, BUSY or a board that lost its configuration; failures of the line's "
+        "noise (corrupt, short or lost replies, BAD_CRC) get as many on a clean link and, on a "
+        "link whose measured error rate makes them common, enough for odds of 1e-6 (at most "
+        "5 x retries). Then the board is put in its safe state and BenchFaultError is raised.")
     backoff: float = Field(
         0.02, ge=0.0, le=10.0,
-        description="Pause before the first re-send (s), doubled for each further one (at "
-        "most 1 s). 0.02 or more lets the board drop a partial frame first (its 20 ms gap).")
+        description="Pause before the first attempt to reopen a dropped link (s), doubled for "
+        "each further one (at most 1 s), and before waiting out BUSY. A re-send after a "
+        "garbled or lost reply does not pause; after a timeout it pauses the board's 20 ms "
+        "gap timeout.")
     reconnects: int = Field(
         3, ge=0, le=20,
         description="Attempts to reopen the port after the link dropped, per drop, each after "
@@ -141,20 +158,201 @@ class BoardInfo:
 _RETRY_ERRORS = {ErrorCode.BAD_CRC: "crc", ErrorCode.BUSY: "busy",
                  ErrorCode.NOT_CONFIGURED: "board_reset", ErrorCode.NO_RESULT: "board_reset"}
 _KNOWN_ERRORS = frozenset(int(code) for code in ErrorCode)
-_CODE_CHUNK = wire.COMMANDS[Command.WRITE_BIASES].request.max_count()
-_CLAMP_CHUNK = wire.COMMANDS[Command.CLAMP].request.max_count()
-_LOAD_CHUNK = wire.COMMANDS[Command.LOAD_PHASES].request.max_count()
-_READ_CHUNK = wire.COMMANDS[Command.READ_PHASES].reply.max_count()
+#: failures that say nothing about the line's noise: the board or the link is silent, busy or
+#: lost its state. They count against ``retries`` strictly (see :meth:`OIMBoard._settle`).
+_SILENT = frozenset({"timeout", "link_closed", "busy", "board_reset"})
+#: a request is given up once failing that often in a row is this unlikely at the measured
+#: byte error rate (the noisy budget of :meth:`OIMBoard._noisy_budget`)
+_GIVE_UP_ODDS = 1e-6
+#: smallest payload (bytes) of an adaptive block frame
+_MIN_PAYLOAD = 16
+#: a batch's sample groups go out pipelined in one write when a group comes back whole with
+#: at least these odds at the measured error rate; else sample by sample
+_PIPELINE_ODDS = 0.8
+#: a sample's RUN goes out behind its setup frames (one round trip) when they all come back
+#: whole with at least these odds; else the setup is confirmed first, then RUN is sent
+_OPTIMISTIC_ODDS = 0.5
+
+
+@dataclass(frozen=True)
+class _Block:
+    """A command that carries an array split into frames: where the array is (``layout``,
+    the request's or the reply's), and the fixed bytes of a request + reply pair."""
+
+    layout: wire.Layout
+    overhead: int
+
+    @property
+    def item_bytes(self) -> float:
+        return self.layout.item_size() + (0.125 if self.layout.bitmap else 0.0)
+
+    @property
+    def largest(self) -> int:
+        return self.layout.max_count()
+
+
+def _block(command: Command, in_reply: bool) -> _Block:
+    spec = wire.COMMANDS[command]
+    layout = spec.reply if in_reply else spec.request
+    overhead = 2 * wire.OVERHEAD + spec.request.head.size + (spec.reply.head.size if in_reply
+                                                             else 0)
+    return _Block(layout, overhead)
+
+
+_BLOCKS = {Command.WRITE_COUPLINGS: _block(Command.WRITE_COUPLINGS, False),
+           Command.WRITE_BIASES: _block(Command.WRITE_BIASES, False),
+           Command.READ_CODES: _block(Command.READ_CODES, True),
+           Command.CLAMP: _block(Command.CLAMP, False),
+           Command.LOAD_PHASES: _block(Command.LOAD_PHASES, False),
+           Command.READ_PHASES: _block(Command.READ_PHASES, True)}
+
+
+def best_payload(error_rate: float, overhead: int, largest: int,
+                 smallest: int = _MIN_PAYLOAD) -> int:
+    """The array bytes per frame that maximise the expected goodput of a block transfer.
+
+    A frame pair with L payload bytes and ``overhead`` fixed bytes (both frames' headers and
+    CRCs and the fixed fields) comes back whole with probability (1 - p)^(L + o) at byte
+    error rate p, and only a failed frame is sent again, so the goodput is
+    L (1 - p)^(L + o) / (L + o). Setting its derivative to zero gives
+    L^2 + o L = o / q with q = -ln(1 - p), so L = (sqrt(o^2 + 4 o / q) - o) / 2 (about
+    sqrt(o / p) for small p), the better of the two whole numbers around it, clamped to
+    [``smallest``, ``largest``]; p = 0 gives ``largest``."""
+    if error_rate <= 0.0:
+        return largest
+    q = -math.log1p(-min(error_rate, 0.5))
+    best = (math.sqrt(overhead * overhead + 4.0 * overhead / q) - overhead) / 2.0
+    low = int(min(max(best, smallest), largest))
+    high = min(low + 1, largest)
+
+    def log_goodput(size: int) -> float:
+        return math.log(size) - (size + overhead) * q - math.log(size + overhead)
+
+    return high if log_goodput(high) > log_goodput(low) else low
 
 
 class _Failed(Exception):  # noqa: N818 - internal: one attempt's verdict
-    """How an attempt failed; ``missing``: a reply never came (the link's observation)."""
+    """How a request failed; ``missing``: a reply never came (the link's observation), so
+    the request may or may not have been executed."""
 
     def __init__(self, kind: str, command: str, message: str, action: str,
-                 missing: bool = False) -> None:
+                 missing: bool = False, detail: dict[str, Any] | None = None) -> None:
         super().__init__(message)
         self.kind, self.command, self.message, self.action = kind, command, message, action
         self.missing = missing
+        self.detail = detail or {}
+
+    @property
+    def silent(self) -> bool:
+        """Not the line's noise (see :data:`_SILENT`)."""
+        return self.kind in _SILENT
+
+
+@dataclass
+class _Tries:
+    """One request's record: attempts sent, and its failures by category."""
+
+    sent: int = 0
+    silent: int = 0
+    noisy: int = 0
+
+
+@dataclass
+class _Part:
+    """A request of a transaction (or a piece of one, see :meth:`OIMBoard._split`): the
+    index of the request it belongs to, its record and its reply once answered."""
+
+    request: tuple[int, bytes]
+    origin: int
+    tries: _Tries = field(default_factory=_Tries)
+    done: bool = False
+    payload: bytes | None = None
+
+
+@dataclass
+class _Attempt:
+    """One exchange as the driver judges it, per request: ``done`` (answered; ``payloads``
+    holds the reply, None for an accepted BUSY), else a :class:`_Failed` in ``failures``
+    (requests the link left unsent are in neither)."""
+
+    payloads: list[bytes | None]
+    done: list[bool]
+    failures: dict[int, _Failed]
+    silent: bool = False
+    reconnected: bool = False
+    unsent: frozenset[int] = frozenset()
+
+
+@dataclass
+class _Group:
+    """One sample's requests: the setup (CLAMP and LOAD_PHASES blocks, SET_NUDGE), RUN,
+    STATUS and the READ_PHASES blocks (``where``: their (offset, count) in the state, for
+    each readout in turn). ``rerun``: the setup requests sent again with a RUN that is run
+    again (LOAD_PHASES and SET_NUDGE: a relaxation starts from the requested start state)."""
+
+    setup: list[tuple[int, bytes]]
+    rerun: frozenset[int]
+    run: tuple[int, bytes]
+    status: tuple[int, bytes]
+    reads: list[tuple[int, bytes]]
+    where: list[tuple[int, int]]
+
+
+_RUN, _STATUS = ("run", 0), ("status", 0)
+
+
+class _Sample:
+    """Where one sample's relaxation stands (see :meth:`OIMBoard._relax_sample`).
+
+    ``confirmed``: setup requests the board acknowledged in the current context (nothing
+    else ran since); ``run_valid``: a RUN was acknowledged with the whole setup confirmed
+    before it; then ``status`` (the STATUS fields once it reported an ended run) and
+    ``reads`` (READ_PHASES replies) of that relaxation. ``tries`` survives :meth:`reset`."""
+
+    def __init__(self, group: _Group) -> None:
+        self.group = group
+        self.tries: dict[tuple[str, int], _Tries] = {}
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget what the board holds for this sample (another sample ran, the board was
+        reset or reconnected): the next attempt sends the whole group."""
+        self.confirmed: set[int] = set()
+        self.deadline: float | None = None
+        self.run_valid = False
+        self.status: dict[str, Any] | None = None
+        self.running = False
+        self.reads: list[bytes | None] = [None] * len(self.group.reads)
+
+    @property
+    def complete(self) -> bool:
+        return (self.run_valid and self.status is not None
+                and all(read is not None for read in self.reads))
+
+    def request(self, key: tuple[str, int]) -> tuple[int, bytes]:
+        kind, index = key
+        group = self.group
+        if kind == "setup":
+            return group.setup[index]
+        if kind == "read":
+            return group.reads[index]
+        return group.run if kind == "run" else group.status
+
+    def unconfirmed(self) -> list[tuple[str, int]]:
+        return [("setup", i) for i in range(len(self.group.setup)) if i not in self.confirmed]
+
+    def compose(self, optimistic: bool) -> list[tuple[str, int]]:
+        """The requests of the next attempt: before a valid RUN the setup not yet confirmed,
+        then (``optimistic``, or nothing left to set up) RUN, STATUS and every READ_PHASES;
+        after it STATUS (until it reports an ended run) and the reads still missing."""
+        if not self.run_valid:
+            setup = self.unconfirmed()
+            if setup and not optimistic:
+                return setup
+            return [*setup, _RUN, _STATUS,
+                    *(("read", j) for j in range(len(self.group.reads)))]
+        keys = [] if self.status is not None else [_STATUS]
+        return keys + [("read", j) for j, read in enumerate(self.reads) if read is None]
 
 
 class OIMBoard(BenchLifecycle):
@@ -175,6 +373,7 @@ class OIMBoard(BenchLifecycle):
         #: provisional (continuous, unbounded) until open() reads the board's bits and ranges
         self.spec = self._make_spec(None)
         self._link = SerialLink(resource, self.options.baudrate)
+        self._link.probe_timeout = self.options.timeout
         #: protocol-defined safe values by parameter (checked against the range on open)
         self._safe_values = safe_values(model.parameter_shapes(), self.options.safe_values,
                                         bench=self.instrument)
@@ -184,6 +383,9 @@ class OIMBoard(BenchLifecycle):
         self._needs_restore = False
         self._generation = 0  # reconnects so far
         self._opened = False
+        self._retries = 0  # requests re-sent
+        self._bytes_resent = 0
+        self._reconnects = 0
 
     # -- spec and addressing ----------------------------------------------------------------
 
@@ -244,15 +446,14 @@ class OIMBoard(BenchLifecycle):
                 info = self._connect(expect=None)
                 self.board = info
                 self.spec = self._make_spec(info)
-                self._transact([(Command.RESET, b"")], "RESET")
                 self._safe_codes = self._resolve_safe_codes()
                 self._codes = {spec.name: np.full(spec.shape, wire.safe_code(
                     self._bits(spec.name)), dtype=np.int64) for spec in self.spec.parameters}
                 self._codes.update({name: codes.copy()
                                     for name, codes in self._safe_codes.items()})
-                requests = self._safe_requests()
-                if requests:
-                    self._transact(requests, "WRITE (safe values)")
+                # RESET, then the safe values: an ordered sequence
+                self._transact([(Command.RESET, b""), *self._safe_requests()], "RESET",
+                               ordered=True)
         except BaseException:
             self._opened = False
             self._link.close()
@@ -349,81 +550,284 @@ class OIMBoard(BenchLifecycle):
             self._safe_state(f"error ({type(err).__name__})")
             raise
 
+    # -- link quality -----------------------------------------------------------------------
+
+    def link_quality(self) -> dict[str, float]:
+        """How the link behaved, cumulative since construction: ``frames`` (request frames
+        sent, STATUS probes included), ``frames_in`` (reply frames received), ``bytes_out``,
+        ``bytes_in``, ``retries`` (requests re-sent), ``bytes_resent`` (their frames' bytes),
+        ``timeouts`` (reply deadlines that passed with the line silent, a probe's included;
+        see :meth:`~labep.drivers.oim_link.SerialLink.exchange`), ``corrupt`` (replies that
+        failed their CRC, mismatched, stopped short or were lost, and BAD_CRC refusals),
+        ``reconnects``; and the current ``byte_error_rate`` estimate, ``frame_codes`` (codes
+        per WRITE_COUPLINGS block frame it gives) and ``reply_timeout`` (s)."""
+        stats, quality = self._link.stats, self._link.quality
+        return {"frames": float(stats.frames_out), "frames_in": float(stats.frames_in),
+                "bytes_out": float(stats.bytes_out), "bytes_in": float(stats.bytes_in),
+                "retries": float(self._retries), "bytes_resent": float(self._bytes_resent),
+                "timeouts": float(quality.timeouts), "corrupt": float(quality.corrupt),
+                "reconnects": float(self._reconnects),
+                "byte_error_rate": quality.error_rate,
+                "frame_codes": float(self._frame_count(Command.WRITE_COUPLINGS)),
+                "reply_timeout": self._reply_timeout()}
+
+    def _reply_timeout(self) -> float:
+        """The adaptive reply timeout: min(``timeout``, max(floor, RTO)) (see
+        :class:`~labep.drivers.oim_link.LinkQuality`)."""
+        return self._link.quality.reply_timeout(self.options.timeout)
+
+    def _frame_count(self, command: Command) -> int:
+        """Array elements per frame of a block command at the measured byte error rate
+        (:func:`best_payload`; the wire maximum on a clean link)."""
+        block = _BLOCKS[command]
+        largest = block.largest
+        payload = best_payload(self._link.quality.error_rate, block.overhead,
+                               int(largest * block.item_bytes))
+        return max(1, min(largest, int(payload / block.item_bytes)))
+
+    def _clean_odds(self, nbytes: int) -> float:
+        """The probability that ``nbytes`` cross the line unharmed at the measured rate."""
+        return (1.0 - min(self._link.quality.error_rate, 1.0)) ** nbytes
+
+    @staticmethod
+    def _pair_bytes(request: tuple[int, bytes]) -> int:
+        """Bytes of a request frame and its (successful) reply."""
+        command, payload = request
+        return wire.OVERHEAD + len(payload) + reply_size(command, payload)
+
+    def _note_sent(self, tries: _Tries, request: tuple[int, bytes], undo: bool = False
+                   ) -> None:
+        """Count an attempt of ``request`` (a re-send from the second on); ``undo``: the
+        link left it unsent after all."""
+        step = -1 if undo else 1
+        if tries.sent > 1 or (tries.sent == 1 and not undo):
+            self._retries += step
+            self._bytes_resent += step * (wire.OVERHEAD + len(request[1]))
+        tries.sent += step
+
     # -- transactions -----------------------------------------------------------------------
 
-    def _transact(self, requests: list[tuple[int, bytes]], what: str, *,
-                  reconnect: bool = True, wait: float = 0.0,
-                  busy_ok: frozenset[int] = frozenset(), tried: int = 0,
-                  last: _Failed | None = None) -> list[bytes | None]:
-        """Send ``requests`` (pipelined) until every one is answered; their reply payloads.
+    def _attempt(self, requests: list[tuple[int, bytes]], what: str, *, wait: float = 0.0,
+                 busy_ok: frozenset[int] = frozenset(), reconnect: bool = True) -> _Attempt:
+        """One exchange of ``requests`` (pipelined), judged request by request.
 
-        An attempt fails on a missing, short or corrupt reply or a retryable ERROR (BAD_CRC,
-        BUSY, NOT_CONFIGURED, NO_RESULT); it is re-sent whole with new sequence numbers after
-        the back-off, at most ``retries`` times. BUSY waits for the running relaxation first;
-        a board that lost its configuration is restored first. A BUSY reply to a request whose
-        index is in ``busy_ok`` is not a failure: its payload is None. Other ERRORs are final.
-        A dropped link is reopened (``reconnect``) and the attempt re-sent. ``tried``
-        attempts were made already (the last one failed as ``last``)."""
+        A reply is a success, or an accepted BUSY (index in ``busy_ok``: payload None), or a
+        :class:`_Failed`: missing (the link's reason, one object for all the requests the same
+        event hit), or refused (an ERROR frame; ``action`` final for errors no re-send can
+        cure). A dropped link is reopened (``reconnect``; :meth:`_reconnect` restores the
+        board) and every request fails as ``link_closed``. What the link resynchronised past
+        is logged as recovered faults."""
+        n = len(requests)
         first = wire.command_name(requests[0][0]) if requests else what
-        for attempt in range(tried, self.options.retries + 1):
-            if attempt:
-                time.sleep(min(self.options.backoff * 2 ** (attempt - 1), 1.0))
-                with suppress(LinkLost):  # the exchange below meets it again and reconnects
-                    self._link.discard_input()
-            try:
-                exchange = self._link.exchange(requests, self.options.timeout, wait)
-            except LinkLost as err:
-                if not reconnect:
-                    raise
-                self._fault("link_closed", first, str(err), recovered=True, attempt=attempt,
-                            operation=what)
-                self._reconnect(first)
-                last = _Failed("link_closed", first, f"the link dropped: {err}", "retry")
-                continue
-            for seen in exchange.observations:
-                self._fault(seen.kind, seen.command, seen.message, True, **seen.detail)
-            try:
-                return self._verdict(requests, exchange, busy_ok)
-            except _Failed as failed:
-                last = failed
-            if last.action == "final" or attempt == self.options.retries:
-                break
-            self._fault(last.kind, last.command, last.message, recovered=True, attempt=attempt)
-            if last.action == "busy":
-                self._wait_idle(what)
-            elif last.action == "board_reset":
-                self._restore(reconnect=reconnect)
-        assert last is not None
-        suffix = "" if last.action == "final" else (
-            f" (after {self.options.retries + 1} attempt(s))")
-        raise self._give_up(last.kind, last.command, last.message + suffix)
-
-    def _verdict(self, requests: list[tuple[int, bytes]], exchange: Exchange,
-                 busy_ok: frozenset[int]) -> list[bytes | None]:
-        """The payloads of a complete, successful exchange, or :class:`_Failed` naming the
-        first request (in order) that failed."""
-        payloads: list[bytes | None] = []
+        try:
+            exchange = self._link.exchange(requests, self._reply_timeout(), wait)
+        except LinkLost as err:
+            if not reconnect:
+                raise
+            self._fault("link_closed", first, str(err), recovered=True, operation=what)
+            self._reconnect(first)
+            dropped = _Failed("link_closed", first, f"the link dropped: {err}", "retry")
+            return _Attempt([None] * n, [False] * n, dict.fromkeys(range(n), dropped),
+                            reconnected=True)
+        for seen in exchange.observations:
+            self._fault(seen.kind, seen.command, seen.message, True, **seen.detail)
+        payloads: list[bytes | None] = [None] * n
+        done = [False] * n
+        failures: dict[int, _Failed] = {}
+        verdicts: dict[int, _Failed] = {}  # one _Failed per link observation
         for index, ((command, _), reply) in enumerate(zip(requests, exchange.replies,
                                                           strict=True)):
             if reply is None:
-                seen = exchange.failure
-                assert seen is not None
-                raise _Failed(seen.kind, seen.command, seen.message, "retry", missing=True)
+                seen = exchange.missing.get(index)
+                if seen is not None:
+                    failed = verdicts.get(id(seen))
+                    if failed is None:
+                        failed = verdicts[id(seen)] = _Failed(
+                            seen.kind, seen.command, seen.message, "retry", missing=True,
+                            detail=seen.detail)
+                    failures[index] = failed
+                continue
             if reply.command != wire.ERROR:
-                payloads.append(reply.payload)
+                payloads[index], done[index] = reply.payload, True
                 continue
             code, _, text = wire.parse_error(reply.payload)
             if code == ErrorCode.BUSY and index in busy_ok:
-                payloads.append(None)
+                done[index] = True
                 continue
             name = wire.command_name(command)
             message = f"board refused {name}: {wire.error_name(code)}" + (
                 f" ({text})" if text else "")
             kind = _RETRY_ERRORS.get(ErrorCode(code)) if code in _KNOWN_ERRORS else None
             if kind is None:
-                raise _Failed("error_frame", name, message, "final")
-            raise _Failed(kind, name, message, kind if kind != "crc" else "retry")
-        return payloads
+                failures[index] = _Failed("error_frame", name, message, "final")
+            else:
+                failures[index] = _Failed(kind, name, message,
+                                          kind if kind != "crc" else "retry")
+        return _Attempt(payloads, done, failures, silent=exchange.silent,
+                        unsent=exchange.unsent)
+
+    def _noisy_budget(self, nbytes: int) -> int:
+        """Re-sends a request of ``nbytes`` (request and reply) gets for failures of the
+        line's noise (corrupt, garbled, lost or short replies, BAD_CRC): ``retries``, or, on
+        a link whose measured error rate makes such failures common, as many as it takes
+        for the request to fail that often in a row with odds below 1e-6 (at most
+        5 x ``retries``). A clean link (rate 0) gives exactly ``retries``."""
+        retries = self.options.retries
+        fail = 1.0 - self._clean_odds(nbytes)
+        if fail <= 0.0 or retries == 0:
+            return retries
+        if fail >= 1.0:
+            return 5 * retries
+        need = math.ceil(math.log(_GIVE_UP_ODDS) / math.log(fail)) - 1
+        return min(max(retries, need), 5 * retries)
+
+    def _settle(self, failed: list[tuple[_Tries, _Failed, int]], what: str) -> None:
+        """Count each failed request (its record, how it failed, its pair's bytes) and log
+        the faults (one per link event, one per kind of refusal); raise
+        :class:`BenchFaultError` for a final refusal or a request out of attempts: more than
+        ``retries`` silent failures (timeout, dropped link, BUSY, lost configuration), or
+        more failures in all than :meth:`_noisy_budget` allows. The fault raised is not
+        logged (it travels with the exception)."""
+        fatal: tuple[_Tries, _Failed] | None = None
+        for tries, failure, nbytes in failed:
+            if failure.silent:
+                tries.silent += 1
+            else:
+                tries.noisy += 1
+            if fatal is None and (failure.action == "final"
+                                  or tries.silent > self.options.retries
+                                  or tries.silent + tries.noisy > self._noisy_budget(nbytes)):
+                fatal = (tries, failure)
+        if fatal is not None:
+            tries, failure = fatal
+            suffix = "" if failure.action == "final" else f" (after {tries.sent} attempt(s))"
+            raise self._give_up(failure.kind, failure.command, failure.message + suffix)
+        logged: set[int | tuple[str, str]] = set()
+        for _, failure, _ in failed:
+            key: int | tuple[str, str] = (id(failure) if failure.missing
+                                          else (failure.kind, failure.action))
+            if key in logged or failure.kind == "link_closed":  # logged when it dropped
+                continue
+            logged.add(key)
+            self._fault(failure.kind, failure.command, failure.message, recovered=True,
+                        **failure.detail)
+
+    def _recover(self, attempt: _Attempt, what: str, reconnect: bool = True) -> bool:
+        """Prepare the re-send after a failed attempt: wait out a running relaxation (BUSY,
+        after ``backoff``), restore a board that lost its configuration, and after a window
+        the line left silent (a timeout or a short frame) pause the gap timeout (the board
+        drops a partial frame) and discard what came. Corrupt, refused or lost replies whose
+        later replies came need no pause: the board is in sync. True if the board was
+        restored or reconnected (what it held is gone)."""
+        actions = {failure.action for failure in attempt.failures.values()}
+        restored = attempt.reconnected
+        if "board_reset" in actions:
+            self._restore(reconnect=reconnect)
+            restored = True
+        elif "busy" in actions:
+            time.sleep(min(self.options.backoff, 1.0))
+            self._wait_idle(what)
+        if attempt.silent and not attempt.reconnected:
+            time.sleep(wire.GAP_TIMEOUT)
+            with suppress(LinkLost):  # the next exchange meets it again and reconnects
+                self._link.discard_input()
+        return restored
+
+    def _transact(self, requests: list[tuple[int, bytes]], what: str, *,
+                  reconnect: bool = True, wait: float = 0.0,
+                  busy_ok: frozenset[int] = frozenset(),
+                  ordered: bool = False) -> list[bytes | None]:
+        """Send ``requests`` (pipelined) until every one is answered; their reply payloads.
+
+        Independent requests (block writes, READ_CODES, CONFIGURE, IDENTIFY, reads): the
+        replies that came back fine are kept and only the failed or unsent requests are sent
+        again, with new sequence numbers. ``ordered`` (a sequence whose later requests rely
+        on the earlier ones, e.g. RESET and then writes): everything from the first failed
+        request on is sent again. A request fails on a missing, short or corrupt reply or a
+        retryable ERROR (BAD_CRC, BUSY, NOT_CONFIGURED, NO_RESULT); the attempts are
+        bounded per request (:meth:`_settle`). BUSY waits for the running relaxation first;
+        a board that lost its configuration is restored first (and an ordered sequence
+        starts over). A BUSY reply to a request whose index is in ``busy_ok`` is not a
+        failure: its payload is None. Other ERRORs are final. A dropped link is reopened
+        (``reconnect``) and the requests not yet answered re-sent. A block request (a write,
+        READ_CODES) sent again is first split into the frame size the error rate measured
+        by then calls for (:meth:`_split`), so a transaction that started on a link believed
+        clean does not keep re-sending frames too large to get through."""
+        parts = [_Part(request, origin) for origin, request in enumerate(requests)]
+        while True:
+            pending = [k for k, part in enumerate(parts) if not part.done]
+            if ordered and pending:
+                pending = list(range(pending[0], len(parts)))
+            if not pending:
+                return [self._merge(request, [part.payload for part in parts
+                                              if part.origin == origin])
+                        for origin, request in enumerate(requests)]
+            for k in pending:
+                self._note_sent(parts[k].tries, parts[k].request)
+            attempt = self._attempt([parts[k].request for k in pending], what, wait=wait,
+                                    busy_ok=frozenset(i for i, k in enumerate(pending)
+                                                      if parts[k].origin in busy_ok),
+                                    reconnect=reconnect)
+            for i, k in enumerate(pending):
+                if attempt.done[i]:
+                    parts[k].payload, parts[k].done = attempt.payloads[i], True
+                elif i in attempt.unsent:
+                    self._note_sent(parts[k].tries, parts[k].request, undo=True)
+            if ordered and attempt.failures:
+                for part in parts[pending[min(attempt.failures)]:]:
+                    part.done = False
+            self._settle([(parts[pending[i]].tries, failure,
+                           self._pair_bytes(parts[pending[i]].request))
+                          for i, failure in attempt.failures.items()], what)
+            if self._recover(attempt, what, reconnect) and ordered:
+                for part in parts:
+                    part.done = False
+            parts = [piece for part in parts for piece in self._split(part)]
+
+    def _split(self, part: _Part) -> list[_Part]:
+        """A block request not yet answered whose count is above what the measured error
+        rate now wants per frame (:meth:`_frame_count`) as several smaller ones (the same
+        elements, each inheriting the request's record so its attempts stay bounded); any
+        other part as it is."""
+        command, payload = part.request
+        if part.done or command not in (Command.WRITE_COUPLINGS, Command.WRITE_BIASES,
+                                        Command.READ_CODES):
+            return [part]
+        layout = wire.COMMANDS[command].request
+        decoded = layout.unpack(payload)
+        count, chunk = decoded["count"], self._frame_count(Command(command))
+        if count <= chunk:
+            return [part]
+        fields = {name: value for name, value in decoded.fields.items() if name != "count"}
+        pieces = []
+        for start in range(0, count, chunk):
+            size = min(chunk, count - start)
+            offset = fields["offset"] + start
+            if decoded.array is None:
+                piece = layout.pack(**{**fields, "offset": offset, "count": size})
+            else:
+                piece = layout.pack(decoded.array[start:start + size],
+                                    **{**fields, "offset": offset})
+            pieces.append(_Part((command, piece), part.origin, replace(part.tries)))
+        return pieces
+
+    @staticmethod
+    def _merge(request: tuple[int, bytes], payloads: list[bytes | None]) -> bytes | None:
+        """The reply payload of a request from those of its pieces (:meth:`_split`): READ_CODES
+        replies joined into one (count, codes); any other request has one piece, or empty
+        replies."""
+        if len(payloads) == 1:
+            return payloads[0]
+        if request[0] != Command.READ_CODES:
+            return payloads[0]
+        layout = wire.COMMANDS[Command.READ_CODES].reply
+        arrays = []
+        for payload in payloads:
+            assert payload is not None
+            array = layout.unpack(payload).array
+            assert array is not None
+            arrays.append(array)
+        return layout.pack(np.concatenate(arrays))
 
     def _reconnect(self, what: str) -> None:
         """Reopen the same resource, re-IDENTIFY, re-CONFIGURE and re-send every parameter
@@ -446,6 +850,7 @@ class OIMBoard(BenchLifecycle):
                     raise
                 continue
             self._generation += 1
+            self._reconnects += 1
             self._fault("reconnect", what, f"reopened {self.resource} and restored the board "
                         f"(attempt {attempt + 1})", recovered=True, attempt=attempt + 1)
             return
@@ -514,12 +919,15 @@ class OIMBoard(BenchLifecycle):
 
     def _write_requests(self, name: str, flat: np.ndarray,
                         old: np.ndarray | None = None) -> list[tuple[int, bytes]]:
-        """Block frames for the codes of ``name`` (only chunks that differ from ``old``)."""
+        """Block frames for the codes of ``name`` (only blocks that differ from ``old``), of
+        :meth:`_frame_count` codes each."""
         selector, layer = self._address(name)
+        chunk = self._frame_count(Command.WRITE_COUPLINGS if selector == wire.Selector.COUPLING
+                                  else Command.WRITE_BIASES)
         requests = []
-        for offset in range(0, flat.size, _CODE_CHUNK):
-            block = flat[offset:offset + _CODE_CHUNK]
-            if old is not None and np.array_equal(block, old[offset:offset + _CODE_CHUNK]):
+        for offset in range(0, flat.size, chunk):
+            block = flat[offset:offset + chunk]
+            if old is not None and np.array_equal(block, old[offset:offset + chunk]):
                 continue
             if selector == wire.Selector.COUPLING:
                 payload = wire.COMMANDS[Command.WRITE_COUPLINGS].request.pack(
@@ -562,11 +970,12 @@ class OIMBoard(BenchLifecycle):
         self._require_open()
         layout = wire.COMMANDS[Command.READ_CODES].request
         requests, where = [], []
+        chunk = self._frame_count(Command.READ_CODES)
         for spec in self.spec.parameters:
             selector, layer = self._address(spec.name)
             size = int(np.prod(spec.shape))
-            for offset in range(0, size, _CODE_CHUNK):
-                count = min(_CODE_CHUNK, size - offset)
+            for offset in range(0, size, chunk):
+                count = min(chunk, size - offset)
                 requests.append((Command.READ_CODES, layout.pack(
                     selector=selector, layer=layer, offset=offset, count=count)))
                 where.append((spec.name, offset, count))
@@ -596,9 +1005,11 @@ class OIMBoard(BenchLifecycle):
     ) -> Relaxation:
         """Relax each sample of the batch on the board in turn and read its phases back.
 
-        The groups of requests of all samples go out pipelined (one write, as the window
-        allows); a sample whose group did not come back whole is run again on its own, with
-        the retries of :meth:`_transact`. Everything is checked before a byte is sent. The
+        On a clean link the groups of requests of all samples go out pipelined (one write,
+        as the window allows), on a noisy one sample by sample; a sample whose group did not
+        come back whole is finished on its own (:meth:`_relax_sample`: only what failed is
+        sent again, as far as the relaxation's semantics allow). Everything is checked
+        before a byte is sent. The
         state rows are the read-back phases (k * 2 pi / 65536 rad, ``dtype``; NaN for an
         oscillator whose readout is invalid); ``converged`` is the board's settled flag with a
         valid readout."""
@@ -635,8 +1046,9 @@ class OIMBoard(BenchLifecycle):
         return Relaxation(state, converged, steps, residual, {"board_seconds": board_seconds})
 
     def _plan(self, inputs: np.ndarray, nudge: Nudge | None, start: np.ndarray | None,
-              settle: Settle) -> list[list[tuple[int, bytes]]]:
-        """The requests of every sample, after checking every argument."""
+              settle: Settle) -> list[_Group]:
+        """The requests of every sample, after checking every argument; arrays in blocks of
+        :meth:`_frame_count` elements."""
         model = self.model
         x = np.asarray(inputs, dtype=self.dtype)
         if x.ndim != 2 or x.shape[1] != model.input_size or not np.all(np.isfinite(x)):
@@ -665,148 +1077,197 @@ class OIMBoard(BenchLifecycle):
             raise ValueError(f"{self.instrument}: settle needs tolerance > 0, 1 <= max_steps "
                              f"< 2^32 and readouts >= 1, got {settle}")
         layouts = {code: wire.COMMANDS[code].request for code in Command}
-        run = layouts[Command.RUN].pack(max_steps=int(settle.max_steps),
-                                        tolerance=float(settle.tolerance))
-        status = self._status_request()
-        reads = [(Command.READ_PHASES, layouts[Command.READ_PHASES].pack(
-            offset=offset, count=min(_READ_CHUNK, model.state_size - offset)))
-            for offset in range(0, model.state_size, _READ_CHUNK)] * settle.readouts
+        run = (Command.RUN, layouts[Command.RUN].pack(max_steps=int(settle.max_steps),
+                                                      tolerance=float(settle.tolerance)))
+        status = (Command.STATUS, self._status_request())
+        n = model.state_size
+        read_chunk = self._frame_count(Command.READ_PHASES)
+        where = [(offset, min(read_chunk, n - offset))
+                 for offset in range(0, n, read_chunk)] * settle.readouts
+        reads = [(Command.READ_PHASES, layouts[Command.READ_PHASES].pack(offset=offset,
+                                                                        count=count))
+                 for offset, count in where]
+        clamp_chunk = self._frame_count(Command.CLAMP)
+        load_chunk = self._frame_count(Command.LOAD_PHASES)
         rest = layouts[Command.LOAD_PHASES].pack(mode=wire.LoadMode.REST, offset=0)
         plan = []
         for sample in range(batch):
-            requests: list[tuple[int, bytes]] = []
-            for offset in range(0, model.input_size, _CLAMP_CHUNK):
-                requests.append((Command.CLAMP, layouts[Command.CLAMP].pack(
-                    clamp[sample, offset:offset + _CLAMP_CHUNK], offset=offset)))
+            setup: list[tuple[int, bytes]] = []
+            for offset in range(0, model.input_size, clamp_chunk):
+                setup.append((Command.CLAMP, layouts[Command.CLAMP].pack(
+                    clamp[sample, offset:offset + clamp_chunk], offset=offset)))
+            first_load = len(setup)
             if start is None:
-                requests.append((Command.LOAD_PHASES, rest))
+                setup.append((Command.LOAD_PHASES, rest))
             else:
-                for offset in range(0, model.state_size, _LOAD_CHUNK):
-                    requests.append((Command.LOAD_PHASES, layouts[Command.LOAD_PHASES].pack(
-                        start_codes[sample, offset:offset + _LOAD_CHUNK],
+                for offset in range(0, n, load_chunk):
+                    setup.append((Command.LOAD_PHASES, layouts[Command.LOAD_PHASES].pack(
+                        start_codes[sample, offset:offset + load_chunk],
                         mode=wire.LoadMode.CODES, offset=offset)))
-            nudge_payload = layouts[Command.SET_NUDGE].pack(
-                None if target is None else target[sample], beta=strength)
-            requests += [(Command.SET_NUDGE, nudge_payload), (Command.RUN, run),
-                         (Command.STATUS, status), *reads]
-            plan.append(requests)
+            setup.append((Command.SET_NUDGE, layouts[Command.SET_NUDGE].pack(
+                None if target is None else target[sample], beta=strength)))
+            plan.append(_Group(setup, frozenset(range(first_load, len(setup))), run, status,
+                               reads, where))
         return plan
 
-    def _relax_batch(self, plan: list[list[tuple[int, bytes]]], readouts: int
+    def _relax_batch(self, plan: list[_Group], readouts: int
                      ) -> list[tuple[np.ndarray, np.ndarray, dict[str, Any]]]:
-        """Every sample's group in one pipelined exchange (one attempt); the samples whose
-        replies did not all come back fine go through :meth:`_relax_sample` again. Each group
-        sets everything its relaxation uses, so one sample's failure does not spoil another's
-        result."""
-        requests = [request for group in plan for request in group]
-        try:
-            exchange: Exchange | None = self._link.exchange(requests, self.options.timeout,
-                                                            self.options.poll_wait)
-        except LinkLost as err:
-            self._fault("link_closed", "CLAMP", str(err), recovered=True, operation="relax")
-            self._reconnect("CLAMP")
-            exchange = None
-        retrying = self.options.retries > 0
-        if exchange is not None:
-            for seen in exchange.observations:
-                self._fault(seen.kind, seen.command, seen.message, True, **seen.detail)
-            if exchange.failure is not None:  # logged once, whichever samples it hit
-                failure = exchange.failure
-                self._fault(failure.kind, failure.command, failure.message, retrying,
-                            **failure.detail)
-        results = []
-        index = 0
-        for group in plan:
-            payloads, failed = None, None
-            if exchange is not None:
-                part = Exchange(exchange.replies[index:index + len(group)], [],
-                                exchange.failure)
-                try:
-                    payloads = self._verdict(group, part, self._busy_reads(group))
-                except _Failed as refused:
-                    failed = refused
-                    if refused.action == "final":
-                        raise self._give_up(refused.kind, refused.command,
-                                            refused.message) from None
-                    if not refused.missing:
-                        self._fault(refused.kind, refused.command, refused.message, retrying)
-                    if retrying and refused.action == "busy":
-                        self._wait_idle("relax")
-                    elif retrying and refused.action == "board_reset":
-                        self._restore()
-            index += len(group)
-            results.append(self._relax_sample(group, readouts, payloads, failed))
-        return results
+        """Every sample relaxed: the phases, the invalid mask and the STATUS fields.
 
-    @staticmethod
-    def _busy_reads(group: list[tuple[int, bytes]]) -> frozenset[int]:
-        """The READ_PHASES requests of a sample's group (BUSY is their answer while the
-        relaxation still runs)."""
-        return frozenset(i for i, (command, _) in enumerate(group)
-                         if command == Command.READ_PHASES)
+        On a clean link (a group comes back whole with odds of at least 0.8 at the measured
+        error rate) every sample's whole group goes out in one pipelined exchange first. Each
+        group sets everything its relaxation uses, so one sample's failure does not spoil
+        another's result; but a later sample's group overwrote the board's registers and its
+        result, so a sample that did not complete there starts over on its own, except the
+        last one, whose context is intact (it is finished first). On a noisy link the
+        samples go one by one from the start (:meth:`_relax_sample`)."""
+        samples = [_Sample(group) for group in plan]
+        group_bytes = max(sum(self._pair_bytes(request) for request in
+                              [*group.setup, group.run, group.status, *group.reads])
+                          for group in plan) if plan else 0
+        if len(samples) > 1 and self._clean_odds(group_bytes) >= _PIPELINE_ODDS:
+            keys = [(sample, key) for sample in samples for key in sample.compose(True)]
+            self._relax_attempt(keys)
+            for sample in samples[:-1]:
+                if not sample.complete:
+                    sample.reset()
+            order = [samples[-1], *samples[:-1]]
+        else:
+            order = samples
+        for sample in order:
+            self._relax_sample(sample)
+        return [self._result(sample, readouts) for sample in samples]
 
-    def _relax_sample(self, requests: list[tuple[int, bytes]], readouts: int,
-                      payloads: list[bytes | None] | None = None,
-                      failed: _Failed | None = None
-                      ) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
-        """One sample: the pipelined setup, RUN, STATUS and READ_PHASES (unless ``payloads``
-        already holds their replies, or ``failed`` says how a first attempt failed); then,
-        while the board still runs, STATUS and READ_PHASES again. A reset or reconnected
-        board on the way restarts the sample."""
-        n_reads = sum(1 for command, _ in requests if command == Command.READ_PHASES)
-        first_read = len(requests) - n_reads
-        poll = requests[first_read - 1:]
-        status_layout = wire.COMMANDS[Command.STATUS].reply
-        for _ in range(self.options.retries + 1):
-            if payloads is None:
-                # a reconnect inside this transaction re-sends the whole (self-contained) group
-                payloads = self._transact(requests, "relax", wait=self.options.poll_wait,
-                                          busy_ok=self._busy_reads(requests),
-                                          tried=int(failed is not None), last=failed)
-                failed = None
-            generation = self._generation
-            deadline = time.perf_counter() + self.options.run_timeout
-            status = status_layout.unpack(payloads[first_read - 1]).fields  # type: ignore[arg-type]
-            while status["state"] == wire.RunState.RUNNING:
-                if time.perf_counter() > deadline:
+    def _relax_sample(self, sample: _Sample) -> None:
+        """Finish one sample's relaxation, whose context on the board (the registers and the
+        result) is intact: attempts of the requests :meth:`_Sample.compose` says are
+        missing, until RUN was acknowledged after a confirmed setup, STATUS reported the
+        relaxation ended and every READ_PHASES came back. The setup is sent selectively: a
+        setup request acknowledged stays confirmed, except that LOAD_PHASES and SET_NUDGE
+        are sent again whenever RUN is (after a RUN that may have run, the relaxation must
+        start from the requested start state again, never from an already relaxed one). RUN
+        goes out behind the setup frames still to confirm when all of them come back whole
+        with odds of at least 0.5 at the measured error rate; else once they are confirmed.
+        After an acknowledged RUN, STATUS and READ_PHASES are idempotent reads of its
+        result: only the failed ones are sent again; while STATUS reports RUNNING (the
+        reads then answer BUSY) both are polled, at most ``run_timeout``."""
+        while not sample.complete:
+            setup = sample.unconfirmed()
+            nbytes = sum(self._pair_bytes(sample.request(key)) for key in [*setup, _RUN])
+            optimistic = self._clean_odds(nbytes) >= _OPTIMISTIC_ODDS
+            self._relax_attempt([(sample, key) for key in sample.compose(optimistic)])
+            if sample.running:
+                if sample.deadline is None:
+                    sample.deadline = time.perf_counter() + self.options.run_timeout
+                elif time.perf_counter() > sample.deadline:
                     raise self._give_up("timeout", "RUN", f"still running after "
                                         f"{self.options.run_timeout:g} s")
-                payloads = payloads[:first_read - 1] + self._transact(
-                    poll, "relax", wait=self.options.poll_wait,
-                    busy_ok=frozenset(range(1, len(poll))))
-                status = status_layout.unpack(payloads[first_read - 1]).fields  # type: ignore[arg-type]
-                if self._generation != generation:
-                    break
-            if self._generation != generation or status["state"] == wire.RunState.IDLE:
-                self._fault("board_reset", "RUN", "the board lost the relaxation (reset or "
-                            "reconnected); the sample is run again", recovered=True)
-                payloads = None
-                continue
-            phases, invalid = self._phases(payloads[first_read:], readouts)
-            return phases, invalid, status
-        raise self._give_up("board_reset", "RUN", "the board kept losing the relaxation")
 
-    def _phases(self, payloads: list[bytes | None], readouts: int
-                ) -> tuple[np.ndarray, np.ndarray]:
-        """Phases (NaN where invalid) and the invalid mask from READ_PHASES replies; several
-        readouts are averaged on the circle."""
+    def _relax_attempt(self, keys: list[tuple[_Sample, tuple[str, int]]]) -> None:
+        """One pipelined exchange of the given requests of one or more samples, and what it
+        means for each sample (:meth:`_absorb`); failures are counted and logged
+        (:meth:`_settle`), then recovered from (:meth:`_recover`): a sample whose board was
+        reset or reconnected starts over."""
+        requests = [sample.request(key) for sample, key in keys]
+        for (sample, key), request in zip(keys, requests, strict=True):
+            self._note_sent(sample.tries.setdefault(key, _Tries()), request)
+        busy_ok = frozenset(i for i, (_, key) in enumerate(keys) if key[0] == "read")
+        wait = self.options.poll_wait if any(key == _STATUS for _, key in keys) else 0.0
+        attempt = self._attempt(requests, "relax", wait=wait, busy_ok=busy_ok)
+        for i in attempt.unsent:
+            sample, key = keys[i]
+            self._note_sent(sample.tries[key], requests[i], undo=True)
+        failed: list[tuple[_Tries, _Failed, int]] = []
+        start = 0
+        while start < len(keys):
+            sample = keys[start][0]
+            stop = start
+            while stop < len(keys) and keys[stop][0] is sample:
+                stop += 1
+            self._absorb(sample, [key for _, key in keys[start:stop]], attempt, start, failed)
+            start = stop
+        self._settle(failed, "relax")
+        if self._recover(attempt, "relax"):
+            for sample in {id(s): s for s, _ in keys}.values():
+                if not sample.complete:
+                    sample.reset()
+
+    def _absorb(self, sample: _Sample, keys: list[tuple[str, int]], attempt: _Attempt,
+                base: int, failed: list[tuple[_Tries, _Failed, int]]) -> None:
+        """Update ``sample`` from its requests ``keys`` in ``attempt`` (at ``base`` on), in
+        the board's order: setup acknowledgements, then RUN (valid only with the whole setup
+        confirmed; one that may have run unconfirms LOAD_PHASES and SET_NUDGE), then, for a
+        valid relaxation, STATUS and READ_PHASES. Replies to reads of a RUN that was not
+        valid are void (neither used nor counted). Failures go to ``failed``; STATUS IDLE
+        after an acknowledged RUN is one (the board lost the relaxation: it is restored and
+        the sample run again)."""
+        status_layout = wire.COMMANDS[Command.STATUS].reply
+        for offset, key in enumerate(keys):
+            index = base + offset
+            failure = attempt.failures.get(index)
+            done = attempt.done[index]
+            kind, position = key
+            if kind == "setup":
+                if done:
+                    sample.confirmed.add(position)
+            elif kind == "run":
+                if done and len(sample.confirmed) == len(sample.group.setup):
+                    sample.run_valid = True
+                    sample.status, sample.running = None, False
+                    sample.reads = [None] * len(sample.group.reads)
+                elif done or (failure is not None and failure.missing):  # it may have run
+                    sample.confirmed -= sample.group.rerun
+            elif not sample.run_valid:
+                continue  # a read of a relaxation that does not count
+            elif kind == "status" and done:
+                payload = attempt.payloads[index]
+                assert payload is not None
+                fields = status_layout.unpack(payload).fields
+                if fields["state"] == wire.RunState.RUNNING:
+                    sample.running = True
+                    sample.reads = [None] * len(sample.reads)
+                elif fields["state"] == wire.RunState.IDLE:
+                    failure = _Failed("board_reset", "RUN", "the board lost the relaxation "
+                                      "(reset or reconnected); the sample is run again",
+                                      "board_reset")
+                else:
+                    sample.status, sample.running = fields, False
+            elif kind == "read" and done:
+                payload = attempt.payloads[index]
+                if payload is not None:
+                    sample.reads[position] = payload
+                elif sample.status is not None:  # BUSY after STATUS said the run ended
+                    failure = _Failed("busy", "READ_PHASES", "the board answered BUSY to "
+                                      "READ_PHASES after STATUS reported the run ended", "busy")
+            if failure is not None:
+                tries = sample.tries.setdefault(key, _Tries())
+                failed.append((tries, failure, self._pair_bytes(sample.request(key))))
+
+    def _result(self, sample: _Sample, readouts: int
+                ) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+        assert sample.complete and sample.status is not None
+        phases, invalid = self._phases(sample.reads, sample.group.where, readouts)
+        return phases, invalid, sample.status
+
+    def _phases(self, payloads: list[bytes | None], where: list[tuple[int, int]],
+                readouts: int) -> tuple[np.ndarray, np.ndarray]:
+        """Phases (NaN where invalid) and the invalid mask from READ_PHASES replies (block
+        ``i`` holds ``where[i]``: offset, count); several readouts are averaged on the
+        circle."""
         layout = wire.COMMANDS[Command.READ_PHASES].reply
         n = self.model.state_size
         per = len(payloads) // readouts
         codes = np.empty((readouts, n), dtype=np.int64)
         invalid = np.zeros(n, dtype=bool)
-        for index, payload in enumerate(payloads):
-            if payload is None:
-                raise self._give_up("garbled", "READ_PHASES", "the board answered BUSY to "
-                                    "READ_PHASES after STATUS reported the run ended")
+        for index, (payload, (offset, count)) in enumerate(zip(payloads, where, strict=True)):
+            assert payload is not None
             reply = layout.unpack(payload)
             assert reply.array is not None and reply.invalid is not None
-            offset = (index % per) * _READ_CHUNK
-            if reply.array.size != min(_READ_CHUNK, n - offset):
-                raise self._give_up("garbled", "READ_PHASES", f"asked {min(_READ_CHUNK, n)} "
-                                    f"phases, got {reply.array.size}")
-            codes[index // per, offset:offset + reply.array.size] = reply.array
-            invalid[offset:offset + reply.array.size] |= reply.invalid
+            if reply.array.size != count:
+                raise self._give_up("garbled", "READ_PHASES", f"asked {count} phases, got "
+                                    f"{reply.array.size}")
+            codes[index // per, offset:offset + count] = reply.array
+            invalid[offset:offset + count] |= reply.invalid
         if readouts == 1 or np.all(codes == codes[0]):
             phases = wire.codes_to_phases(codes[0])
         else:

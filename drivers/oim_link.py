@@ -5,7 +5,10 @@ device path, a pty path or ``socket://host:port``; nothing else is ever opened),
 requests, pipelines them within the protocol's window, decodes the replies (resynchronising
 past garbage), and reports what it saw. It never retries by itself: one :meth:`exchange` is
 one attempt, and the driver (:mod:`labep.drivers.oim_board`) decides what a failed attempt
-means. A dropped link raises :class:`LinkLost`.
+means. A dropped link raises :class:`LinkLost`. :class:`LinkQuality` holds what the link
+measured (the byte error rate, the reply latency and the adaptive reply timeout); a window
+whose line stays silent past its deadline is probed once with STATUS before its missing
+replies are given up.
 
 For a plain serial device or pty (``serial.Serial``) reads and writes go straight to the file
 descriptor (poll, then one read of everything available): pyserial's own ``read``/``write``
@@ -38,6 +41,11 @@ class LinkLost(Exception):  # noqa: N818 - a condition the driver recovers from,
     """The transport closed or failed (device gone, pty closed, socket disconnected)."""
 
 
+#: a reply timeout never goes below this (s): a few gap timeouts, so that the scheduling
+#: jitter of a busy host (or of an emulator sharing its cores) is not taken for a lost reply
+TIMEOUT_FLOOR = 3 * wire.GAP_TIMEOUT
+
+
 @dataclass(frozen=True)
 class Observation:
     """Something wrong the link saw during an exchange (the driver turns it into a Fault)."""
@@ -54,11 +62,19 @@ class Exchange:
     None when none came, and what went wrong on the way."""
 
     replies: list[wire.Frame | None]
-    #: what the link resynchronised past (corrupt, stale or garbage bytes)
+    #: what the link resynchronised past (corrupt, stale or garbage bytes): nothing awaited
     observations: list[Observation]
-    #: what ended the attempt early (a timeout, a short frame, a corrupt awaited reply);
-    #: the replies still missing are None
+    #: the first failure in request order (a timeout, a short frame, a corrupt or lost
+    #: awaited reply), None if every sent request was answered
     failure: Observation | None = None
+    #: why each sent request without a reply has none (requests that met the same event
+    #: share one Observation)
+    missing: dict[int, Observation] = field(default_factory=dict)
+    #: requests never sent: the exchange stopped after a window the line left silent
+    unsent: frozenset[int] = frozenset()
+    #: a window ended on the line's silence (a timeout or a short frame): the board may hold
+    #: a partial frame, so a re-send should wait the gap timeout first
+    silent: bool = False
 
 
 @dataclass
@@ -75,6 +91,81 @@ class LinkStats:
                 "frames_in": self.frames_in, "bytes_in": self.bytes_in}
 
 
+class LinkQuality:
+    """What the link measured: the per-byte error rate and the reply latency.
+
+    **Byte error rate**: every window of an exchange adds the bytes it moved (both ways) and
+    the frame errors it met (a reply failing its CRC, a mismatched or lost reply, a reply
+    that stopped short, a BAD_CRC refusal: each is at least one bad byte, and for small rates
+    about one); the estimate is errors / (bytes + ``prior_bytes``), both sums decayed with a
+    half-life of ``half_life`` bytes, so it starts at 0 (the prior: a clean link) and follows
+    a link whose quality changes. Timeouts are not counted: a silent board is not a noisy
+    line.
+
+    **Reply timeout** (RFC 6298): each reply that came yields a latency sample, the time since
+    the later of its window's write and the previous reply (the driver's deadline moves with
+    each reply, so that is what the timeout bounds; in the emulator a reply queued behind RUN
+    leaves after the integration, and its sample includes it); SRTT and RTTVAR are smoothed
+    with gains 1/8 and 1/4 and RTO = SRTT + 4 RTTVAR. Every deadline that passes doubles it
+    (the back-off), a reply that comes resets the doubling: :meth:`reply_timeout` is
+    min(maximum, max(:data:`TIMEOUT_FLOOR`, RTO) x 2^timeouts), the maximum before the first
+    sample.
+    """
+
+    def __init__(self, prior_bytes: float = 1000.0, half_life: float = 50_000.0) -> None:
+        self.prior_bytes = prior_bytes
+        self.half_life = half_life
+        self._bytes = 0.0
+        self._errors = 0.0
+        self.srtt: float | None = None
+        self.rttvar = 0.0
+        self.backoff = 0
+        #: cumulative counts: frame errors (as above) and reply deadlines that passed
+        self.corrupt = 0
+        self.timeouts = 0
+
+    @property
+    def error_rate(self) -> float:
+        """The current estimate of the probability that a byte is corrupt or lost."""
+        return self._errors / (self._bytes + self.prior_bytes)
+
+    def note_traffic(self, nbytes: int, errors: int) -> None:
+        """``nbytes`` moved on the line, ``errors`` frame errors among them."""
+        if nbytes <= 0 and errors <= 0:
+            return
+        decay = 0.5 ** (max(nbytes, 0) / self.half_life)
+        self._bytes = self._bytes * decay + max(nbytes, 0)
+        self._errors = self._errors * decay + errors
+        self.corrupt += errors
+
+    def note_latency(self, seconds: float) -> None:
+        """A reply latency sample (s)."""
+        seconds = max(seconds, 0.0)
+        if self.srtt is None:
+            self.srtt, self.rttvar = seconds, seconds / 2.0
+        else:
+            self.rttvar = 0.75 * self.rttvar + 0.25 * abs(self.srtt - seconds)
+            self.srtt = 0.875 * self.srtt + 0.125 * seconds
+        self.backoff = 0
+
+    def note_timeout(self) -> None:
+        """A reply deadline passed: count it and double the next timeout."""
+        self.timeouts += 1
+        self.backoff = min(self.backoff + 1, 16)
+
+    def reply_timeout(self, maximum: float) -> float:
+        """How long to wait for a missing reply: min(maximum, max(floor, RTO) x 2^backoff)."""
+        if self.srtt is None:
+            return maximum
+        rto = max(TIMEOUT_FLOOR, self.srtt + 4.0 * self.rttvar) * 2.0 ** self.backoff
+        return min(maximum, rto)
+
+
+#: a probe: STATUS that answers at once (served in every state, changes nothing)
+_PROBE = wire.COMMANDS[wire.Command.STATUS].request.pack(wait_ms=0)
+_PROBE_REPLY = wire.OVERHEAD + wire.COMMANDS[wire.Command.STATUS].reply.size()
+
+
 def reply_allowance(command: int, payload: bytes) -> int:
     """An upper bound of the reply's size in bytes (to size the timeout by the line rate)."""
     if command == wire.Command.READ_CODES:
@@ -87,6 +178,20 @@ def reply_allowance(command: int, payload: bytes) -> int:
     return wire.OVERHEAD + 202  # an ERROR frame with its longest message
 
 
+def reply_size(command: int, payload: bytes) -> int:
+    """The size in bytes of a successful reply to a request (for the cost of a frame pair)."""
+    if command == wire.Command.READ_CODES:
+        return wire.OVERHEAD + 2 + 2 * int.from_bytes(payload[6:8], "little")
+    if command == wire.Command.READ_PHASES:
+        count = int.from_bytes(payload[4:6], "little")
+        return wire.OVERHEAD + 3 + 2 * count + -(-count // 8)
+    if command == wire.Command.IDENTIFY:
+        return wire.OVERHEAD + 85 + 2 * 32
+    if command == wire.Command.STATUS:
+        return wire.OVERHEAD + wire.COMMANDS[wire.Command.STATUS].reply.size()
+    return wire.OVERHEAD
+
+
 class SerialLink:
     """Frames to and from one board over one pyserial transport."""
 
@@ -96,6 +201,12 @@ class SerialLink:
         self.port: Any = None
         self.decoder = wire.FrameDecoder()
         self.stats = LinkStats()
+        self.quality = LinkQuality()
+        #: STATUS probes a window sends when its deadline passes before giving up (each
+        #: waits the next, doubled reply timeout, at most ``probe_timeout``)
+        self.probes = 1
+        self.probe_timeout = 0.2
+        self.probes_sent = 0
         self._seq = 0
         self._fd: int | None = None
         self._poll: Any = None
@@ -190,17 +301,25 @@ class SerialLink:
         :data:`~labep.drivers.oim_wire.RX_WINDOW` bytes, and collect one reply per request.
 
         A window waits for its replies ``timeout`` (plus line time, plus ``wait`` while a
-        STATUS long-poll may hold the board) after each reply that came. Replies whose
-        sequence number
-        is not awaited are stale and discarded. The attempt ends (later windows unsent) at the
-        first window with a reply missing: at its deadline, or at once when an awaited reply
-        fails its CRC check, stops short, or is skipped by the board's later replies."""
+        STATUS long-poll may hold the board) after each reply that came; when that passes
+        with the line silent it sends up to :attr:`probes` STATUS probes (wait 0), each
+        waited for the next, doubled timeout: replies that were only late (a board busy or
+        held up) still count, and a probe answered before them shows they were lost (no
+        re-send piles up behind a board that is only slow). Replies whose
+        sequence number is not awaited are stale and discarded. A window keeps collecting
+        after a failed reply, so every reply that comes back fine is kept: a reply that fails
+        its CRC check, that stops short (the gap timeout) or that a later reply skipped (a
+        board answers in order: it was lost) is given up at once, without waiting for the
+        deadline. The next window is sent unless this one ended at its deadline (the line is
+        silent: the later windows are left unsent)."""
         frames = []
         for command, payload in requests:
             frames.append((command, wire.encode(command, self.next_seq(), payload),
                            reply_allowance(command, payload)))
         replies: list[wire.Frame | None] = [None] * len(frames)
+        missing: dict[int, Observation] = {}
         seen: list[Observation] = []
+        silent = False
         index = 0
         while index < len(frames):
             size, stop = 0, index
@@ -208,16 +327,20 @@ class SerialLink:
                                           size + len(frames[stop][1]) <= wire.RX_WINDOW):
                 size += len(frames[stop][1])
                 stop += 1
-            missing = self._window(frames, index, stop, replies, seen, timeout, wait)
-            if missing is not None:
-                return Exchange(replies, seen, missing)
+            timed_out, short = self._window(frames, index, stop, replies, missing, seen,
+                                            timeout, wait)
+            silent = silent or timed_out or short
             index = stop
-        return Exchange(replies, seen)
+            if timed_out:
+                break
+        failure = missing[min(missing)] if missing else None
+        return Exchange(replies, seen, failure, missing, frozenset(range(index, len(frames))),
+                        silent)
 
     def _anomaly(self, item: wire.Frame | wire.BadFrame, frames: list[tuple[int, bytes, int]],
-                 first: int, awaited: dict[int, int], at: int | None) -> Observation:
+                 first: int, unresolved: set[int], at: int | None) -> Observation:
         """What is wrong with a received frame that is not an awaited reply."""
-        waiting = frames[min(awaited.values())][0] if awaited else frames[first][0]
+        waiting = frames[min(unresolved)][0] if unresolved else frames[first][0]
         name = wire.command_name(waiting)
         if isinstance(item, wire.BadFrame):
             return Observation("crc", name, "a reply failed its CRC check",
@@ -231,20 +354,27 @@ class SerialLink:
                            {"seq": item.seq})
 
     def _window(self, frames: list[tuple[int, bytes, int]], first: int, stop: int,
-                replies: list[wire.Frame | None], seen: list[Observation], timeout: float,
-                wait: float) -> Observation | None:
-        """Send frames[first:stop] in one write and collect their replies; what ended the
-        attempt if some did not come.
+                replies: list[wire.Frame | None], missing: dict[int, Observation],
+                seen: list[Observation], timeout: float, wait: float) -> tuple[bool, bool]:
+        """Send frames[first:stop] in one write and collect their replies into ``replies``;
+        a request given up goes into ``missing`` with its reason. Returns (timed out, a reply
+        stopped short).
 
         The deadline moves with progress: ``timeout`` plus the line time of the bytes still
         to come (plus ``wait`` while the next reply due is a STATUS) after the last reply.
-        Since a board answers in order, a reply missing when the window's last reply came
-        was lost (``lost_reply``), and a partial reply the line left silent for the gap
-        timeout lost bytes (``short_frame``): neither waits for the deadline."""
+        Since a board answers in order, a reply still missing when a later one came was lost
+        (``lost_reply``), and a partial reply the line left silent for the gap timeout lost
+        bytes (``short_frame``): neither waits for the deadline. Every reply yields a latency
+        sample and every window its bytes and frame errors (:class:`LinkQuality`)."""
         awaited = {frames[i][1][5]: i for i in range(first, stop)}
+        unresolved = set(range(first, stop))
         data = b"".join(frame for _, frame, _ in frames[first:stop])
         per_byte = 20.0 / self.baudrate  # 10 bits a byte, twice as a margin
         to_come = sum(allow for _, _, allow in frames[first:stop])
+        quality = self.quality
+        bytes_in = self.stats.bytes_in
+        errors = 0
+        short = False
         now = time.perf_counter()
         deadline = now + timeout + (len(data) + to_come) * per_byte + (
             wait if frames[first][0] == wire.Command.STATUS else 0.0)
@@ -252,11 +382,32 @@ class SerialLink:
         self.stats.frames_out += stop - first
         self.stats.bytes_out += len(data)
         decoder = self.decoder
-        last_byte = now
-        while awaited:
+        last_byte = mark = now
+        probes = self.probes
+        probe_seq = -1
+        late = False
+        while unresolved:
             now = time.perf_counter()
             if now >= deadline:
-                break
+                if not probes or decoder.pending:
+                    break
+                # the line is silent: a STATUS probe tells a lost reply from a late one
+                name = wire.command_name(frames[min(unresolved)][0])
+                seen.append(Observation("timeout", name, f"no reply to {name} within "
+                                        f"{timeout:.3g} s of the last; sent a STATUS probe",
+                                        {"missing": len(unresolved), "probe": True}))
+                probes -= 1
+                probe_seq = self.next_seq()
+                probe = wire.encode(wire.Command.STATUS, probe_seq, _PROBE)
+                self._write(probe)
+                self.stats.frames_out += 1
+                self.stats.bytes_out += len(probe)
+                self.probes_sent += 1
+                quality.note_timeout()
+                timeout = quality.reply_timeout(self.probe_timeout)
+                deadline = now + timeout + (len(probe) + _PROBE_REPLY) * per_byte
+                late = True  # what comes now is no latency sample (Karn)
+                continue
             patience = deadline - now
             if decoder.pending:
                 patience = min(patience, max(last_byte + wire.GAP_TIMEOUT - now, 0.0))
@@ -269,47 +420,92 @@ class SerialLink:
                 items = decoder.feed(chunk)
             elif decoder.pending and now - last_byte >= wire.GAP_TIMEOUT:
                 header = decoder.pending_header
-                if header is not None and header[1] in awaited:
-                    name = wire.command_name(frames[awaited[header[1]]][0])
-                    return Observation("short_frame", name, f"the reply to {name} stopped "
-                                       f"after {decoder.pending} byte(s)",
-                                       {"seq": header[1], "pending_bytes": decoder.pending})
+                seq = -1 if header is None else header[1]
+                at = awaited.get(seq)
+                if at is not None and at in unresolved:
+                    name = wire.command_name(frames[at][0])
+                    missing[at] = Observation(
+                        "short_frame", name, f"the reply to {name} stopped after "
+                        f"{decoder.pending} byte(s)",
+                        {"seq": seq, "pending_bytes": decoder.pending})
+                    unresolved.discard(at)
+                    short = True
+                    errors += 1
                 items = decoder.expire()
             else:
                 continue
             for item in items:
+                if (item.seq == probe_seq and isinstance(item, wire.Frame)
+                        and item.command == wire.Command.STATUS | wire.REPLY_BIT):
+                    self.stats.frames_in += 1
+                    probe_seq = -1
+                    if unresolved:  # answered after them, in order: they were lost
+                        name = wire.command_name(frames[min(unresolved)][0])
+                        observation = Observation(
+                            "lost_reply", name, f"no reply to {name} although a later "
+                            "STATUS probe was answered", {"missing": len(unresolved)})
+                        for i in unresolved:
+                            missing[i] = observation
+                        errors += len(unresolved)
+                        unresolved.clear()
+                    continue
                 at = awaited.get(item.seq)
                 if (at is not None and isinstance(item, wire.Frame)
                         and item.command in (frames[at][0] | wire.REPLY_BIT, wire.ERROR)):
                     self.stats.frames_in += 1
+                    if (item.command == wire.ERROR and item.payload[:1]
+                            == bytes([wire.ErrorCode.BAD_CRC])):
+                        errors += 1  # our request arrived corrupt
                     replies[at] = item
-                    del awaited[item.seq]
-                    if not awaited:
-                        break
-                    if at == stop - 1:  # the last reply came: the ones still missing are lost
-                        name = wire.command_name(frames[min(awaited.values())][0])
-                        return Observation("lost_reply", name, f"no reply to {name} although "
-                                           "the replies after it came", {"missing": len(awaited)})
-                    to_come -= frames[at][2]
-                    nearest = min(awaited.values())
-                    deadline = now + timeout + to_come * per_byte + (
-                        wait if frames[nearest][0] == wire.Command.STATUS else 0.0)
+                    missing.pop(at, None)
+                    if at in unresolved:
+                        unresolved.discard(at)
+                        if not late and not (wait and frames[at][0] == wire.Command.STATUS):
+                            quality.note_latency(now - mark)
+                        mark = now
+                        to_come -= frames[at][2]
+                    lost = sorted(i for i in unresolved if i < at)
+                    if lost:  # the board answers in order: these replies were lost
+                        name = wire.command_name(frames[lost[0]][0])
+                        observation = Observation(
+                            "lost_reply", name, f"no reply to {name} although the replies "
+                            "after it came", {"missing": len(lost)})
+                        for i in lost:
+                            missing[i] = observation
+                            unresolved.discard(i)
+                            to_come -= frames[i][2]
+                        errors += len(lost)
+                    if unresolved:
+                        nearest = min(unresolved)
+                        deadline = now + timeout + to_come * per_byte + (
+                            wait if frames[nearest][0] == wire.Command.STATUS else 0.0)
                     continue
-                anomaly = self._anomaly(item, frames, first, awaited, at)
-                if at is not None and isinstance(item, wire.BadFrame):
-                    return anomaly  # the awaited reply came corrupt: no use waiting on
+                errors += not (isinstance(item, wire.Frame) and at is None)  # stale: no error
+                anomaly = self._anomaly(item, frames, first, unresolved, at)
+                if at is not None and at in unresolved and isinstance(item, wire.BadFrame):
+                    missing[at] = anomaly  # the awaited reply came corrupt: no use waiting
+                    unresolved.discard(at)
+                    to_come -= frames[at][2]
+                    continue
                 seen.append(anomaly)
-            if decoder.skipped != skipped:
+            if decoder.skipped != skipped and not any(isinstance(item, wire.BadFrame)
+                                                      for item in items):
+                # (the bytes of a frame that failed its CRC are skipped too: reported above)
                 seen.append(Observation(
                     "garbled", wire.command_name(frames[first][0]),
                     f"skipped {decoder.skipped - skipped} garbage byte(s) to resynchronise",
                     {"bytes": decoder.skipped - skipped}))
-        if not awaited:
-            return None
-        missing = [wire.command_name(frames[i][0]) for i in sorted(awaited.values())]
-        kind = "short_frame" if decoder.pending else "timeout"
-        message = (f"no reply to {', '.join(missing)} within {timeout:.3g} s of the last"
-                   + (f" ({decoder.pending} byte(s) of an incomplete frame)"
-                      if decoder.pending else ""))
-        return Observation(kind, missing[0], message,
-                           {"missing": len(awaited), "pending_bytes": decoder.pending})
+        timed_out = bool(unresolved)
+        if timed_out:
+            names = [wire.command_name(frames[i][0]) for i in sorted(unresolved)]
+            kind = "short_frame" if decoder.pending else "timeout"
+            message = (f"no reply to {', '.join(names)} within {timeout:.3g} s of the last"
+                       + (f" ({decoder.pending} byte(s) of an incomplete frame)"
+                          if decoder.pending else ""))
+            observation = Observation(kind, names[0], message, {
+                "missing": len(unresolved), "pending_bytes": decoder.pending})
+            for i in unresolved:
+                missing[i] = observation
+            quality.note_timeout()
+        quality.note_traffic(len(data) + self.stats.bytes_in - bytes_in, errors)
+        return timed_out, short

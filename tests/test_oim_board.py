@@ -378,11 +378,14 @@ def test_short_reads_garbage_and_stale_replies_are_survived_and_logged() -> None
 
 
 def test_a_corrupt_reply_is_retried_at_once_with_new_sequence_numbers() -> None:
+    """Only the corrupt READ_PHASES is sent again (a new sequence number, no pause): after an
+    acknowledged RUN and a settled STATUS it is an idempotent read of the same result."""
     x = XOR[:1]
     corrupt = bytearray(sample_replies(4, [9] * 6))
     corrupt[-5] ^= 0xFF  # inside the READ_PHASES reply
+    phases = struct.pack("<BH6H", 0, 6, *[9] * 6) + b"\x00"
     steps = [(sample_frames(4, x[0]), bytes(corrupt)),
-             (sample_frames(10, x[0]), sample_replies(10, [9] * 6))]
+             (frame(0x25, 10, struct.pack("<IH", 0, 6)), ok(0x25, 10, phases))]
     board, far = scripted("crc", steps)
     board.open()
     started = time.perf_counter()
@@ -418,12 +421,16 @@ def test_timeouts_exhaust_the_retries_then_raise_after_the_safe_state() -> None:
     assert (fault.kind, fault.command, fault.recovered) == ("timeout", "CLAMP", False)
     assert "after 3 attempt(s)" in fault.message
     logged = board.drain_faults()
-    assert [f.kind for f in logged] == ["timeout", "timeout", "safe_state"]
-    assert [f.recovered for f in logged] == [True, True, False]
+    # per attempt its STATUS probe's timeout, then the attempt's (the last one is raised)
+    assert [f.kind for f in logged] == ["timeout"] * 5 + ["safe_state"]
+    assert [f.recovered for f in logged] == [True] * 5 + [False]
+    assert [f.detail.get("probe", False) for f in logged[:5]] == [True, False] * 2 + [True]
     sent = [wire.FrameDecoder().feed(chunk) for chunk in far.written[3:]]
-    assert [len(frames) for frames in sent] == [6, 6, 6, 1]  # three attempts, then RESET
-    assert sent[-1][0].command == wire.Command.RESET
-    assert len({f.seq for frames in sent for f in frames}) == 19  # every frame a new number
+    # three attempts, then RESET, each followed by one STATUS probe at its deadline
+    assert [len(frames) for frames in sent] == [6, 1, 6, 1, 6, 1, 1, 1]
+    assert [sent[i][0].command for i in (1, 3, 5, 7)] == [wire.Command.STATUS] * 4
+    assert sent[-2][0].command == wire.Command.RESET
+    assert len({f.seq for frames in sent for f in frames}) == 23  # every frame a new number
 
 
 def test_a_refusal_is_final_and_leaves_the_board_safe() -> None:
