@@ -167,15 +167,11 @@ _PROBE_REPLY = wire.OVERHEAD + wire.COMMANDS[wire.Command.STATUS].reply.size()
 
 
 def reply_allowance(command: int, payload: bytes) -> int:
-    """An upper bound of the reply's size in bytes (to size the timeout by the line rate)."""
-    if command == wire.Command.READ_CODES:
-        return wire.OVERHEAD + 2 + 2 * int.from_bytes(payload[6:8], "little")
-    if command == wire.Command.READ_PHASES:
-        count = int.from_bytes(payload[4:6], "little")
-        return wire.OVERHEAD + 3 + 2 * count + -(-count // 8)
-    if command == wire.Command.IDENTIFY:
-        return wire.OVERHEAD + 85 + 2 * 32
-    return wire.OVERHEAD + 202  # an ERROR frame with its longest message
+    """An upper bound of the reply's size in bytes (to size the timeout by the line rate):
+    a read's reply, else an ERROR frame with its longest message."""
+    if command in (wire.Command.READ_CODES, wire.Command.READ_PHASES, wire.Command.IDENTIFY):
+        return reply_size(command, payload)
+    return wire.OVERHEAD + 202
 
 
 def reply_size(command: int, payload: bytes) -> int:

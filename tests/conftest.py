@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -106,3 +107,39 @@ def crash_and_resume(doc: dict[str, Any], path: Path, monkeypatch: pytest.Monkey
     monkeypatch.setattr(RunStore, "commit_step", commit)
     (run,) = store.runs()
     return store, run, Trainer.resume(store, run["id"], progress=False)
+
+
+@pytest.fixture
+def emulator_factory() -> Iterator[Callable[..., Any]]:
+    """In-process OIM board emulators (a thread each), closed after the test:
+    ``start(sizes=(2, 4, 2), faults="", seed=3, **BoardEmulator options)``."""
+    from labep.simulators.oim_board_emulator import BoardConfig, BoardEmulator, FaultSpec
+
+    started: list[BoardEmulator] = []
+
+    def start(sizes: tuple[int, ...] = (2, 4, 2), faults: str = "", seed: int = 3,
+              **options: Any) -> BoardEmulator:
+        emulator = BoardEmulator(BoardConfig(sizes=sizes, seed=seed),
+                                 faults=FaultSpec.parse(faults), **options)
+        emulator.start()
+        started.append(emulator)
+        return emulator
+
+    yield start
+    for emulator in started:
+        emulator.close()
+
+
+def refused(tmp_path: Path, doc: dict[str, Any], *overrides: str) -> str:
+    """``labep run`` refuses the protocol: exit 2, no store created, no traceback; returns
+    stderr."""
+    path = write_protocol(tmp_path / "p.yaml", doc)
+    store = tmp_path / "never.db"
+    args = ["run", str(path), "--store", str(store), "--no-progress"]
+    for item in overrides:
+        args += ["--set", item]
+    result = cli(*args)
+    assert result.exit_code == 2, result.output
+    assert not store.exists(), "a refused protocol must create nothing"
+    assert "Traceback" not in result.stderr
+    return result.stderr

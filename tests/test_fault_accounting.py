@@ -11,7 +11,6 @@ from labep.protocol import load_protocol
 from labep.store import RunStore
 
 from .conftest import PROTOCOLS, cli
-from .test_oim_board import emulator_factory  # noqa: F401 - the fixture
 
 OVERRIDES = ["training.epochs=3", "dataset.repeats=6", "evaluation.every_epochs=1",
              "bench.options.timeout=0.1"]
@@ -38,7 +37,7 @@ def independent_counts(events: list[dict]) -> dict[str, int]:
 
 
 def test_unsettled_and_nan_samples_add_up_under_injected_faults(
-        tmp_path: Path, emulator_factory) -> None:  # noqa: F811
+        tmp_path: Path, emulator_factory) -> None:
     emulator = emulator_factory((2, 8, 2), faults="never_settle=0.06,nan=0.06",
                                 transport="tcp")
     protocol = load_protocol(PROTOCOLS / "oim_board_xor.yaml",
@@ -77,7 +76,7 @@ def test_unsettled_and_nan_samples_add_up_under_injected_faults(
 
 
 def test_show_prints_the_runs_link_quality_summary(tmp_path: Path,
-                                                  emulator_factory) -> None:  # noqa: F811
+                                                  emulator_factory) -> None:
     """A board run behind a garbling link that drops twice: ``labep show`` has the link's
     frames, retries, bytes re-sent and reconnects, and they agree with what the emulator saw."""
     emulator = emulator_factory((2, 8, 2), faults="garble=0.002,close_every=400",

@@ -7,7 +7,7 @@ import math
 import struct
 import time
 import types
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -19,7 +19,7 @@ from labep.drivers import oim_wire as wire
 from labep.drivers.oim_board import OIMBoard, OIMBoardOptions, best_payload
 from labep.drivers.oim_link import TIMEOUT_FLOOR, LinkQuality
 from labep.models.oim import LayeredOIM
-from labep.simulators.oim_board_emulator import BoardConfig, BoardEmulator, FaultSpec
+from labep.simulators.oim_board_emulator import BoardEmulator
 
 from .test_oim_board import SETTLE, XOR, frame, ok, sample_frames, sample_replies, scripted
 
@@ -28,21 +28,15 @@ KEYS = {"frames", "frames_in", "bytes_out", "bytes_in", "retries", "bytes_resent
 
 
 @pytest.fixture
-def emulator_factory() -> Iterator[Callable[..., BoardEmulator]]:
-    """In-process emulators (a thread each, TCP), closed after the test."""
-    started: list[BoardEmulator] = []
+def emulator_factory(emulator_factory: Callable[..., BoardEmulator]
+                     ) -> Callable[..., BoardEmulator]:
+    """conftest's emulators, 2-8-2 over TCP by default."""
 
     def start(sizes: tuple[int, ...] = (2, 8, 2), faults: str = "", seed: int = 3
               ) -> BoardEmulator:
-        emulator = BoardEmulator(BoardConfig(sizes=sizes, seed=seed),
-                                 faults=FaultSpec.parse(faults), transport="tcp")
-        emulator.start()
-        started.append(emulator)
-        return emulator
+        return emulator_factory(sizes, faults, seed, transport="tcp")
 
-    yield start
-    for emulator in started:
-        emulator.close()
+    return start
 
 
 def codes_for(board: OIMBoard, seed: int = 0) -> dict[str, np.ndarray]:

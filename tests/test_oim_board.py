@@ -11,7 +11,6 @@ import subprocess
 import sys
 import time
 import types
-from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +35,7 @@ from labep.models.oim import LayeredOIM
 from labep.protocol import load_protocol
 from labep.simulators.device import DeviceOptions
 from labep.simulators.oim import OIMSimulator, OIMSimulatorOptions
-from labep.simulators.oim_board_emulator import BoardConfig, BoardEmulator, FaultSpec
+from labep.simulators.oim_board_emulator import FaultSpec
 from labep.store import RunStore
 
 from .conftest import PROTOCOLS
@@ -465,23 +464,6 @@ def simulator(sizes: tuple[int, ...], shil: float, codes: dict[str, np.ndarray]
         device=DeviceOptions(bits=8, readout_bits=16)))
     sim.write(codes)
     return sim
-
-
-@pytest.fixture
-def emulator_factory() -> Iterator[Callable[..., BoardEmulator]]:
-    started: list[BoardEmulator] = []
-
-    def start(sizes: tuple[int, ...] = (2, 4, 2), faults: str = "", **options: Any
-              ) -> BoardEmulator:
-        emulator = BoardEmulator(BoardConfig(sizes=sizes, seed=3), faults=FaultSpec.parse(faults),
-                                 **options)
-        emulator.start()
-        started.append(emulator)
-        return emulator
-
-    yield start
-    for emulator in started:
-        emulator.close()
 
 
 def run_epoch(board: OIMBoard | OIMSimulator, model: LayeredOIM) -> list[np.ndarray]:

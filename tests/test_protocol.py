@@ -8,7 +8,7 @@ import pytest
 
 from labep.protocol import ProtocolError, load_protocol
 
-from .conftest import PROTOCOLS, cli, protocol_doc, tiny_xor, write_protocol
+from .conftest import PROTOCOLS, cli, protocol_doc, refused, tiny_xor, write_protocol
 
 
 @pytest.mark.parametrize("name", sorted(p.name for p in PROTOCOLS.glob("*.yaml")))
@@ -17,19 +17,6 @@ def test_shipped_protocols_parse(name: str) -> None:
     if doc["dataset"]["name"] == "idx" and not Path(doc["dataset"]["path"]).is_dir():
         pytest.skip("shared MNIST not beside this clone")
     load_protocol(PROTOCOLS / name)
-
-
-def refused(tmp_path: Path, doc: dict, *overrides: str) -> str:
-    """Run ``labep run`` on a bad protocol: exit 2, no store created; return stderr."""
-    path = write_protocol(tmp_path / "p.yaml", doc)
-    store = tmp_path / "never.db"
-    args = ["run", str(path), "--store", str(store), "--no-progress"]
-    for item in overrides:
-        args += ["--set", item]
-    result = cli(*args)
-    assert result.exit_code == 2, result.output
-    assert not store.exists(), "a refused protocol must create nothing"
-    return result.stderr
 
 
 def test_wrong_type_names_field_and_line(tmp_path: Path) -> None:

@@ -10,7 +10,6 @@ import struct
 import zlib
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import pytest
 from pydantic import ValidationError
@@ -21,7 +20,15 @@ from labep.simulators.polariton import PolaritonSimulatorOptions
 from labep.store import SCHEMA_VERSION, RunStore, StoreError
 from labep.strict import STRICT_CONFIG
 
-from .conftest import PROTOCOLS, cli, cli_json, protocol_doc, tiny_xor, write_protocol
+from .conftest import (
+    PROTOCOLS,
+    cli,
+    cli_json,
+    protocol_doc,
+    refused,
+    tiny_xor,
+    write_protocol,
+)
 
 # --------------------------------------------------------------------------------------------
 # Job 1: strict types
@@ -41,20 +48,6 @@ def test_shipped_protocols_validate_strictly(name: str) -> None:
     assert load_protocol(dumped).protocol == loaded.protocol
     options = registry.BENCHES[loaded.protocol.bench.name].load().options_model
     options.model_validate(json.loads(json.dumps(loaded.protocol.bench.options)))
-
-
-def refused(tmp_path: Path, doc: dict[str, Any], *overrides: str) -> str:
-    """``labep run`` refuses the protocol: exit 2, no store created; returns stderr."""
-    path = write_protocol(tmp_path / "p.yaml", doc)
-    store = tmp_path / "never.db"
-    args = ["run", str(path), "--store", str(store), "--no-progress"]
-    for item in overrides:
-        args += ["--set", item]
-    result = cli(*args)
-    assert result.exit_code == 2, result.output
-    assert not store.exists(), "a refused protocol must create nothing"
-    assert "Traceback" not in result.stderr
-    return result.stderr
 
 
 @pytest.mark.parametrize("field", [
@@ -349,14 +342,20 @@ def _one_clear_line(stderr: str, store: Path, expected: str) -> None:
 LOCAL_DAMAGE = ("runs_pages_corrupted", "metrics_pages_corrupted")
 
 
-@pytest.mark.parametrize("kind", sorted(DAMAGE))
-def test_read_commands_refuse_a_bad_store_in_one_line(tmp_path: Path, kind: str) -> None:
+def damaged(tmp_path: Path, kind: str) -> tuple[Path, Path, dict[str, bytes], str]:
+    """A store damaged as ``kind`` says, alone in its folder: (store, folder, the folder's
+    snapshot, the message expected)."""
     make, expected = DAMAGE[kind]
     folder = tmp_path / "stores"
     folder.mkdir()
     store = folder / "runs.db"
     make(store)
-    before = _snapshot(folder)
+    return store, folder, _snapshot(folder), expected
+
+
+@pytest.mark.parametrize("kind", sorted(DAMAGE))
+def test_read_commands_refuse_a_bad_store_in_one_line(tmp_path: Path, kind: str) -> None:
+    store, folder, before, expected = damaged(tmp_path, kind)
     for command in READS:
         args = [*command, "--store", str(store)]
         if command[0] == "report":
@@ -375,12 +374,7 @@ def test_read_commands_refuse_a_bad_store_in_one_line(tmp_path: Path, kind: str)
 
 @pytest.mark.parametrize("kind", sorted(DAMAGE))
 def test_run_refuses_a_bad_store_before_it_starts(tmp_path: Path, kind: str) -> None:
-    make, expected = DAMAGE[kind]
-    folder = tmp_path / "stores"
-    folder.mkdir()
-    store = folder / "runs.db"
-    make(store)
-    before = _snapshot(folder)
+    store, folder, before, expected = damaged(tmp_path, kind)
     protocol = write_protocol(tmp_path / "xor.yaml", tiny_xor())
     result = cli("run", str(protocol), "--store", str(store), "--no-progress")
     assert result.exit_code == 2, result.output
