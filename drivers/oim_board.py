@@ -83,7 +83,7 @@ class OIMBoardOptions(BaseModel):
         0.2, gt=0.0, le=60.0,
         description="Longest reply timeout of a request (s), on top of its bytes' time on the "
         "line and a STATUS request's wait. The timeout in use adapts to the measured reply "
-        "latency (smoothed RTT + 4 deviations, at least 60 ms, doubled per timeout in a row) "
+        "latency (smoothed RTT + 4 deviations, at least 20 ms, doubled per timeout in a row) "
         "and never exceeds this. The board answers within 10 ms of a request's end.")
     retries: int = Field(
         3, ge=0, le=20,

@@ -41,9 +41,10 @@ class LinkLost(Exception):  # noqa: N818 - a condition the driver recovers from,
     """The transport closed or failed (device gone, pty closed, socket disconnected)."""
 
 
-#: a reply timeout never goes below this (s): a few gap timeouts, so that the scheduling
-#: jitter of a busy host (or of an emulator sharing its cores) is not taken for a lost reply
-TIMEOUT_FLOOR = 3 * wire.GAP_TIMEOUT
+#: a reply timeout never goes below this (s): the gap timeout, twice the 10 ms within which a
+#: board answers (section 9). A deadline that passes early costs only a STATUS probe (late
+#: replies still count), while every reply lost whole on a noisy line costs a deadline
+TIMEOUT_FLOOR = wire.GAP_TIMEOUT
 
 
 @dataclass(frozen=True)
