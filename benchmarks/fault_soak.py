@@ -51,9 +51,9 @@ from typing import Any
 import numpy as np
 from machine import load_average, log
 
-from labep.engine import Trainer
-from labep.protocol import load_protocol
-from labep.store import RunStore
+from labep.run.engine import Trainer
+from labep.run.validate import load_protocol
+from labep.store.runs import RunStore
 
 REPO = Path(__file__).resolve().parents[1]
 BOARD = REPO / "protocols" / "oim_board_xor.yaml"

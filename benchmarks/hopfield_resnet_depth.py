@@ -31,9 +31,10 @@ from typing import Any
 
 import numpy as np
 
-from labep.engine import Trainer
-from labep.protocol import ProtocolError, load_protocol
-from labep.store import RunStore
+from labep.protocol.text import ProtocolError
+from labep.run.engine import Trainer
+from labep.run.validate import load_protocol
+from labep.store.runs import RunStore
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_PROTOCOL = REPO / "protocols" / "hopfield_resnet_mnist.yaml"
@@ -78,9 +79,9 @@ def train(protocol: Path, overrides: list[str], folder: Path, label: str) -> dic
 
 
 def _skips(loaded: Any) -> tuple[tuple[int, int], ...]:
-    from labep.engine import build_model
+    from labep.run.assembly import build_model
 
-    return getattr(build_model(loaded.protocol), "skips", ())
+    return getattr(build_model(loaded.protocol.model), "skips", ())
 
 
 def plot(results: dict[str, dict[str, Any]], path: Path, title: str) -> None:

@@ -86,17 +86,15 @@ from machine import (  # noqa: E402
 )
 
 from labep import __version__ as labep_version  # noqa: E402
-from labep.datasets import Split  # noqa: E402
-from labep.engine import Trainer, build_model, learning_rates, load_dataset, stream  # noqa: E402
+from labep.data.builtin import IdxConfig  # noqa: E402
+from labep.data.loaders import Split  # noqa: E402
 from labep.models import Params  # noqa: E402
-from labep.protocol import (  # noqa: E402
-    IdxConfig,
-    LoadedProtocol,
-    Protocol,
-    ProtocolError,
-    load_protocol,
-)
-from labep.store import RunStore  # noqa: E402
+from labep.protocol.sections import Protocol  # noqa: E402
+from labep.protocol.text import ProtocolError  # noqa: E402
+from labep.run.assembly import build_model, learning_rates, stream  # noqa: E402
+from labep.run.engine import Trainer  # noqa: E402
+from labep.run.validate import LoadedProtocol, load_protocol  # noqa: E402
+from labep.store.runs import RunStore  # noqa: E402
 
 try:
     import torch
@@ -282,7 +280,7 @@ def batch_rows(protocol: Protocol, n_train: int, epoch: int) -> list[np.ndarray]
 def run_torch(protocol: Protocol, data: Split, mode: Mode) -> tuple[MethodResult, Params]:
     """Warm up, then time the training loop of one torch variant; evaluate afterwards."""
     assert torch is not None
-    model = build_model(protocol)
+    model = build_model(protocol.model)
     init = model.init_params(stream(protocol.seed, 0))
     rates = learning_rates(protocol, model)
     n_layers = len(protocol.model.sizes) - 1
@@ -520,7 +518,7 @@ def main(argv: list[str] | None = None) -> int:
     numba.set_num_threads(args.threads)
     if torch is not None:
         torch.set_num_threads(args.threads)
-    data = load_dataset(protocol)
+    data = protocol.dataset.load()
     with blas_threads(args.threads):
         report = run_all(args, loaded, overrides, data, load_before)
     if args.json:

@@ -43,11 +43,11 @@ from pathlib import Path
 import numpy as np
 from machine import load_average, log
 
-from labep.bench import Nudge, Settle
 from labep.drivers.oim_board import OIMBoard, OIMBoardOptions
-from labep.engine import stream
+from labep.hardware.bench import Nudge, Settle
+from labep.hardware.write_path import WritePath
 from labep.models.oim import LayeredOIM
-from labep.write_path import WritePath
+from labep.run.assembly import stream
 
 XOR = np.array([[0, 0], [0, 1], [1, 0], [1, 1]], dtype=float)
 LABELS = np.array([0, 1, 1, 0])

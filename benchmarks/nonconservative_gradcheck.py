@@ -2,7 +2,7 @@
 non-conservative correction, as the asymmetry grows (issue 8; Scurria et al. 2026).
 
 For each asymmetry a (0: reciprocal couplings, a conservative system; 1: feedforward) and
-each seed, ``labep.gradcheck.gradcheck`` draws fresh parameters and one batch of digits,
+each seed, ``labep.run.gradcheck.gradcheck`` draws fresh parameters and one batch of digits,
 settles the free phase to 1e-10 in float64, and compares the symmetric EP estimate at a small
 beta with the exact gradient (implicit differentiation, J^T lambda = dC/ds): once with the
 corrected nudge (J^T - J)(s - s0) and once with the vector-field nudge. Printed per a: the
@@ -21,8 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
-from labep.gradcheck import gradcheck
-from labep.protocol import load_protocol
+from labep.run.gradcheck import gradcheck
+from labep.run.validate import load_protocol
 
 REPO = Path(__file__).resolve().parents[1]
 

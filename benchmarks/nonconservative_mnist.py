@@ -20,9 +20,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from labep.engine import Trainer
-from labep.protocol import load_protocol
-from labep.store import RunStore
+from labep.run.engine import Trainer
+from labep.run.validate import load_protocol
+from labep.store.runs import RunStore
 
 REPO = Path(__file__).resolve().parents[1]
 METHODS = {"corrected": "true", "vector-field": "false"}

@@ -105,11 +105,13 @@ from machine import (  # noqa: E402
 )
 
 from labep import __version__ as labep_version  # noqa: E402
-from labep.bench import Settle  # noqa: E402
-from labep.engine import build_model, load_dataset, stream  # noqa: E402
+from labep.data.builtin import IdxConfig  # noqa: E402
+from labep.hardware.bench import Settle  # noqa: E402
 from labep.models import Params  # noqa: E402
 from labep.models.oim import LayeredOIM  # noqa: E402
-from labep.protocol import IdxConfig, ProtocolError, load_protocol  # noqa: E402
+from labep.protocol.text import ProtocolError  # noqa: E402
+from labep.run.assembly import build_model, stream  # noqa: E402
+from labep.run.validate import load_protocol  # noqa: E402
 from labep.simulators.oim import OIMSimulator, OIMSimulatorOptions  # noqa: E402
 
 try:
@@ -422,7 +424,7 @@ def main(argv: list[str] | None = None) -> int:
     if torch is not None:
         torch.set_num_threads(args.threads)
 
-    data = load_dataset(protocol)
+    data = protocol.dataset.load()
     needed = (args.batches + 1) * args.batch  # the timed batches and a warm-up batch
     if len(data.train_labels) < needed:
         raise SystemExit(f"the dataset has {len(data.train_labels)} training images; "
@@ -430,7 +432,7 @@ def main(argv: list[str] | None = None) -> int:
     images = data.train_inputs.astype(args.dtype)
     batches = [images[i * args.batch:(i + 1) * args.batch] for i in range(args.batches)]
     warmup = images[args.batches * args.batch:needed]
-    model = build_model(protocol)
+    model = build_model(protocol.model)
     assert isinstance(model, LayeredOIM)
     params = model.init_params(stream(protocol.seed, 0))
 

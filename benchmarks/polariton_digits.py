@@ -24,9 +24,10 @@ import numpy as np
 from scipy.optimize import minimize
 from scipy.special import log_softmax, softmax
 
-from labep.engine import Trainer, build_model, load_dataset
-from labep.protocol import load_protocol
-from labep.store import RunStore
+from labep.run.assembly import build_model
+from labep.run.engine import Trainer
+from labep.run.validate import load_protocol
+from labep.store.runs import RunStore
 
 REPO = Path(__file__).resolve().parents[1]
 PROTOCOL = REPO / "protocols" / "polariton_digits.yaml"
@@ -91,8 +92,8 @@ def main() -> None:
         base.append(f"training.epochs={args.epochs}")
 
     protocol = load_protocol(PROTOCOL, base).protocol
-    data = load_dataset(protocol)
-    model = build_model(protocol, data)
+    data = protocol.dataset.load()
+    model = build_model(protocol.model, data)
     model_cfg = protocol.model
     print(f"polariton grid {model_cfg.lattice}, {len(model_cfg.input_sites)} {model_cfg.encoding} "
           f"features, {protocol.training.epochs} epochs, {len(data.train_labels)} training and "

@@ -3,7 +3,7 @@ dissipation goes to 0 (the table of the polariton issue), for each projection of
 
 For each dissipation scale s the protocol's pump P, loss gamma and saturation Gamma are all
 multiplied by s (the conservative part, J, g and the potentials, is unchanged, so the
-conservative limit is the same for every row), and ``labep.gradcheck.gradcheck`` compares the
+conservative limit is the same for every row), and ``labep.run.gradcheck.gradcheck`` compares the
 symmetric EP estimate (states settled to 1e-10 in float64) with the exact gradient (implicit
 differentiation of the stationary state in the rotating frame) at fresh parameters and one
 batch, for several seeds. Printed per gamma: the cosine similarity (mean and worst over seeds)
@@ -27,8 +27,8 @@ from pathlib import Path
 
 import numpy as np
 
-from labep.gradcheck import GradcheckError, gradcheck
-from labep.protocol import load_protocol
+from labep.run.gradcheck import GradcheckError, gradcheck
+from labep.run.validate import load_protocol
 
 REPO = Path(__file__).resolve().parents[1]
 PROJECTIONS = ("intensity", "uniform", "none")

@@ -42,7 +42,7 @@ from typing import Any
 
 import numpy as np
 
-from labep.bench import Nudge, Settle
+from labep.hardware.bench import Nudge, Settle
 from labep.models.polariton import PolaritonLattice
 from labep.simulators.polariton import PolaritonSimulator, PolaritonSimulatorOptions
 

@@ -21,9 +21,9 @@ from pathlib import Path
 
 import numpy as np
 
-from labep.engine import Trainer
-from labep.protocol import load_protocol
-from labep.store import RunStore
+from labep.run.engine import Trainer
+from labep.run.validate import load_protocol
+from labep.store.runs import RunStore
 
 REPO = Path(__file__).resolve().parents[1]
 ROUNDINGS = ("nearest", "stochastic", "error_feedback")

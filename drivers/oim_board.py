@@ -46,7 +46,9 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import BaseModel, Field
 
-from labep.bench import (
+from labep.drivers import oim_wire as wire
+from labep.drivers.oim_link import LinkLost, SerialLink, reply_size
+from labep.hardware.bench import (
     BenchError,
     BenchFaultError,
     BenchIdentity,
@@ -61,10 +63,8 @@ from labep.bench import (
     check_safe_value,
     safe_values,
 )
-from labep.drivers import oim_wire as wire
-from labep.drivers.oim_link import LinkLost, SerialLink, reply_size
 from labep.models.oim import LayeredOIM
-from labep.strict import STRICT_CONFIG
+from labep.protocol.strict import STRICT_CONFIG
 
 Command = wire.Command
 ErrorCode = wire.ErrorCode

@@ -1,5 +1,5 @@
 """The exciton-polariton bench: a light modulator, a camera and a pump laser over VISA,
-composed into one :class:`labep.bench.Bench` running :class:`labep.models.polariton.
+composed into one :class:`labep.hardware.bench.Bench` running :class:`labep.models.polariton.
 PolaritonLattice` (the same spec as :class:`labep.simulators.polariton.PolaritonSimulator`
 with ``device.bits``).
 
@@ -19,7 +19,8 @@ energy unit (J = ``model.hopping`` of them). The pump is P = ``pump_per_mw`` * p
 What a relaxation does, per sample (a hardware bench relaxes one sample at a time):
 
 1. every pattern of the batch, V + U(x) (+ the nudge), is composed in grey levels and validated
-   against the modulator's range before anything is sent (:class:`labep.bench.OutOfRangeError`);
+   against the modulator's range before anything is sent
+   (:class:`labep.hardware.bench.OutOfRangeError`);
 2. laser off (the condensate decays), the free pattern displayed and read back, the interlock
    checked, laser on, frames acquired until two consecutive frames' intensities differ by at
    most ``tolerance`` (relative to their mean intensity) or ``max_steps`` frames;
@@ -33,8 +34,8 @@ displayed; it is switched on only after the pattern was validated, displayed, re
 identical and error-free and the interlock reports closed; a pattern that does not validate is
 never sent. Any error escaping a public method switches the laser off (and confirms it) before
 it propagates; ``close()`` switches it off and displays the rest pattern. Instrument errors
-(the SCPI error queues) and retried timeouts are logged as :class:`labep.bench.Fault` records
-(:meth:`PolaritonBench.drain_faults`).
+(the SCPI error queues) and retried timeouts are logged as :class:`labep.hardware.bench.Fault`
+records (:meth:`PolaritonBench.drain_faults`).
 """
 
 from __future__ import annotations
@@ -48,7 +49,8 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import BaseModel, Field
 
-from labep.bench import (
+from labep.drivers.visa_instruments import Camera, PumpLaser, SpatialLightModulator
+from labep.hardware.bench import (
     BenchError,
     BenchIdentity,
     BenchLifecycle,
@@ -62,9 +64,8 @@ from labep.bench import (
     check_safe_value,
     safe_values,
 )
-from labep.drivers.visa_instruments import Camera, PumpLaser, SpatialLightModulator
 from labep.models.polariton import PolaritonLattice
-from labep.strict import STRICT_CONFIG
+from labep.protocol.strict import STRICT_CONFIG
 
 #: the resource names of the shipped pyvisa-sim definitions
 SIM_RESOURCES = {

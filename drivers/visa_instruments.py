@@ -7,8 +7,8 @@ hardware by itself. Settings are declared once, as :class:`Setting` descriptors 
 SCPI header, type, unit and limits; a value outside its limits is refused before anything is
 sent. Every command goes through :meth:`ScpiInstrument.query` or :meth:`ScpiInstrument.write`,
 which retry a timed-out query (bounded, with back-off, each retry logged as a
-:class:`labep.bench.Fault`) and raise :class:`labep.bench.BenchFaultError` naming the
-instrument and the command when the retries are spent. :meth:`ScpiInstrument.drain_errors`
+:class:`labep.hardware.bench.Fault`) and raise :class:`labep.hardware.bench.BenchFaultError` naming
+the instrument and the command when the retries are spent. :meth:`ScpiInstrument.drain_errors`
 empties the instrument's SCPI error queue (``SYST:ERR?``) into fault records.
 
 Command tables (the pyvisa-sim definitions ``polariton_sim.yaml`` and the emulator implement
@@ -45,7 +45,7 @@ from typing import Any
 
 import numpy as np
 
-from labep.bench import BenchError, BenchFaultError, Fault, OutOfRangeError
+from labep.hardware.bench import BenchError, BenchFaultError, Fault, OutOfRangeError
 
 
 @dataclass(frozen=True)

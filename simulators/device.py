@@ -19,8 +19,8 @@ from __future__ import annotations
 import numpy as np
 from pydantic import BaseModel, Field, model_validator
 
-from labep.bench import BenchError, OutOfRangeError, ParameterSpec
-from labep.strict import STRICT_CONFIG
+from labep.hardware.bench import BenchError, OutOfRangeError, ParameterSpec
+from labep.protocol.strict import STRICT_CONFIG
 
 
 class DeviceOptions(BaseModel):

@@ -23,7 +23,7 @@ import numba
 import numpy as np
 from pydantic import Field
 
-from labep.bench import Nudge, Relaxation, Settle
+from labep.hardware.bench import Nudge, Relaxation, Settle
 from labep.models.hopfield import LayeredHopfield
 from labep.simulators.device import read_out
 from labep.simulators.layered import (

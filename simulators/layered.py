@@ -16,9 +16,9 @@ import numba
 import numpy as np
 from pydantic import BaseModel, Field, model_validator
 
-from labep.bench import BenchIdentity, BenchLifecycle, BenchSpec, ParameterSpec
+from labep.hardware.bench import BenchIdentity, BenchLifecycle, BenchSpec, ParameterSpec
+from labep.protocol.strict import STRICT_CONFIG
 from labep.simulators.device import DeviceOptions, ParameterDevice
-from labep.strict import STRICT_CONFIG
 
 
 @numba.njit(cache=True)
@@ -175,7 +175,7 @@ class LayeredSimulator(BenchLifecycle):
             return {name: self.devices[name].measure() for name in names}
         return {name: self._views[name].astype(np.float64) for name in names}
 
-    # -- resume (labep.bench.Resumable) ---------------------------------------------------
+    # -- resume (labep.hardware.bench.Resumable) ---------------------------------------------------
 
     def save_state(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
         """The stored values (with their write noise), the codes, and every generator's state."""

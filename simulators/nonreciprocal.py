@@ -34,7 +34,7 @@ import numba
 import numpy as np
 from pydantic import Field
 
-from labep.bench import BenchError, Nudge, Relaxation, Settle
+from labep.hardware.bench import BenchError, Nudge, Relaxation, Settle
 from labep.models.nonreciprocal import NonreciprocalLayered
 from labep.simulators.device import read_out
 from labep.simulators.layered import (

@@ -24,7 +24,7 @@ import numba
 import numpy as np
 from pydantic import Field, model_validator
 
-from labep.bench import Nudge, Relaxation, Settle
+from labep.hardware.bench import Nudge, Relaxation, Settle
 from labep.models.dense_oim import DenseOIM
 from labep.models.oim import LayeredOIM
 from labep.simulators.device import read_out

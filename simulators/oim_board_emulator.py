@@ -45,8 +45,8 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 import labep
-from labep.bench import Nudge, Settle
 from labep.drivers import oim_wire as wire
+from labep.hardware.bench import Nudge, Settle
 from labep.models.oim import LayeredOIM
 from labep.simulators.device import DeviceOptions
 from labep.simulators.emulator_links import PtyLink, TcpLink

@@ -19,8 +19,8 @@ What a relaxation displays on the (simulated) light modulator: the pattern V + U
 with the input potential U(x) on the input sites and the nudge potential beta (n_k - t_k) on
 the output sites (n_k from the ``start`` state, the free state; without a start the free phase
 is relaxed first to get it). The pattern must lie within ``potential_range``; a relaxation whose
-pattern does not is refused before anything runs (:class:`labep.bench.OutOfRangeError`). The
-trainable range of V is ``potential_range`` less ``margin`` at both ends, which leaves room
+pattern does not is refused before anything runs (:class:`labep.hardware.bench.OutOfRangeError`).
+The trainable range of V is ``potential_range`` less ``margin`` at both ends, which leaves room
 for the inputs and the nudge.
 
 Imperfections (all off by default; every draw from ``device.seed``):
@@ -47,7 +47,7 @@ import numba
 import numpy as np
 from pydantic import BaseModel, Field, model_validator
 
-from labep.bench import (
+from labep.hardware.bench import (
     BenchError,
     BenchIdentity,
     BenchLifecycle,
@@ -59,8 +59,8 @@ from labep.bench import (
     Settle,
 )
 from labep.models.polariton import PolaritonLattice
+from labep.protocol.strict import STRICT_CONFIG
 from labep.simulators.device import DeviceOptions, ParameterDevice, read_out
-from labep.strict import STRICT_CONFIG
 
 # -- kernels ---------------------------------------------------------------------------------
 
@@ -470,7 +470,7 @@ class PolaritonSimulator(BenchLifecycle):
         measured = np.sqrt(np.maximum(intensity, 0.0)) * np.exp(1j * phase)
         return self.model.pack(measured, self.dtype)
 
-    # -- resume (labep.bench.Resumable) -----------------------------------------------------
+    # -- resume (labep.hardware.bench.Resumable) ----------------------------------------------
 
     def save_state(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
         """The realized potentials, the codes, and every generator's state."""

@@ -3,8 +3,8 @@
 At temperature T > 0 a bench's states follow p(s) ~ exp(-(E(s) + beta C(s)) / T) (the nudged
 energy in a nudged phase) instead of settling on a minimum of E + beta C. The estimators of
 Litman ("EP without limits") and Massar and Mognetti ("EP: the quantum and the thermal cases")
-take expectations and covariances over such samples (:mod:`labep.thermal`,
-:mod:`labep.estimators`). The samplers here run one chain per sample of a batch, ``burn_in``
+take expectations and covariances over such samples (:mod:`labep.ep.thermal`,
+:mod:`labep.ep.estimators`). The samplers here run one chain per sample of a batch, ``burn_in``
 steps from the start state and then ``readouts`` readouts ``thin`` steps apart:
 
 - Hopfield, continuous units in [0, 1]: overdamped Langevin
@@ -34,9 +34,9 @@ import numba
 import numpy as np
 from pydantic import BaseModel, Field, model_validator
 
-from labep.bench import Nudge, Relaxation, Settle
+from labep.hardware.bench import Nudge, Relaxation, Settle
+from labep.protocol.strict import STRICT_CONFIG
 from labep.simulators.device import read_out
-from labep.strict import STRICT_CONFIG
 
 
 class SamplingOptions(BaseModel):

@@ -9,9 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from labep.datasets import DatasetError, load_digits, load_idx_pair, load_xor, read_idx
-from labep.engine import load_dataset
-from labep.protocol import load_protocol
+from labep.data.loaders import DatasetError, load_digits, load_idx_pair, load_xor, read_idx
+from labep.run.validate import load_protocol
 
 from .conftest import MNIST, PROTOCOLS, needs_mnist
 
@@ -78,6 +77,6 @@ def test_digits_and_xor() -> None:
 @needs_mnist
 def test_shared_mnist_split() -> None:
     loaded = load_protocol(PROTOCOLS / "hopfield_mnist.yaml", [f"dataset.path={MNIST}"])
-    split = load_dataset(loaded.protocol)
+    split = loaded.protocol.dataset.load()
     assert split.train_inputs.shape == (8000, 784) and split.test_inputs.shape == (2000, 784)
     assert set(np.unique(split.train_labels)) == set(range(10))

@@ -6,13 +6,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from labep.bench import Nudge, Settle
-from labep.engine import Trainer, final_params
+from labep.hardware.bench import Nudge, Settle
 from labep.models.dense_oim import DenseOIM
-from labep.protocol import ProtocolError, load_protocol
+from labep.protocol.text import ProtocolError
+from labep.run.engine import Trainer, final_params
+from labep.run.validate import load_protocol
 from labep.simulators.device import DeviceOptions
 from labep.simulators.oim import OIMSimulator, OIMSimulatorOptions
-from labep.store import RunStore
+from labep.store.runs import RunStore
 
 from .conftest import PROTOCOLS, assert_force_is_minus_energy_gradient, cli_json
 

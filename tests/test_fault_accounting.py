@@ -6,9 +6,9 @@ from __future__ import annotations
 from collections import defaultdict
 from pathlib import Path
 
-from labep.engine import Trainer
-from labep.protocol import load_protocol
-from labep.store import RunStore
+from labep.run.engine import Trainer
+from labep.run.validate import load_protocol
+from labep.store.runs import RunStore
 
 from .conftest import PROTOCOLS, cli
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import signal
+from importlib import metadata
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -13,11 +14,12 @@ import numpy as np
 import pytest
 
 from labep import registry
-from labep.bench import BenchFaultError, Fault, Nudge, Relaxation, Settle
-from labep.engine import Trainer, final_params
-from labep.protocol import ProtocolError, load_protocol
+from labep.hardware.bench import BenchFaultError, Fault, Nudge, Relaxation, Settle
+from labep.protocol.text import ProtocolError
+from labep.run.engine import Trainer, final_params
+from labep.run.validate import load_protocol
 from labep.simulators.hopfield import HopfieldSimulator
-from labep.store import RunStore
+from labep.store.runs import RunStore
 
 from .conftest import tiny_xor
 
@@ -85,8 +87,9 @@ class FlakyHopfield(HopfieldSimulator):
 
 @pytest.fixture
 def flaky(monkeypatch: pytest.MonkeyPatch) -> type[FlakyHopfield]:
-    entry = registry.BenchEntry("simulator", f"{__name__}:FlakyHopfield")
-    monkeypatch.setitem(registry.BENCHES, "flaky_hopfield", entry)
+    entry = metadata.EntryPoint("flaky_hopfield", f"{__name__}:FlakyHopfield",
+                                registry.GROUPS["simulator"])
+    monkeypatch.setitem(registry.entries("simulator"), "flaky_hopfield", entry)
     monkeypatch.setattr(FlakyHopfield, "plan", {})
     monkeypatch.setattr(FlakyHopfield, "relaxed", [])
     monkeypatch.setattr(FlakyHopfield, "instances", [])
@@ -321,7 +324,7 @@ def test_sigterm_through_the_cli_ends_the_run_interrupted_and_it_resumes(
     doc = tiny_xor(**{"training.epochs": 400, "training.checkpoint_every": 2})
     path = write_protocol(tmp_path / "long.yaml", doc)
     store_path = tmp_path / "term.db"
-    process = subprocess.Popen([sys.executable, "-m", "labep.cli", "run", str(path),
+    process = subprocess.Popen([sys.executable, "-m", "labep.cli.main", "run", str(path),
                                 "--store", str(store_path), "--no-progress"],
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 120

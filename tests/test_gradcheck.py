@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from labep.gradcheck import GradcheckError, gradcheck
-from labep.protocol import load_protocol
+from labep.run.gradcheck import GradcheckError, gradcheck
+from labep.run.validate import load_protocol
 
 from .conftest import PROTOCOLS, cli, cli_json, tiny_xor
 

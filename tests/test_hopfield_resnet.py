@@ -8,18 +8,20 @@ import tempfile
 import numpy as np
 import pytest
 
-from labep.bench import Nudge, Settle
-from labep.engine import Trainer, build_model, final_params, learning_rates
-from labep.gradcheck import gradcheck
+from labep.hardware.bench import Nudge, Settle
 from labep.models.hopfield import LayeredHopfield
-from labep.protocol import ProtocolError, load_protocol
+from labep.protocol.text import ProtocolError
+from labep.run.assembly import build_model, learning_rates
+from labep.run.engine import Trainer, final_params
+from labep.run.gradcheck import gradcheck
+from labep.run.validate import load_protocol
 from labep.simulators.hopfield import (
     HopfieldSimulator,
     HopfieldSimulatorOptions,
     _layer_field,
     _skip_field,
 )
-from labep.store import RunStore
+from labep.store.runs import RunStore
 
 from .conftest import PROTOCOLS, crash_and_resume, needs_mnist, tiny_xor
 
@@ -78,7 +80,7 @@ def test_skip_parameters_names_shapes_and_rate_groups() -> None:
                                          "model.skip_every": 2,
                                          "training.learning_rates": [0.4, 0.3, 0.2, 0.1]})
                              ).protocol
-    built = build_model(protocol)
+    built = build_model(protocol.model)
     assert built.skips == ((1, 3),)
     assert learning_rates(protocol, built)["S1_3"] == 0.2  # the rate of its upper layer
     # the skip's init bound is g_s / sqrt(n_l)

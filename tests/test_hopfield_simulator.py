@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from labep.bench import Bench, Nudge, OutOfRangeError, Settle
+from labep.hardware.bench import Bench, Nudge, OutOfRangeError, Settle
 from labep.models.hopfield import LayeredHopfield
 from labep.simulators.hopfield import HopfieldSimulator, HopfieldSimulatorOptions
 

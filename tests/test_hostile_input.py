@@ -16,7 +16,8 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from labep.protocol import MAX_PROTOCOL_BYTES, ProtocolError, load_protocol
+from labep.protocol.text import MAX_PROTOCOL_BYTES, ProtocolError
+from labep.run.validate import load_protocol
 
 from .conftest import cli, tiny_xor
 

@@ -13,11 +13,11 @@ from typing import Any
 import numpy as np
 import pytest
 
-from labep.bench import LinkReporting, Nudge
 from labep.drivers import oim_board
 from labep.drivers import oim_wire as wire
 from labep.drivers.oim_board import OIMBoard, OIMBoardOptions, best_payload
 from labep.drivers.oim_link import TIMEOUT_FLOOR, LinkQuality
+from labep.hardware.bench import LinkReporting, Nudge
 from labep.models.oim import LayeredOIM
 from labep.simulators.oim_board_emulator import BoardEmulator
 

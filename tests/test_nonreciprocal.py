@@ -6,11 +6,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from labep.bench import BenchError, Nudge, Settle
-from labep.estimators import make_estimator
-from labep.gradcheck import compare
+from labep import registry
+from labep.hardware.bench import BenchError, Nudge, Settle
 from labep.models.nonreciprocal import NonreciprocalLayered
-from labep.protocol import ProtocolError, load_protocol
+from labep.protocol.text import ProtocolError
+from labep.run.gradcheck import compare
+from labep.run.validate import load_protocol
 from labep.simulators.nonreciprocal import NonreciprocalSimulator, NonreciprocalSimulatorOptions
 
 from .conftest import PROTOCOLS, cli, cli_json, needs_mnist, tiny_xor
@@ -37,7 +38,7 @@ def cosine(asymmetry: float, seed: int, correction: bool, beta: float = 1e-3,
     model, params, bench, x, target = network(asymmetry, seed)
     free = bench.relax(x, settle=TIGHT)
     assert free.all_converged
-    est = make_estimator(estimator)
+    est = registry.load("estimator", estimator)()
     strengths = est.strengths(beta, np.random.default_rng(0))
     nudged = [bench.relax(x, Nudge(s, target, correction), start=free.state, settle=TIGHT)
               for s in strengths]
@@ -211,8 +212,8 @@ def test_short_xor_training_learns(store) -> None:
         "training.epochs": 10, "training.learning_rates": [0.5, 0.25],
         "training.checkpoint_every": 1000,
     })
-    from labep.engine import Trainer
-    from labep.store import RunStore
+    from labep.run.engine import Trainer
+    from labep.store.runs import RunStore
 
     with RunStore(store) as runs:
         result = Trainer(load_protocol(doc), runs, progress=False).run()
@@ -224,8 +225,8 @@ def test_short_xor_training_learns(store) -> None:
 def test_mnist_corrected_learns_faster_than_vector_field(store) -> None:
     """The MNIST protocol (784-256-10, a = 0.75) for two epochs, both nudges, one seed: the
     corrected run is ahead after every epoch (measured: 0.908 / 0.933 against 0.838 / 0.894)."""
-    from labep.engine import Trainer
-    from labep.store import RunStore
+    from labep.run.engine import Trainer
+    from labep.store.runs import RunStore
 
     curves: dict[bool, list[float]] = {True: [], False: []}
     with RunStore(store) as runs:

@@ -7,13 +7,14 @@ import math
 import numpy as np
 import pytest
 
-from labep.bench import Nudge, Settle
-from labep.engine import Trainer
+from labep.hardware.bench import Nudge, Settle
 from labep.models.oim import LayeredOIM
-from labep.protocol import ProtocolError, load_protocol
+from labep.protocol.text import ProtocolError
+from labep.run.engine import Trainer
+from labep.run.validate import load_protocol
 from labep.simulators.device import DeviceOptions, read_out
 from labep.simulators.oim import OIMSimulator, OIMSimulatorOptions
-from labep.store import RunStore
+from labep.store.runs import RunStore
 
 from .conftest import MNIST, PROTOCOLS, assert_force_is_minus_energy_gradient, cli_json, needs_mnist
 

@@ -19,7 +19,9 @@ import pytest
 import serial
 
 from labep import registry
-from labep.bench import (
+from labep.drivers import oim_wire as wire
+from labep.drivers.oim_board import OIMBoard, OIMBoardOptions
+from labep.hardware.bench import (
     Bench,
     BenchError,
     BenchFaultError,
@@ -28,15 +30,13 @@ from labep.bench import (
     OutOfRangeError,
     Settle,
 )
-from labep.drivers import oim_wire as wire
-from labep.drivers.oim_board import OIMBoard, OIMBoardOptions
-from labep.engine import Trainer, final_params
 from labep.models.oim import LayeredOIM
-from labep.protocol import load_protocol
+from labep.run.engine import Trainer, final_params
+from labep.run.validate import load_protocol
 from labep.simulators.device import DeviceOptions
 from labep.simulators.oim import OIMSimulator, OIMSimulatorOptions
 from labep.simulators.oim_board_emulator import FaultSpec
-from labep.store import RunStore
+from labep.store.runs import RunStore
 
 from .conftest import PROTOCOLS
 
@@ -666,8 +666,9 @@ def test_safe_values_are_checked_before_anything_is_written(emulator_factory) ->
 def test_tcp_transport_and_the_registry(emulator_factory) -> None:
     emulator = emulator_factory(transport="tcp")
     assert emulator.url.startswith("socket://127.0.0.1:")
-    assert registry.BENCHES["oim_board"].load() is OIMBoard
-    assert registry.BENCHES["oim_board"].kind == "driver"
+    assert registry.bench_class("driver", "oim_board") is OIMBoard
+    assert "oim_board" in registry.names("driver")
+    assert "oim_board" not in registry.names("simulator")
     board = OIMBoard(LayeredOIM([2, 4, 2], shil=0.1), resource=emulator.url)
     board.open()
     board.write(board_codes(board))
@@ -687,7 +688,7 @@ def test_fault_spec_syntax() -> None:
 
 def test_labep_emulate_oim_board_cli() -> None:
     process = subprocess.Popen(
-        [sys.executable, "-m", "labep.cli", "emulate", "oim-board", "--pty", "--sizes",
+        [sys.executable, "-m", "labep.cli.main", "emulate", "oim-board", "--pty", "--sizes",
          "2-4-2", "--seed", "1"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         assert process.stdout is not None
@@ -782,7 +783,7 @@ def test_a_killed_board_run_leaves_the_board_safe_on_reconnect_and_resumes(
     path = tmp_path / "board.yaml"
     path.write_text(yaml.safe_dump(doc))
     store_path = tmp_path / "killed.db"
-    process = subprocess.Popen([sys.executable, "-m", "labep.cli", "run", str(path), "--store",
+    process = subprocess.Popen([sys.executable, "-m", "labep.cli.main", "run", str(path), "--store",
                                 str(store_path), "--no-progress"],
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 120

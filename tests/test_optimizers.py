@@ -6,10 +6,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from labep.engine import Trainer, final_params
-from labep.optimizers import Adam, Sgd, schedule_scale
-from labep.protocol import ProtocolError, ScheduleConfig, load_protocol
-from labep.store import RunStore
+from labep.ep.optimizers import Adam, Sgd, schedule_scale
+from labep.protocol.sections import ScheduleConfig
+from labep.protocol.text import ProtocolError
+from labep.run.engine import Trainer, final_params
+from labep.run.validate import load_protocol
+from labep.store.runs import RunStore
 
 from .conftest import tiny_xor
 

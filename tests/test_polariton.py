@@ -8,14 +8,15 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from labep.bench import Nudge, OutOfRangeError, Resumable, Settle
-from labep.engine import Trainer, final_params
-from labep.gradcheck import gradcheck
+from labep.hardware.bench import Nudge, OutOfRangeError, Resumable, Settle
 from labep.models.polariton import PolaritonLattice, lattice_neighbours
-from labep.protocol import ProtocolError, load_protocol
+from labep.protocol.text import ProtocolError
+from labep.run.engine import Trainer, final_params
+from labep.run.gradcheck import gradcheck
+from labep.run.validate import load_protocol
 from labep.simulators.device import DeviceOptions
 from labep.simulators.polariton import PolaritonSimulator, PolaritonSimulatorOptions
-from labep.store import RunStore
+from labep.store.runs import RunStore
 
 from .conftest import MNIST, PROTOCOLS, cli_json, needs_mnist
 
@@ -127,7 +128,7 @@ def test_pca_encoding_is_fitted_on_the_training_inputs() -> None:
     """encoding: pca projects on the first K principal directions of the training inputs (K
     input regions), standardized: mean 0, unit variance, uncorrelated on the training set;
     the fit is deterministic; encoding before the fit is refused with the remedy named."""
-    from labep.datasets import load_digits
+    from labep.data.loaders import load_digits
 
     data = load_digits(0.2, 0)
     model = PolaritonLattice([4, 4], 64, [0, 1, 2, 3], list(range(6, 16)), encoding="pca")
@@ -179,9 +180,9 @@ def test_init_regions_draw_their_own_potentials() -> None:
     walls = {**doc, "model": {**doc["model"], "init_potential": [-0.1, 0.1], "init_regions": [
         {"sites": [0, 8], "potential": [3.0, 3.5]}, {"sites": [4], "potential": [-1.0, -1.0]}]}}
     loaded = load_protocol(walls)
-    from labep.engine import build_model
+    from labep.run.assembly import build_model
 
-    model = build_model(loaded.protocol)
+    model = build_model(loaded.protocol.model)
     first = model.init_params(np.random.default_rng(5))["V"]
     assert np.all((first[[0, 8]] >= 3.0) & (first[[0, 8]] <= 3.5))
     assert first[4] == -1.0

@@ -13,15 +13,16 @@ import numpy as np
 import pytest
 import pyvisa
 
-from labep.bench import BenchFaultError, Nudge, Settle
 from labep.drivers.polariton_bench import PolaritonBench, PolaritonBenchOptions
-from labep.engine import Trainer, build_model
+from labep.hardware.bench import BenchFaultError, Nudge, Settle
 from labep.models.polariton import PolaritonLattice
-from labep.protocol import load_protocol
+from labep.run.assembly import build_model
+from labep.run.engine import Trainer
+from labep.run.validate import load_protocol
 from labep.simulators.device import DeviceOptions
 from labep.simulators.polariton import PolaritonSimulator, PolaritonSimulatorOptions
 from labep.simulators.polariton_emulator import EmulatorConfig, PolaritonBenchEmulator
-from labep.store import RunStore
+from labep.store.runs import RunStore
 
 from .conftest import PROTOCOLS
 
@@ -73,7 +74,7 @@ def test_the_emulated_instruments_refuse_what_hardware_refuses(emulator) -> None
 def test_bench_states_match_the_simulator_with_the_same_grid(emulator) -> None:
     """The emulator serves the bench protocol's physics; the simulator runs the same model on
     the same 16-bit grid: the same codes give the same free and nudged intensities."""
-    model = build_model(load_protocol(PROTOCOLS / "polariton_bench_xor.yaml").protocol)
+    model = build_model(load_protocol(PROTOCOLS / "polariton_bench_xor.yaml").protocol.model)
     bench = PolaritonBench(model, PolaritonBenchOptions(margin=2.0), resource=emulator.url)
     bench.open()
     simulator = PolaritonSimulator(model, PolaritonSimulatorOptions(
@@ -160,7 +161,7 @@ def test_opening_the_interlock_stops_the_run_with_the_laser_off(emulator) -> Non
 
 def test_labep_emulate_polariton_bench_cli() -> None:
     process = subprocess.Popen(
-        [sys.executable, "-m", "labep.cli", "emulate", "polariton-bench", "--tcp", "0",
+        [sys.executable, "-m", "labep.cli.main", "emulate", "polariton-bench", "--tcp", "0",
          "--protocol", str(PROTOCOLS / "polariton_bench_xor.yaml"), "--seed", "2"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:

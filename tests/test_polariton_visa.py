@@ -10,15 +10,22 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from labep.bench import BenchError, BenchFaultError, FaultReporting, OutOfRangeError, Settle
 from labep.drivers.polariton_bench import (
     SIM_RESOURCES,
     PolaritonBench,
     PolaritonBenchOptions,
     sim_definitions,
 )
+from labep.hardware.bench import (
+    BenchError,
+    BenchFaultError,
+    FaultReporting,
+    OutOfRangeError,
+    Settle,
+)
 from labep.models.polariton import PolaritonLattice
-from labep.protocol import ProtocolError, load_protocol
+from labep.protocol.text import ProtocolError
+from labep.run.validate import load_protocol
 
 from .conftest import PROTOCOLS
 

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from labep.protocol import ProtocolError, load_protocol
+from labep.protocol.text import ProtocolError
+from labep.run.validate import load_protocol
 
 from .conftest import PROTOCOLS, cli, protocol_doc, refused, tiny_xor, write_protocol
 

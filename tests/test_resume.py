@@ -16,9 +16,10 @@ from typing import Any
 import numpy as np
 import pytest
 
-from labep.engine import Trainer, final_params
-from labep.protocol import load_protocol
-from labep.store import RunStore, StoreError
+from labep.run.engine import Trainer, final_params
+from labep.run.validate import load_protocol
+from labep.store.files import StoreError
+from labep.store.runs import RunStore
 
 from .conftest import crash_and_resume, tiny_xor, write_protocol
 
@@ -127,7 +128,7 @@ def test_sigkill_at_20_random_instants_then_resume_is_bit_identical(tmp_path: Pa
 
     store_path = tmp_path / "killed.db"
     rng = np.random.default_rng(2026)
-    command = [sys.executable, "-m", "labep.cli", "run", str(path), "--store", str(store_path),
+    command = [sys.executable, "-m", "labep.cli.main", "run", str(path), "--store", str(store_path),
                "--no-progress"]
     run_id = None
     kills = 0
@@ -160,7 +161,7 @@ def test_sigkill_at_20_random_instants_then_resume_is_bit_identical(tmp_path: Pa
         kills += 1
         if run_id is None:
             continue  # killed before the run was created: start again
-        command = [sys.executable, "-m", "labep.cli", "resume", run_id, "--store",
+        command = [sys.executable, "-m", "labep.cli.main", "resume", run_id, "--store",
                    str(store_path), "--no-progress"]
     final = subprocess.run(command, capture_output=True, text=True, check=False)
     assert kills == 20, "the run finished before it could be killed 20 times"
@@ -184,7 +185,7 @@ def test_a_reader_polls_show_while_a_run_writes(tmp_path: Path) -> None:
     doc["dataset"] = {"name": "xor", "repeats": 40}
     path = write_protocol(tmp_path / "run.yaml", doc)
     store_path = tmp_path / "runs.db"
-    writer = subprocess.Popen([sys.executable, "-m", "labep.cli", "run", str(path), "--store",
+    writer = subprocess.Popen([sys.executable, "-m", "labep.cli.main", "run", str(path), "--store",
                                str(store_path), "--no-progress"], stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True)
     seen_steps = []
@@ -193,7 +194,7 @@ def test_a_reader_polls_show_while_a_run_writes(tmp_path: Path) -> None:
             if not store_path.exists():
                 time.sleep(0.05)
                 continue
-            shown = subprocess.run([sys.executable, "-m", "labep.cli", "show", "latest",
+            shown = subprocess.run([sys.executable, "-m", "labep.cli.main", "show", "latest",
                                     "--store", str(store_path), "--json"],
                                    capture_output=True, text=True, check=False)
             if "no runs yet" in shown.stderr:

@@ -11,10 +11,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from labep.engine import Trainer, final_params
-from labep.protocol import load_protocol
-from labep.report import draw_lattice_map
-from labep.store import SCHEMA_VERSION, RunStore, StoreError
+from labep.run.engine import Trainer, final_params
+from labep.run.validate import load_protocol
+from labep.store.files import SCHEMA_VERSION, StoreError
+from labep.store.report import draw_lattice_map
+from labep.store.runs import RunStore
 
 from .conftest import PROTOCOLS, cli, cli_json, tiny_xor, write_protocol
 
@@ -207,8 +208,8 @@ def test_older_store_is_upgraded_after_a_backup(tmp_path: Path, store: Path,
 
 
 def test_console_script_entry_point(tmp_path: Path) -> None:
-    """`labep` as installed: the console script (python -m labep.cli as fallback)."""
-    result = subprocess.run([sys.executable, "-m", "labep.cli", "--help"],
+    """`labep` as installed: the console script (python -m labep.cli.main as fallback)."""
+    result = subprocess.run([sys.executable, "-m", "labep.cli.main", "--help"],
                             capture_output=True, text=True, check=False)
     assert result.returncode == 0 and "gradcheck" in result.stdout
 

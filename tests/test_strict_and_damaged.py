@@ -15,10 +15,14 @@ import pytest
 from pydantic import ValidationError
 
 from labep import registry
-from labep.protocol import IdxConfig, InitRegion, ProtocolError, load_protocol
+from labep.data.builtin import IdxConfig
+from labep.models.polariton_config import InitRegion
+from labep.protocol.strict import STRICT_CONFIG
+from labep.protocol.text import ProtocolError
+from labep.run.validate import load_protocol
 from labep.simulators.polariton import PolaritonSimulatorOptions
-from labep.store import SCHEMA_VERSION, RunStore, StoreError
-from labep.strict import STRICT_CONFIG
+from labep.store.files import SCHEMA_VERSION, StoreError
+from labep.store.runs import RunStore
 
 from .conftest import (
     PROTOCOLS,
@@ -46,7 +50,8 @@ def test_shipped_protocols_validate_strictly(name: str) -> None:
     assert load_protocol(json.loads(json.dumps(loaded.document))).protocol == loaded.protocol
     dumped = json.loads(loaded.protocol.model_dump_json())
     assert load_protocol(dumped).protocol == loaded.protocol
-    options = registry.BENCHES[loaded.protocol.bench.name].load().options_model
+    bench = loaded.protocol.bench
+    options = registry.bench_class(bench.kind, bench.name).options_model
     options.model_validate(json.loads(json.dumps(loaded.protocol.bench.options)))
 
 
@@ -153,11 +158,12 @@ def test_legitimate_lax_conversions_stay(tmp_path: Path) -> None:
     assert [p.path for p in caught.value.problems] == ["model.init_potential[1]"]
 
 
-@pytest.mark.parametrize("bench", sorted(registry.BENCHES))
-def test_every_bench_options_model_is_strict(bench: str) -> None:
+@pytest.mark.parametrize("kind, bench", [(kind, name) for kind in registry.BENCH_KINDS
+                                          for name in registry.names(kind)])
+def test_every_bench_options_model_is_strict(kind: str, bench: str) -> None:
     """The options of every bench, drivers included, refuse a boolean for a number and a
     number for a boolean, and accept an integer for a float."""
-    options = registry.BENCHES[bench].load().options_model
+    options = registry.bench_class(kind, bench).options_model
     assert {k: options.model_config.get(k) for k in STRICT_CONFIG} == STRICT_CONFIG
     with pytest.raises(ValidationError, match="valid number"):
         options.model_validate({"tolerance": True})

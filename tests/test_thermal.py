@@ -10,16 +10,17 @@ import numpy as np
 import pytest
 
 from labep import thermal
-from labep.bench import Nudge, Settle
-from labep.engine import Trainer
-from labep.estimators import make_estimator
-from labep.gradcheck import compare
+from labep.ep.estimators import FiniteNudge, ThermalCovariance
+from labep.hardware.bench import Nudge, Settle
 from labep.models.hopfield import LayeredHopfield
 from labep.models.oim import LayeredOIM
-from labep.protocol import ProtocolError, load_protocol
+from labep.protocol.text import ProtocolError
+from labep.run.engine import Trainer
+from labep.run.gradcheck import compare
+from labep.run.validate import load_protocol
 from labep.simulators.hopfield import HopfieldSimulator, HopfieldSimulatorOptions
 from labep.simulators.oim import OIMSimulator, OIMSimulatorOptions
-from labep.store import RunStore
+from labep.store.runs import RunStore
 
 from .conftest import (
     PROTOCOLS,
@@ -183,7 +184,7 @@ def test_finite_nudge_matches_the_free_energy_gradient(beta: float, readouts: in
     settle = Settle(1e-4, 1, readouts=readouts, samples=True)
     free = bench.relax(XOR_INPUTS, settle=settle)
     nudged = bench.relax(XOR_INPUTS, Nudge(beta, target), start=free.state, settle=settle)
-    estimator = make_estimator("finite_nudge")
+    estimator = FiniteNudge()
     assert estimator.strengths(beta, None) == [beta]
     estimate = estimator.estimate(model, XOR_INPUTS, free, [nudged], [beta], np.ones(4),
                                   target=target)
@@ -200,7 +201,7 @@ def test_thermal_covariance_matches_the_expected_cost_gradient() -> None:
     model, params, bench = binary_bench()
     target = model.encode_target(XOR_LABELS)
     free = bench.relax(XOR_INPUTS, settle=Settle(1e-4, 1, readouts=200_000, samples=True))
-    estimator = make_estimator("thermal_covariance")
+    estimator = ThermalCovariance()
     assert estimator.strengths(0.5, None) == []
     estimate = estimator.estimate(model, XOR_INPUTS, free, [], [], np.ones(4), target=target)
     exact = thermal.exact_cost_gradient(model, params, XOR_INPUTS, target, TEMPERATURE)
@@ -228,7 +229,7 @@ def test_thermal_covariance_tends_to_deterministic_ep_at_low_temperature() -> No
     bench.open()
     bench.write(params)
     free = bench.relax(XOR_INPUTS, settle=Settle(1e-4, 1, readouts=20_000, samples=True))
-    estimate = make_estimator("thermal_covariance").estimate(
+    estimate = ThermalCovariance().estimate(
         model, XOR_INPUTS, free, [], [], np.ones(4), target=target)
     names = list(exact)
     assert compare(flat(estimate.gradient, names), flat(exact, names)).cosine >= 0.95
@@ -266,7 +267,7 @@ def test_thermal_estimators_refuse_phases_without_samples() -> None:
     model, _params, bench = binary_bench()
     free = bench.relax(XOR_INPUTS, settle=Settle(1e-4, 1, readouts=10))
     with pytest.raises(ValueError, match="sample sets"):
-        make_estimator("thermal_covariance").estimate(
+        ThermalCovariance().estimate(
             model, XOR_INPUTS, free, [], [], np.ones(4), target=model.encode_target(XOR_LABELS))
 
 

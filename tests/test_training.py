@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from labep.engine import Trainer
-from labep.protocol import load_protocol
-from labep.store import RunStore
+from labep.run.engine import Trainer
+from labep.run.validate import load_protocol
+from labep.store.runs import RunStore
 
 from .conftest import MNIST, PROTOCOLS, cli_json, needs_mnist, tiny_xor
 
@@ -22,7 +22,7 @@ def test_quickstart_reaches_90_percent(tmp_path: Path) -> None:
     """README's first command, as a user runs it: the console script on the shipped protocol."""
     env = {**os.environ, "LABEP_STORE": str(tmp_path / "labep.db")}
     labep = Path(sys.executable).with_name("labep")
-    command = [str(labep)] if labep.exists() else [sys.executable, "-m", "labep.cli"]
+    command = [str(labep)] if labep.exists() else [sys.executable, "-m", "labep.cli.main"]
     result = subprocess.run([*command, "run", "protocols/quickstart.yaml", "--no-progress"],
                             cwd=REPO, env=env, capture_output=True, text=True, check=False)
     assert result.returncode == 0, result.stderr

@@ -11,17 +11,20 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from labep.bench import BenchSpec, OutOfRangeError, ParameterSpec
-from labep.calibration import calibrate
-from labep.engine import Trainer, build_bench, build_model
-from labep.protocol import BenchDocument, ProtocolError, load_bench_file, load_protocol
-from labep.store import RunStore, from_npy
-from labep.write_path import (
+from labep.hardware.bench import BenchSpec, OutOfRangeError, ParameterSpec
+from labep.hardware.calibration import calibrate
+from labep.hardware.write_path import (
     CodeMap,
     WriteBudgetError,
     WritePath,
     WritePolicy,
 )
+from labep.protocol.text import ProtocolError
+from labep.run.assembly import build_bench, build_model
+from labep.run.engine import Trainer
+from labep.run.validate import bench_file_schema, load_bench_file, load_protocol
+from labep.store.files import from_npy
+from labep.store.runs import RunStore
 
 from .conftest import cli, cli_json, tiny_xor, write_protocol
 
@@ -40,7 +43,7 @@ def bench_file(tmp_path: Path, device: dict, sizes=(16, 32, 4)) -> Path:
 def realized_error_lsb(tmp_path: Path, store: Path, calibrated: bool) -> np.ndarray:
     """Write random values in the middle half of the range; |realized - requested| in LSB."""
     loaded = load_bench_file(bench_file(tmp_path, {**MISMATCHED, "readback_noise": 0.3}))
-    bench = build_bench(loaded.protocol, build_model(loaded.protocol))
+    bench = build_bench(loaded.protocol.bench, build_model(loaded.protocol.model))
     identity = bench.open()
     maps = {}
     if calibrated:
@@ -280,11 +283,11 @@ def test_device_truth_is_reproducible_and_documented_fields_are_off_by_default()
     doc = {"bench": {"simulator": "hopfield", "options": {"weight_range": 1, "bias_range": 1,
                                                           "device": MISMATCHED}},
            "model": {"kind": "layered_hopfield", "sizes": [3, 4, 2]}}
-    protocols = [load_protocol(doc, schema=BenchDocument) for _ in range(2)]
-    benches = [build_bench(p.protocol, build_model(p.protocol)) for p in protocols]
+    protocols = [load_protocol(doc, schema=bench_file_schema()) for _ in range(2)]
+    benches = [build_bench(p.protocol.bench, build_model(p.protocol.model)) for p in protocols]
     np.testing.assert_array_equal(benches[0].devices["W1"].gain, benches[1].devices["W1"].gain)
-    ideal = build_bench(load_protocol(tiny_xor()).protocol,
-                        build_model(load_protocol(tiny_xor()).protocol))
+    ideal = build_bench(load_protocol(tiny_xor()).protocol.bench,
+                        build_model(load_protocol(tiny_xor()).protocol.model))
     assert ideal.devices is None and ideal.options.device.ideal_readout
 
 
@@ -302,9 +305,9 @@ def test_readout_noise_and_resolution() -> None:
     base = tiny_xor()
     base["bench"]["options"]["device"] = {"readout_bits": 2}
     loaded = load_protocol(base).protocol
-    bench = build_bench(loaded, build_model(loaded))
-    bench.write(build_model(loaded).init_params(np.random.default_rng(0)))
-    from labep.bench import Settle
+    bench = build_bench(loaded.bench, build_model(loaded.model))
+    bench.write(build_model(loaded.model).init_params(np.random.default_rng(0)))
+    from labep.hardware.bench import Settle
 
     state = bench.relax(np.array([[1.0, 0.0]]), settle=Settle(1e-9, 500)).state
     assert set(np.round(state.ravel() * 3, 9)) <= {0.0, 1.0, 2.0, 3.0}
@@ -320,8 +323,8 @@ def test_calibration_routine_recovers_the_truth() -> None:
     doc = {"bench": {"simulator": "hopfield", "options": {"weight_range": 1, "bias_range": 1,
                                                           "device": MISMATCHED}},
            "model": {"kind": "layered_hopfield", "sizes": [6, 5, 3]}}
-    protocol = load_protocol(doc, schema=BenchDocument).protocol
-    bench = build_bench(protocol, build_model(protocol))
+    protocol = load_protocol(doc, schema=bench_file_schema()).protocol
+    bench = build_bench(protocol, build_model(protocol.model))
     record = calibrate(bench, bench.open(), "hopfield", progress=False)
     for name, device in bench.devices.items():
         codes = np.arange(device.spec.levels)

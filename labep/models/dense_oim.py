@@ -21,10 +21,33 @@ and the biases h, g.
 
 from __future__ import annotations
 
+from typing import ClassVar, Literal
+
 import numpy as np
+from pydantic import Field, PositiveFloat, PositiveInt, field_validator
 
 from labep.models import Params
 from labep.models.oim import LayeredOIM
+from labep.protocol.sections import ModelSection
+
+
+class DenseOIMConfig(ModelSection):
+    """All-to-all oscillator Ising machine: sizes [n_0 (inputs), n_hidden, n_out]; every free
+    oscillator is coupled to every other (J, symmetric) and to every input (K)."""
+
+    kind: Literal["dense_oim"]
+    sizes: list[PositiveInt] = Field(min_length=3, max_length=3)
+    shil: float = Field(0.0, ge=0.0, le=1e3,
+                        description="K_s, second-harmonic injection locking strength.")
+    init_gain: PositiveFloat = Field(1.0, description="K, h, g ~ U(-g/sqrt(n_0), g/sqrt(n_0)); "
+                                     "J ~ U(-g/sqrt(N), g/sqrt(N)).")
+
+    @field_validator("sizes")
+    @classmethod
+    def _small(cls, sizes: list[int]) -> list[int]:
+        if sizes[1] + sizes[2] > 4096 or sizes[0] > 1_000_000:
+            raise ValueError("a dense machine has at most 4,096 free oscillators (N^2 couplings)")
+        return sizes
 
 
 class DenseOIM(LayeredOIM):
@@ -33,6 +56,9 @@ class DenseOIM(LayeredOIM):
     ``sizes`` is [n_0 (inputs), n_hidden, n_out]; a read-back state is the N free phases
     [hidden..., outputs...] in radians.
     """
+
+    #: the protocol section this model is built from (``model:``)
+    config_model: ClassVar[type[ModelSection]] = DenseOIMConfig
 
     kind = "dense_oim"
 

@@ -29,10 +29,14 @@ targets sit inside the box (here at its top).
 
 from __future__ import annotations
 
+from typing import Any, ClassVar, Literal
+
 import numpy as np
+from pydantic import Field, PositiveFloat, PositiveInt, ValidationInfo, field_validator
 
 from labep.models import Params
-from labep.models.layered import SquaredErrorReadout
+from labep.models.layered import SquaredErrorReadout, not_huge
+from labep.protocol.sections import ModelSection
 
 Skip = tuple[int, int]
 
@@ -68,6 +72,47 @@ def resolve_skips(n_layers: int, skips: list[list[int]] | list[Skip] | None = No
     return tuple(sorted(pairs))
 
 
+class LayeredHopfieldConfig(ModelSection):
+    """Layered Hopfield network: sizes [n_0 (inputs), n_1, ..., n_L (outputs)]."""
+
+    kind: Literal["layered_hopfield"]
+    sizes: list[PositiveInt] = Field(min_length=2, max_length=64)
+    activation: Literal["hard_sigmoid"] = Field(
+        "hard_sigmoid", description="clip(s, 0, 1): the clipped ReLU with ceiling 1.")
+    init_gain: PositiveFloat = Field(1.0, description="W ~ U(-g/sqrt(n_in), g/sqrt(n_in)).")
+    skips: list[list[int]] = Field(
+        default_factory=list, max_length=2016,
+        description="Skip couplings S_{l,m} (Hopfield-ResNet) between free layers [l, m], "
+        "1 <= l, m - l >= 2, m <= L; each learns at the rate of its upper layer m.")
+    skip_every: int | None = Field(
+        None, ge=2, le=64,
+        description="Shorthand: skips [1, 1+k], [1+k, 1+2k], ... up to layer L (added to skips).")
+    skip_init_gain: PositiveFloat | None = Field(
+        None, description="S_{l,m} ~ U(-g_s/sqrt(n_l), g_s/sqrt(n_l)); default init_gain.")
+
+    def model_arguments(self) -> dict[str, Any]:
+        return self.model_dump(exclude={"kind", "activation"})
+
+    _not_huge = field_validator("sizes")(not_huge)
+
+    @field_validator("skips")
+    @classmethod
+    def _skips_fit(cls, skips: list[list[int]], info: ValidationInfo) -> list[list[int]]:
+        sizes = info.data.get("sizes")
+        if sizes is not None:
+            resolve_skips(len(sizes) - 1, skips)  # raises naming the offending pair
+        return skips
+
+    @field_validator("skip_every")
+    @classmethod
+    def _span_fits(cls, every: int | None, info: ValidationInfo) -> int | None:
+        sizes = info.data.get("sizes")
+        if every is not None and sizes is not None and every > len(sizes) - 2:
+            raise ValueError(f"a skip every {every} layers needs more than {every} free layers; "
+                             f"this network has {len(sizes) - 1}")
+        return every
+
+
 class LayeredHopfield(SquaredErrorReadout):
     """Layered Hopfield energy with hard-sigmoid units; the model shared by simulator and host.
 
@@ -79,6 +124,9 @@ class LayeredHopfield(SquaredErrorReadout):
     from below, as W_m is; it is drawn from U(-g_s/sqrt(n_l), g_s/sqrt(n_l)) (fan-in n_l, g_s
     ``skip_init_gain``, default the ``init_gain``).
     """
+
+    #: the protocol section this model is built from (``model:``)
+    config_model: ClassVar[type[ModelSection]] = LayeredHopfieldConfig
 
     kind = "layered_hopfield"
     coupling = "W"

@@ -8,6 +8,14 @@ import numpy as np
 from labep.models import Params
 
 
+def not_huge(cls: type, sizes: list[int]) -> list[int]:
+    """A config's ``sizes`` validator (``field_validator("sizes")(not_huge)``): no layer of
+    more than 1,000,000 units."""
+    if any(n > 1_000_000 for n in sizes):
+        raise ValueError("layer sizes above 1,000,000 units are refused")
+    return sizes
+
+
 class LayeredModel:
     """Layers 0 (clamped inputs) .. L (outputs); a read-back state is [s_1, ..., s_L].
 

@@ -43,10 +43,14 @@ v^T df/dtheta at a state s is, with u = rho'(s) * v,
 
 from __future__ import annotations
 
+from typing import Any, ClassVar, Literal
+
 import numpy as np
+from pydantic import Field, PositiveFloat, PositiveInt, field_validator
 
 from labep.models import Params
-from labep.models.layered import SquaredErrorReadout
+from labep.models.layered import SquaredErrorReadout, not_huge
+from labep.protocol.sections import ModelSection
 
 
 def rho(state: np.ndarray) -> np.ndarray:
@@ -66,9 +70,30 @@ def rho_second(state: np.ndarray) -> np.ndarray:
     return 16.0 * r * (1.0 - r) * (1.0 - 2.0 * r)
 
 
+class NonreciprocalConfig(ModelSection):
+    """Layered network with non-reciprocal couplings (labep.models.nonreciprocal): forward W_l,
+    backward M_l = (1 - a)((1 - a) W_l^T + a B_l); a = 0 conservative, a = 1 feedforward."""
+
+    kind: Literal["nonreciprocal"]
+    sizes: list[PositiveInt] = Field(min_length=2, max_length=64)
+    activation: Literal["sigmoid"] = Field(
+        "sigmoid", description="rho(s) = sigmoid(4 s - 2), smooth so that J = df/ds exists.")
+    asymmetry: float = Field(0.5, ge=0.0, le=1.0,
+                             description="a: 0 reciprocal (B = W^T), 1 feedforward (no feedback).")
+    init_gain: PositiveFloat = Field(1.0, description="W, B, b ~ U(-g/sqrt(n_in), g/sqrt(n_in)).")
+
+    def model_arguments(self) -> dict[str, Any]:
+        return self.model_dump(exclude={"kind", "activation"})
+
+    _not_huge = field_validator("sizes")(not_huge)
+
+
 class NonreciprocalLayered(SquaredErrorReadout):
     """Layered network with forward couplings ``W1..WL``, backward couplings ``B2..BL`` mixed
     by the asymmetry a, and biases ``b1..bL``; a read-back state is [s_1, ..., s_L]."""
+
+    #: the protocol section this model is built from (``model:``)
+    config_model: ClassVar[type[ModelSection]] = NonreciprocalConfig
 
     kind = "nonreciprocal"
     coupling = "W"

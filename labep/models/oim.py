@@ -23,10 +23,26 @@ cos(a - b) = cos a cos b + sin a sin b, every coupling sum is a pair of matrix p
 
 from __future__ import annotations
 
+from typing import ClassVar, Literal
+
 import numpy as np
+from pydantic import Field, PositiveFloat, PositiveInt, field_validator
 
 from labep.models import Params
-from labep.models.layered import LayeredModel
+from labep.models.layered import LayeredModel, not_huge
+from labep.protocol.sections import ModelSection
+
+
+class LayeredOIMConfig(ModelSection):
+    """Layered oscillator Ising machine: sizes [n_0 (inputs), n_1, ..., n_L (outputs)]."""
+
+    kind: Literal["layered_oim"]
+    sizes: list[PositiveInt] = Field(min_length=2, max_length=64)
+    shil: float = Field(0.0, ge=0.0, le=1e3,
+                        description="K_s, second-harmonic injection locking strength.")
+    init_gain: PositiveFloat = Field(1.0, description="J, h ~ U(-g/sqrt(n_in), g/sqrt(n_in)).")
+
+    _not_huge = field_validator("sizes")(not_huge)
 
 
 class LayeredOIM(LayeredModel):
@@ -35,6 +51,9 @@ class LayeredOIM(LayeredModel):
     Parameters ``J1..JL``, ``h1..hL`` and ``g1..gL``; a read-back state is the phases
     [phi_1, ..., phi_L] in radians, one row per sample.
     """
+
+    #: the protocol section this model is built from (``model:``)
+    config_model: ClassVar[type[ModelSection]] = LayeredOIMConfig
 
     kind = "layered_oim"
     coupling = "J"

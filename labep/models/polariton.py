@@ -135,10 +135,13 @@ compare "balanced" with "localized", which is XOR; EP training finds that geomet
 from __future__ import annotations
 
 import math
+from typing import ClassVar
 
 import numpy as np
 
 from labep.models import Params
+from labep.models.polariton_config import PolaritonConfig
+from labep.protocol.sections import ModelSection
 
 
 def lattice_neighbours(lattice: tuple[int, ...]) -> np.ndarray:
@@ -189,6 +192,9 @@ class PolaritonLattice:
 
     Parameter ``V`` (n_sites,), in units of J; a read-back state is the field (see the module
     docstring for the layout)."""
+
+    #: the protocol section this model is built from (``model:``)
+    config_model: ClassVar[type[ModelSection]] = PolaritonConfig
 
     kind = "polariton"
 
@@ -363,7 +369,8 @@ class PolaritonLattice:
         if self.encoding == "pca":
             if self.pca is None:
                 raise ValueError("the pca encoding is fitted on the training inputs first "
-                                 "(fit_encoding; labep.engine.build_model(protocol, data))")
+                                 "(fit_encoding; labep.run.assembly.build_model(section, "
+                                 "data))")
             mean, directions, spread = self.pca
             return ((x - mean) @ directions.T) / spread
         assert self.image_shape is not None

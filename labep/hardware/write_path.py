@@ -25,8 +25,8 @@ from typing import Literal, Protocol, runtime_checkable
 import numba
 import numpy as np
 
-from labep.bench import Bench, OutOfRangeError, ParameterSpec
-from labep.interrupts import deferred_interrupt
+from labep.hardware.bench import Bench, OutOfRangeError, ParameterSpec
+from labep.hardware.interrupts import deferred_interrupt
 from labep.models import Params
 
 

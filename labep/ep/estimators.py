@@ -19,12 +19,14 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from typing import ClassVar, Literal
 
 import numpy as np
 
-from labep.bench import Relaxation
+from labep.ep.thermal import block_stderr, finite_nudge, relative_stderr, thermal_covariance
+from labep.hardware.bench import Relaxation
 from labep.models import Model, Params
-from labep.thermal import block_stderr, finite_nudge, relative_stderr, thermal_covariance
+from labep.protocol.sections import EstimatorSection
 
 
 @dataclass
@@ -49,15 +51,53 @@ class Estimate:
                 "estimate_rel_stderr": float(relative_stderr(self.gradient, self.stderr))}
 
 
-class Estimator(ABC):
-    """Base: ``strengths(beta, rng)`` lists the nudged phases, ``estimate`` combines them."""
+class OneSidedConfig(EstimatorSection):
+    """``one_sided``: one nudged phase at +beta (or a random sign, ``random_sign``)."""
 
-    name = ""
+    name: Literal["one_sided"]
+
+
+class SymmetricConfig(EstimatorSection):
+    """``symmetric`` (the default): nudged phases at +beta and -beta."""
+
+    name: Literal["symmetric"]
+
+
+class FiniteNudgeConfig(EstimatorSection):
+    """``finite_nudge``: Boltzmann sample sets (``phases.readout_average`` readouts a phase)
+    from a bench at temperature T > 0, free and nudged at beta."""
+
+    name: Literal["finite_nudge"]
+
+
+class ThermalCovarianceConfig(EstimatorSection):
+    """``thermal_covariance``: Boltzmann sample sets of the free phase only (``beta`` unused)
+    from a bench at temperature T > 0."""
+
+    name: Literal["thermal_covariance"]
+
+
+class Estimator(ABC):
+    """Base: ``strengths(beta, rng)`` lists the nudged phases, ``estimate`` combines them.
+
+    Registered in the ``labep.ep.estimators`` entry-point group under its ``name``; its
+    protocol section is ``config_model``."""
+
+    name: ClassVar[str] = ""
+    config_model: ClassVar[type[EstimatorSection]] = EstimatorSection
     #: whether ``strengths`` draws from its random stream (the engine skips making one if not)
     random = False
     #: whether it takes sample sets (``Settle.samples``, the readouts of a thermal bench); the
     #: engine then also passes ``target=`` (the batch's targets) to ``estimate``
-    samples = False
+    samples: ClassVar[bool] = False
+    #: whether it estimates from deterministic steady states, so that the non-conservative
+    #: correction (``estimator.correction``) applies to its nudged phases
+    deterministic: ClassVar[bool] = False
+
+    @classmethod
+    def from_config(cls, config: EstimatorSection) -> Estimator:
+        """The estimator a protocol's section asks for."""
+        return cls()
 
     @abstractmethod
     def strengths(self, beta: float, rng: np.random.Generator) -> list[float]:
@@ -80,6 +120,12 @@ class OneSided(Estimator):
     """(dE/dtheta(s^beta) - dE/dtheta(s^0)) / beta; optionally a random sign of beta per batch."""
 
     name = "one_sided"
+    config_model = OneSidedConfig
+    deterministic = True
+
+    @classmethod
+    def from_config(cls, config: EstimatorSection) -> Estimator:
+        return cls(config.random_sign)
 
     def __init__(self, random_sign: bool = False) -> None:
         self.random_sign = random_sign
@@ -100,6 +146,8 @@ class Symmetric(Estimator):
     """(dE/dtheta(s^+beta) - dE/dtheta(s^-beta)) / (2 beta)."""
 
     name = "symmetric"
+    config_model = SymmetricConfig
+    deterministic = True
 
     def strengths(self, beta: float, rng: np.random.Generator) -> list[float]:
         return [beta, -beta]
@@ -115,10 +163,15 @@ class FiniteNudge(Estimator):
     """(<dE/dtheta>_beta - <dE/dtheta>_0) / beta over Gibbs-Boltzmann samples (Litman, "EP
     without limits"): for any finite beta the exact gradient of (F_beta - F_0) / beta,
     F = -T log Z the free energy; as beta -> 0, the gradient of the expected cost <C>_0.
-    Needs a bench at temperature T > 0 that returns samples (:mod:`labep.thermal`)."""
+    Needs a bench at temperature T > 0 that returns samples (:mod:`labep.ep.thermal`)."""
 
     name = "finite_nudge"
+    config_model = FiniteNudgeConfig
     samples = True
+
+    @classmethod
+    def from_config(cls, config: EstimatorSection) -> Estimator:
+        return cls(config.random_sign)
 
     def __init__(self, random_sign: bool = False) -> None:
         self.random_sign = random_sign
@@ -148,6 +201,7 @@ class ThermalCovariance(Estimator):
     Hopfield and OIM models). T is the one the bench reports (``Relaxation.info``)."""
 
     name = "thermal_covariance"
+    config_model = ThermalCovarianceConfig
     samples = True
 
     def strengths(self, beta: float, rng: np.random.Generator | None) -> list[float]:
@@ -182,17 +236,3 @@ def _samples(name: str, phase: Relaxation) -> np.ndarray:
                          "T > 0 asked for readouts with Settle(samples=True)")
     return phase.samples
 
-
-ESTIMATORS = ("one_sided", "symmetric", "finite_nudge", "thermal_covariance")
-
-
-def make_estimator(name: str, random_sign: bool = False) -> Estimator:
-    if name == "one_sided":
-        return OneSided(random_sign)
-    if name == "symmetric":
-        return Symmetric()
-    if name == "finite_nudge":
-        return FiniteNudge(random_sign)
-    if name == "thermal_covariance":
-        return ThermalCovariance()
-    raise ValueError(f"unknown estimator {name!r}; known: {', '.join(ESTIMATORS)}")

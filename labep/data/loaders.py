@@ -37,7 +37,7 @@ class Split:
         return int(self.train_inputs.shape[1])
 
 
-def _open_idx(path: Path) -> bytes:
+def open_idx(path: Path) -> bytes:
     if not path.is_file():
         raise DatasetError(f"{path}: no such IDX file")
     raw = path.read_bytes()
@@ -67,7 +67,7 @@ def idx_header(raw: bytes, path: Path) -> tuple[np.dtype, tuple[int, ...], int]:
 def read_idx(path: str | Path) -> np.ndarray:
     """Read an IDX file (optionally gzipped) into an array of its declared shape and type."""
     path = Path(path)
-    raw = _open_idx(path)
+    raw = open_idx(path)
     dtype, shape, header = idx_header(raw, path)
     expected = int(np.prod(shape)) * dtype.itemsize
     if len(raw) - header < expected:

@@ -3,7 +3,12 @@
 The exact gradient of the mean cost at the free steady state comes from implicit
 differentiation through the fixed point (the model's ``exact_gradient``, float64). Both sides
 are computed at states that settled to a tight tolerance in float64; a free state whose
-residual is above tolerance is refused, never compared.
+residual is above tolerance is refused, never compared. For an estimator over Boltzmann sample
+sets (its class's ``samples``) the reference is the exact gradient it targets, by enumeration
+of every binary state (:mod:`labep.ep.thermal`).
+
+The check runs on the parts :func:`labep.run.assembly.assemble` builds for a run (the bench
+in float64, the estimator as asked), not on the engine.
 """
 
 from __future__ import annotations
@@ -13,12 +18,12 @@ from typing import Any
 
 import numpy as np
 
-from labep.bench import Nudge, Settle
-from labep.engine import build_bench, build_model, load_dataset, stream
-from labep.estimators import make_estimator
+from labep import registry
+from labep.ep.thermal import exact_reference
+from labep.hardware.bench import Nudge, Settle
 from labep.models import Model, Params
-from labep.protocol import Protocol
-from labep.thermal import THERMAL_ESTIMATORS, thermal_gradcheck
+from labep.protocol.sections import Protocol
+from labep.run.assembly import RunParts, assemble, stream
 
 
 class GradcheckError(RuntimeError):
@@ -45,17 +50,16 @@ def compare(estimate: np.ndarray, exact: np.ndarray) -> Comparison:
     return Comparison(cosine, float(np.linalg.norm(estimate - exact) / norm_x))
 
 
-def gradcheck_batch(protocol: Protocol, samples: int | None, seed: int,
+def gradcheck_batch(parts: RunParts, samples: int | None, seed: int,
                     params: Params | None) -> tuple[Model, np.ndarray, np.ndarray, Params]:
     """What every gradient check compares on: the model, ``samples`` training inputs (default
     a batch) and their targets drawn from ``seed``, and ``params`` (default: fresh ones from
     ``seed``, as a run with that seed starts)."""
-    data = load_dataset(protocol)
-    model = build_model(protocol, data)
-    count = min(samples or protocol.training.batch_size, len(data.train_labels))
+    data, model = parts.data, parts.model
+    count = min(samples or parts.protocol.training.batch_size, len(data.train_labels))
     rows = stream(seed, 3).choice(len(data.train_labels), size=count, replace=False)
     x, labels = data.train_inputs[rows], data.train_labels[rows]
-    params = model.init_params(stream(seed, 0)) if params is None else params
+    params = parts.initial_params(seed) if params is None else params
     return model, x, model.encode_target(labels), params
 
 
@@ -81,14 +85,15 @@ def gradcheck(
     seed = protocol.seed if seed is None else seed
     beta = protocol.estimator.beta if beta is None else beta
     name = estimator or protocol.estimator.name
-    if name in THERMAL_ESTIMATORS:  # Boltzmann samples vs exact enumeration
-        return thermal_gradcheck(protocol, beta=beta, estimator=name, samples=samples,
-                                 seed=seed, params=params)
+    section = registry.load("estimator", name).config_model(name=name, beta=beta)
+    parts = assemble(protocol, estimator=section, dtype="float64")
+    if parts.estimator.samples:  # Boltzmann samples vs exact enumeration
+        return thermal_gradcheck(parts, beta=beta, samples=samples, seed=seed, params=params)
     correction = protocol.estimator.correction if correction is None else correction
-    model, x, target, params = gradcheck_batch(protocol, samples, seed, params)
+    model, x, target, params = gradcheck_batch(parts, samples, seed, params)
     count = len(x)
     settle = Settle(tolerance, max_steps)
-    with build_bench(protocol, model, dtype="float64") as bench:
+    with parts.bench as bench:
         if correction and not getattr(bench, "supports_correction", False):
             raise GradcheckError(f"bench {protocol.bench.name!r} cannot apply the "
                                  "non-conservative correction (J^T - J)(s - s0)")
@@ -104,7 +109,7 @@ def gradcheck(
                 "that is not a fixed point (see the bench's settle options: more steps, damping, "
                 "asynchronous order, a smaller step)"
             )
-        est = make_estimator(name)
+        est = parts.estimator
         strengths = est.strengths(beta, stream(seed, 2))
         nudged = [bench.relax(x, Nudge(s, target, correction), start=free.state,
                               settle=settle)
@@ -129,4 +134,41 @@ def gradcheck(
         "free_residual": float(free.residual.max()),
         "free_steps": int(free.steps.max()),
         "parameters": {k: compare(estimate[k], exact[k]).as_dict() for k in names},
+    }
+
+
+
+def thermal_gradcheck(parts: RunParts, *, beta: float, samples: int | None, seed: int,
+                      params: Params | None = None) -> dict[str, Any]:
+    """``labep gradcheck`` for a thermal estimator: the estimate from the bench's samples
+    (``phases.readout_average`` readouts a phase) vs the exact gradient it targets, by
+    enumeration of every binary state (``units: binary``, at most 20 free units)."""
+    protocol, est = parts.protocol, parts.estimator
+    estimator = est.name
+    model, x, target, params = gradcheck_batch(parts, samples, seed, params)
+    count = len(x)
+    options = protocol.bench.options
+    if options.get("units") != "binary" or model.state_size > 20:
+        raise GradcheckError("an exact thermal gradient is computed by enumerating every "
+                             "state: it needs bench.options.units: binary and at most 20 free "
+                             f"units (this model has {model.state_size})")
+    settle = Settle(1.0, 1, readouts=protocol.phases.readout_average, samples=True)
+    with parts.bench as bench:
+        bench.write(params)
+        free = bench.relax(x, settle=settle)
+        strengths = est.strengths(beta, None)
+        nudged = [bench.relax(x, Nudge(s, target), start=free.state, settle=settle)
+                  for s in strengths]
+        estimate = est.estimate(model, x, free, nudged, strengths, np.ones(count),
+                                target=target)
+    temperature = float(free.info["temperature"])
+    exact = exact_reference(estimator, model, params, x, target, beta, temperature)
+    names = list(exact)
+    overall = compare(np.concatenate([estimate.gradient[k].ravel() for k in names]),
+                      np.concatenate([exact[k].ravel() for k in names]))
+    return {
+        "estimator": estimator, "beta": beta, "samples": count, "seed": seed,
+        "correction": False, "temperature": temperature,
+        "readouts": estimate.readouts, **overall.as_dict(), **estimate.metrics(),
+        "parameters": {k: compare(estimate.gradient[k], exact[k]).as_dict() for k in names},
     }

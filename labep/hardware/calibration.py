@@ -2,7 +2,7 @@
 
 For each quantized parameter the routine writes the same code to every channel at a sweep of
 codes from 0 to levels - 1, measures what each channel realizes (averaging ``repeats``
-measurements), and fits the model of :class:`labep.write_path.CodeMap`:
+measurements), and fits the model of :class:`labep.hardware.write_path.CodeMap`:
 
     m_ij = c + g_i (phi_j - c) + o_i
 
@@ -21,8 +21,8 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from labep.bench import Bench, BenchIdentity, ParameterSpec
-from labep.write_path import CodeMap, Measurable
+from labep.hardware.bench import Bench, BenchIdentity, ParameterSpec
+from labep.hardware.write_path import CodeMap, Measurable
 
 
 class CalibrationError(RuntimeError):

@@ -17,7 +17,7 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure  # no pyplot: no global state, no display needed
 
 from labep.models.polariton import site_regions
-from labep.store import RunStore
+from labep.store.runs import RunStore
 
 
 def draw_lattice_map(ax: Axes, model: dict[str, Any], potential: np.ndarray) -> None:

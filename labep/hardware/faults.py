@@ -1,15 +1,15 @@
 """The engine's fault policy: what a run does when a bench command fails.
 
 A driver retries frames, resynchronises and reconnects by itself; each fault it met is in its
-fault log (:class:`labep.bench.FaultReporting`). Only when its own retries are exhausted does it
-raise :class:`labep.bench.BenchFaultError`, after putting the hardware in its safe state. Then
-the protocol's ``faults.policy`` decides: run the phase (or write) again up to ``max_retries``
-times and then give up (``retry_phase``), give up at once (``skip``), or stop the run
-(``stop``). A phase given up on skips its batch (no update). A write given up on leaves the
+fault log (:class:`labep.hardware.bench.FaultReporting`). Only when its own retries are exhausted
+does it raise :class:`labep.hardware.bench.BenchFaultError`, after putting the hardware in its safe
+state. Then the protocol's ``faults.policy`` decides: run the phase (or write) again up to
+``max_retries`` times and then give up (``retry_phase``), give up at once (``skip``), or stop the
+run (``stop``). A phase given up on skips its batch (no update). A write given up on leaves the
 bench out of step with the shadow: under ``retry_phase`` the update stays in the shadow, under
 ``skip`` it is dropped; either way the next step re-reads the bench and writes what differs
-before its first phase (:meth:`labep.write_path.WritePath.resync`). Every fault, recovered or
-not, becomes an event of the step it happened in, tagged with the phase or write it hit.
+before its first phase (:meth:`labep.hardware.write_path.WritePath.resync`). Every fault, recovered
+or not, becomes an event of the step it happened in, tagged with the phase or write it hit.
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from labep.bench import Bench, BenchFaultError, Fault, FaultReporting
-from labep.protocol import FaultsConfig
+from labep.hardware.bench import Bench, BenchFaultError, Fault, FaultReporting
+from labep.protocol.sections import FaultsConfig
 
 T = TypeVar("T")
 

@@ -21,11 +21,9 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from itertools import product
-from typing import Any
 
 import numpy as np
 
-from labep.bench import Nudge, Settle
 from labep.models import Model, Params
 
 #: the estimators that take sample sets from a bench at temperature T > 0
@@ -218,43 +216,3 @@ def exact_reference(name: str, model: Model, params: Params, inputs: np.ndarray,
     if name == "thermal_covariance":
         return exact_cost_gradient(model, params, inputs, target, temperature)
     raise ValueError(f"{name!r} is not a thermal estimator ({', '.join(THERMAL_ESTIMATORS)})")
-
-
-
-def thermal_gradcheck(protocol: Any, *, beta: float, estimator: str, samples: int | None,
-                      seed: int, params: Params | None = None) -> dict[str, Any]:
-    """``labep gradcheck`` for a thermal estimator: the estimate from the bench's samples
-    (``phases.readout_average`` readouts a phase) vs the exact gradient it targets, by
-    enumeration of every binary state (``units: binary``, at most 20 free units)."""
-    from labep.engine import build_bench
-    from labep.estimators import make_estimator
-    from labep.gradcheck import GradcheckError, compare, gradcheck_batch
-
-    model, x, target, params = gradcheck_batch(protocol, samples, seed, params)
-    count = len(x)
-    options = protocol.bench.options
-    if options.get("units") != "binary" or model.state_size > 20:
-        raise GradcheckError("an exact thermal gradient is computed by enumerating every "
-                             "state: it needs bench.options.units: binary and at most 20 free "
-                             f"units (this model has {model.state_size})")
-    est = make_estimator(estimator)
-    settle = Settle(1.0, 1, readouts=protocol.phases.readout_average, samples=True)
-    with build_bench(protocol, model, dtype="float64") as bench:
-        bench.write(params)
-        free = bench.relax(x, settle=settle)
-        strengths = est.strengths(beta, None)
-        nudged = [bench.relax(x, Nudge(s, target), start=free.state, settle=settle)
-                  for s in strengths]
-        estimate = est.estimate(model, x, free, nudged, strengths, np.ones(count),
-                                target=target)
-    temperature = float(free.info["temperature"])
-    exact = exact_reference(estimator, model, params, x, target, beta, temperature)
-    names = list(exact)
-    overall = compare(np.concatenate([estimate.gradient[k].ravel() for k in names]),
-                      np.concatenate([exact[k].ravel() for k in names]))
-    return {
-        "estimator": estimator, "beta": beta, "samples": count, "seed": seed,
-        "correction": False, "temperature": temperature,
-        "readouts": estimate.readouts, **overall.as_dict(), **estimate.metrics(),
-        "parameters": {k: compare(estimate.gradient[k], exact[k]).as_dict() for k in names},
-    }

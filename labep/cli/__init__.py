@@ -1,0 +1,1 @@
+"""The ``labep`` command line (:mod:`labep.cli.main`)."""

@@ -1,0 +1,225 @@
+"""One training step, and the free-phase evaluation of a labelled set.
+
+A step: (re-sync a bench left out of step by a failed write,) relax the free phase with the
+inputs clamped, relax each nudged phase the estimator asks for from the free state (a sample
+whose free phase did not settle is not nudged), keep only the samples whose every phase
+settled with a finite readout, estimate the gradient through the model, and apply
+theta <- theta - lr * estimate through the optimizer and the write path. Every sample of the
+step is accounted for (:func:`sample_counts`).
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from labep.ep.estimators import Estimator
+from labep.ep.optimizers import Optimizer
+from labep.hardware.bench import Bench, Nudge, Relaxation, Settle
+from labep.hardware.faults import FaultPolicy, SkipBatch
+from labep.hardware.write_path import WritePath
+from labep.models import Model, Params
+from labep.protocol.sections import Protocol
+from labep.store.files import SAMPLE_COUNTS
+
+#: an event: (kind, message, detail)
+Event = tuple[str, str, dict[str, Any]]
+
+
+class UnsettledPhaseError(RuntimeError):
+    """A phase did not settle and the protocol says ``on_unsettled: stop``."""
+
+
+def evaluate(bench: Bench, model: Model, inputs: np.ndarray, labels: np.ndarray,
+             settle: Settle, batch_size: int,
+             faults: FaultPolicy | None = None) -> dict[str, float]:
+    """Free-phase accuracy and cost on a labelled set (evaluated only: never trained on). A
+    sample that read back a non-finite state counts as wrong and costs nothing, and so does
+    every sample of a batch the fault policy gave up on; one that did not settle is scored on
+    the state it reached. ``unsettled`` counts all three kinds; ``nonfinite`` and ``skipped``
+    two of them."""
+    correct, cost, unsettled, nonfinite, skipped = 0, 0.0, 0, 0, 0
+    for start in range(0, len(labels), batch_size):
+        x, y = inputs[start:start + batch_size], labels[start:start + batch_size]
+        try:
+            free = (bench.relax(x, settle=settle) if faults is None else
+                    faults.call("evaluation", bench.relax, x, settle=settle))
+        except SkipBatch:
+            skipped += len(y)
+            continue
+        finite = np.all(np.isfinite(free.state), axis=1)
+        correct += int(np.sum((model.predict(free.state) == y) & finite))
+        cost += float(np.sum(model.cost(free.state[finite], model.encode_target(y[finite]))))
+        nonfinite += int(np.count_nonzero(~finite))
+        unsettled += int(np.count_nonzero(~(free.converged & finite)))
+    n = max(len(labels), 1)
+    return {"accuracy": correct / n, "loss": cost / n, "unsettled": unsettled + skipped,
+            "nonfinite": nonfinite, "skipped": skipped}
+
+
+def code_snapshot(writes: WritePath) -> dict[str, dict[str, np.ndarray]]:
+    """Arrays stored with a checkpoint: the shadow, and the codes the bench holds."""
+    arrays = {"checkpoint": writes.shadow}
+    if writes.codes:
+        arrays["codes"] = writes.codes
+    return arrays
+
+
+def write_totals(writes: WritePath) -> dict[str, float]:
+    """Per-parameter write counts and code changes per channel (max), as metrics."""
+    out: dict[str, float] = {"writes_clipped": writes.clipped_total}
+    for name, count in writes.writes.items():
+        out[f"writes_{name}"] = count
+    for name, changes in writes.changes.items():
+        out[f"code_changes_max_{name}"] = int(changes.max(initial=0))
+    return out
+
+
+def settled_mask(phases: list[Relaxation]) -> np.ndarray:
+    """Samples whose every phase converged and read back finite states."""
+    ok = np.ones(phases[0].state.shape[0], dtype=bool)
+    for phase in phases:
+        ok &= phase.converged & np.all(np.isfinite(phase.state), axis=1)
+    return ok
+
+
+def _bad(phases: list[Relaxation], size: int) -> tuple[np.ndarray, np.ndarray]:
+    """(non-finite, unsettled but finite) masks over ``size`` samples, across ``phases``."""
+    nonfinite = np.zeros(size, dtype=bool)
+    unsettled = np.zeros(size, dtype=bool)
+    for phase in phases:
+        nonfinite |= ~np.all(np.isfinite(phase.state), axis=1)
+        unsettled |= ~phase.converged
+    return nonfinite, unsettled & ~nonfinite
+
+
+def sample_counts(free: Relaxation, free_ok: np.ndarray,
+                  nudged: list[Relaxation]) -> dict[str, int]:
+    """One step's :data:`SAMPLE_COUNTS` (``nudged`` phases ran on the ``free_ok`` samples)."""
+    free_nonfinite, free_unsettled = _bad([free], len(free_ok))
+    nudged_nonfinite, nudged_unsettled = _bad(nudged, int(free_ok.sum()))
+    counts = {"samples_free_nonfinite": int(free_nonfinite.sum()),
+              "samples_free_unsettled": int(free_unsettled.sum()),
+              "samples_nudged_nonfinite": int(nudged_nonfinite.sum()),
+              "samples_nudged_unsettled": int(nudged_unsettled.sum()),
+              "samples_skipped": 0}
+    counts["samples_used"] = len(free_ok) - sum(counts.values())
+    return counts
+
+
+@dataclass
+class StepPhases:
+    """One training step: (re-sync,) free phase, nudged phases, estimate, update, write."""
+
+    bench: Bench
+    model: Model
+    estimator: Estimator
+    optimizer: Optimizer
+    writes: WritePath
+    faults: FaultPolicy
+    free_settle: Settle
+    nudged_settle: Settle
+    protocol: Protocol
+
+    def run(self, x: np.ndarray, labels: np.ndarray, signs: np.random.Generator | None,
+            scale: float, step: int, events: list[Event]
+            ) -> tuple[dict[str, float], float, int]:
+        """The step's metrics, summed cost and correct predictions (0, 0 for a batch the
+        fault policy gave up on). ``events`` collects what the step records."""
+        faults, writes, bench, model = self.faults, self.writes, self.bench, self.model
+        estimator = self.estimator
+        target = model.encode_target(labels)
+        strengths = estimator.strengths(self.protocol.estimator.beta, signs)
+        correction = self.protocol.estimator.correction
+        metrics: dict[str, float] = {}
+        try:
+            if writes.unsynced:  # a write failed: re-read the bench, write what differs
+                report = faults.call("write (resync)", writes.resync)
+                events.append(("resynced", "after a failed write: re-read the bench and wrote "
+                               "what differed from the shadow",
+                               {"changed": report.changed}))
+            free = faults.call("free phase", bench.relax, x, settle=self.free_settle)
+            # a sample whose free phase did not settle is left out of the update, so it is
+            # not nudged either: its nudge, computed from a state that is not steady, could be
+            # anything (a dark readout's is unbounded)
+            free_ok = settled_mask([free])
+            nudged = ([faults.call(f"nudged phase (beta {s:+g})", bench.relax, x[free_ok],
+                                   Nudge(s, target[free_ok], correction),
+                                   start=free.state[free_ok], settle=self.nudged_settle)
+                       for s in strengths] if free_ok.any() else [])
+            ok = free_ok.copy()
+            if nudged:
+                ok[free_ok] = settled_mask(nudged)
+            counts = sample_counts(free, free_ok, nudged)
+            if not ok.all():
+                detail = {"samples": int(np.count_nonzero(~ok)), **counts,
+                          "free_residual": float(np.max(free.residual)),
+                          "nudged_residual": max((float(np.max(p.residual))
+                                                  for p in nudged), default=0.0)}
+                if self.protocol.phases.on_unsettled == "stop":
+                    raise UnsettledPhaseError(
+                        f"step {step}: {detail['samples']} sample(s) did not settle "
+                        f"(residuals {detail}); protocol says on_unsettled: stop")
+                events.append(("unsettled", "samples left out of the update", detail))
+            if ok.any():
+                # only settled, finite samples enter the estimate (a zero weight would still
+                # carry a NaN readout into the contrast: 0 * NaN)
+                used = (x, free, nudged) if ok.all() else (
+                    x[ok], free.rows(ok), [p.rows(ok[free_ok]) for p in nudged])
+                extra = ({"target": target if ok.all() else target[ok]}
+                         if estimator.samples else {})
+                estimate = estimator.estimate(model, *used, strengths,
+                                              np.ones(int(ok.sum())), **extra)
+                metrics.update(estimate.metrics())
+                metrics["lr_scale"] = scale
+                metrics.update(self._update(estimate.gradient, scale, events))
+        except SkipBatch as gave_up:
+            faults.skip(str(gave_up), len(labels))
+            return ({"skipped": 1, **dict.fromkeys(SAMPLE_COUNTS, 0),
+                     "samples_skipped": len(labels)}, 0.0, 0)
+        cost = model.cost(free.state, target)
+        hits = int(np.sum(model.predict(free.state) == labels))
+        metrics.update(counts)
+        metrics.update({
+            "loss": float(cost.mean()),
+            "batch_accuracy": hits / len(labels),
+            "free_steps": float(np.mean(free.steps)),
+            # none: thermal_covariance, or no free phase settled
+            "nudged_steps": (float(np.mean([p.steps.mean() for p in nudged]))
+                             if nudged else 0.0),
+            "free_residual": float(np.max(free.residual)),
+            "unsettled": int(np.count_nonzero(~ok)),
+        })
+        return metrics, float(cost.sum()), hits
+
+    def _update(self, gradient: Params, scale: float, events: list[Event]) -> dict[str, float]:
+        """theta <- theta - lr * estimate through the optimizer and the write path. A write
+        the fault policy gives up on: under ``retry_phase`` the update stays in the shadow
+        and the next step writes it; under ``skip`` it is dropped (the optimizer's state
+        too) and the batch counts as skipped (:class:`SkipBatch`)."""
+        policy = self.faults.config.policy
+        saved = _copy_state(self.optimizer) if policy == "skip" else None
+        update = self.optimizer.step(gradient, scale)
+        try:
+            report = self.faults.call("write", self.writes.apply, update)
+        except SkipBatch:
+            if saved is not None:
+                self.optimizer.restore(*saved)
+                raise
+            self.writes.defer(update)
+            events.append(("deferred", "write given up on: the update stays in the shadow and "
+                           "the next step re-reads the bench and writes it",
+                           {"unsynced": sorted(self.writes.unsynced)}))
+            return {"write_deferred": 1}
+        if report.clipped:
+            events.append(("clipped", "parameter values clipped to the range "
+                           "(writes.out_of_range: clip)", {"channels": report.clipped}))
+        return report.metrics()
+
+
+def _copy_state(optimizer: Optimizer) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    meta, arrays = optimizer.state()
+    return copy.deepcopy(meta), {name: np.array(value) for name, value in arrays.items()}

@@ -1,0 +1,310 @@
+"""The run store's writer side: :class:`RunStore` opens (verifies, creates, migrates) a store
+and commits runs to it, one transaction per training step; reading runs back
+(:class:`labep.store.queries.RunQueries`) and calibration records
+(:class:`labep.store.calibrations.CalibrationShelf`) are its two mixins. The tables and the
+file checks are :mod:`labep.store.files`.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import sqlite3
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from labep.store.calibrations import CalibrationShelf
+from labep.store.files import (
+    _LABEP_TABLES,
+    _SCHEMA,
+    HEARTBEAT_SECONDS,
+    MIGRATIONS,
+    SCHEMA_VERSION,
+    SQLITE_MAGIC,
+    StoreError,
+    _alive,
+    _check_report,
+    _now,
+    _owner,
+    store_error,
+    to_npy,
+)
+from labep.store.queries import RunQueries
+
+
+class RunStore(RunQueries, CalibrationShelf):
+    """A SQLite run store. One connection per process; one transaction per committed step."""
+
+    def __init__(self, path: str | Path, *, create: bool = True,
+                 check_pages: bool | None = None) -> None:
+        """Open the store at ``path``; ``create``: make a new one if there is no file (or an
+        empty one). An existing file is verified first, reading only (see the module's
+        docstring); ``check_pages`` also reads every page (default: when ``create``, i.e.
+        for a writer; always before a migration). Raises :class:`StoreError`."""
+        self.path = Path(path)
+        self._beat = -float("inf")
+        if not create and not self.path.exists():
+            raise StoreError(f"no run store at {self.path}")
+        parent = self.path.resolve().parent
+        if not parent.is_dir():
+            raise StoreError(f"cannot create the run store {self.path}: {parent} is not a folder")
+        new = create and (not self.path.exists() or self.path.stat().st_size == 0)
+        if not new:
+            self._check_header()
+        try:
+            self.db = sqlite3.connect(self.path, timeout=30.0, isolation_level=None)
+        except sqlite3.Error as err:
+            raise store_error(self.path, err, "open") from err
+        try:
+            if new:
+                # one transaction: a second process creating the same store waits, then
+                # finds it whole (IF NOT EXISTS, OR IGNORE)
+                self.db.executescript(
+                    "BEGIN IMMEDIATE;\n" + _SCHEMA + "INSERT OR IGNORE INTO meta (key, value) "
+                    f"VALUES ('schema_version', '{SCHEMA_VERSION}');\nCOMMIT;")
+            self.schema_version = self._verify(create if check_pages is None else check_pages)
+            # only now may the file change: WAL (a no-op on a store labep wrote)
+            self.db.execute("PRAGMA journal_mode=WAL")
+            self.db.execute("PRAGMA synchronous=NORMAL")
+            self.db.execute("PRAGMA foreign_keys=ON")
+        except BaseException as err:
+            self.db.close()
+            if isinstance(err, sqlite3.Error | UnicodeDecodeError):
+                raise store_error(self.path, err, "open") from err
+            raise
+        if self.schema_version < SCHEMA_VERSION:
+            self._migrate()
+
+    def _check_header(self) -> None:
+        """Refuse a file that does not start like an SQLite database (reading 100 bytes)."""
+        try:
+            with self.path.open("rb") as file:
+                header = file.read(100)
+        except OSError as err:
+            raise StoreError(f"cannot read the run store {self.path}: {err.strerror}") from err
+        if not header:
+            raise StoreError(f"{self.path}: not a labep run store (an empty file)")
+        if not header.startswith(SQLITE_MAGIC):
+            raise StoreError(f"{self.path}: not a labep run store (not an SQLite database: "
+                             "a file of another type, or damaged over its header)")
+        if len(header) < 100:
+            raise StoreError(f"{self.path}: damaged: the SQLite header is cut short "
+                             f"({len(header)} of 100 bytes)")
+
+    def _verify(self, check_pages: bool) -> int:
+        """The schema version of the open file, once it is known (by reading only) to be a
+        labep store this labep can read: labep's tables, a schema version not newer than
+        this labep's, and with ``check_pages`` (or before a migration) every page sound."""
+        tables = {str(name) for (name,) in self.db.execute(
+            "SELECT name FROM sqlite_master WHERE type = 'table'")}
+        if not _LABEP_TABLES.issubset(tables):
+            shown = ", ".join(sorted(tables)[:6]) + (", ..." if len(tables) > 6 else "")
+            what = (f"an SQLite database with other tables: {shown}" if tables
+                    else "an SQLite database without tables")
+            raise StoreError(f"{self.path}: not a labep run store ({what})")
+        row = self.db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+        if row is None or not str(row[0]).isdigit() or int(row[0]) < min(MIGRATIONS):
+            raise StoreError(f"{self.path}: damaged: labep's tables are there but not a schema "
+                             f"version in meta (found {None if row is None else row[0]!r})")
+        version = int(row[0])
+        if version > SCHEMA_VERSION:
+            raise StoreError(f"{self.path}: schema version {version} is newer than this "
+                             f"labep's {SCHEMA_VERSION}; upgrade labep to read it")
+        if check_pages or version < SCHEMA_VERSION:
+            problems = _check_report(
+                [str(line) for (line,) in self.db.execute("PRAGMA quick_check(3)")])
+            if problems is not None:
+                raise StoreError(f"{self.path}: damaged: {problems}")
+        return version
+
+    def _migrate(self) -> None:
+        """Upgrade an older store in place, after a backup copy of it as it was."""
+        old = self.schema_version
+        self.backup_path = self.path.with_name(f"{self.path.name}.v{old}.bak")
+        with sqlite3.connect(self.backup_path) as backup:
+            self.db.backup(backup)
+        backup.close()
+        with self.transaction() as db:
+            for version in range(old, SCHEMA_VERSION):
+                for statement in MIGRATIONS[version].split(";"):
+                    if statement.strip():
+                        db.execute(statement)
+            db.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'",
+                       (str(SCHEMA_VERSION),))
+        self.schema_version = SCHEMA_VERSION
+
+    def close(self) -> None:
+        self.db.close()
+
+    def __enter__(self) -> RunStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            yield self.db
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+        self.db.execute("COMMIT")
+
+    # -- writing ----------------------------------------------------------------------------
+
+    def create_run(self, name: str, protocol: dict[str, Any], bench_name: str, seed: int,
+                   labep_version: str) -> str:
+        run_id = time.strftime("%Y%m%d-%H%M%S") + "-" + secrets.token_hex(3)
+        now = _now()
+        with self.transaction() as db:
+            db.execute(
+                "INSERT INTO runs (id, name, status, created, heartbeat, labep_version, "
+                "bench_name, seed, protocol, owner) VALUES (?, ?, 'running', ?, ?, ?, ?, ?, ?, ?)",
+                (run_id, name, now, now, labep_version, bench_name, seed,
+                 json.dumps(protocol, sort_keys=False), _owner()),
+            )
+        return run_id
+
+    def claim(self, run_id: str) -> dict[str, Any]:
+        """Take over a run to resume it: refused if it completed or if another live process
+        writes it (its ``owner``); a dead owner is a stale lock. Returns the run's row."""
+        run_id = self.resolve(run_id)
+        with self.transaction() as db:
+            status, owner, protocol = db.execute(
+                "SELECT status, owner, protocol FROM runs WHERE id = ?", (run_id,)).fetchone()
+            if status == "completed":
+                raise StoreError(f"run {run_id} completed: nothing to resume")
+            if status == "running" and owner and owner != _owner() and _alive(owner):
+                raise StoreError(f"run {run_id} is being written by process {owner}; "
+                                 "refused (one writer per run)")
+            db.execute("UPDATE runs SET status = 'running', owner = ?, heartbeat = ?, "
+                       "finished = NULL, error = NULL, traceback = NULL WHERE id = ?",
+                       (_owner(), _now(), run_id))
+        return {"id": run_id, "status": status, "owner": owner,
+                "protocol": json.loads(protocol)}
+
+    def resume_point(self, run_id: str) -> tuple[int, dict[str, Any]] | None:
+        """The newest resume point of a run: (step, engine state)."""
+        row = self.db.execute("SELECT step, state FROM resume_points WHERE run_id = ? "
+                              "ORDER BY step DESC LIMIT 1", (run_id,)).fetchone()
+        return None if row is None else (int(row[0]), json.loads(row[1]))
+
+    def truncate_after(self, run_id: str, step: int) -> int:
+        """Delete what steps after ``step`` committed (they are run again from the resume
+        point at ``step``), except the ``run_ended`` events that say why an attempt ended;
+        returns how many steps were removed."""
+        with self.transaction() as db:
+            (count,) = db.execute("SELECT COUNT(*) FROM steps WHERE run_id = ? AND step > ?",
+                                  (run_id, step)).fetchone()
+            for table in ("steps", "metrics", "arrays", "resume_points"):
+                db.execute(f"DELETE FROM {table} WHERE run_id = ? AND step > ?",
+                           (run_id, step))
+            # why an earlier attempt ended stays on record
+            db.execute("DELETE FROM events WHERE run_id = ? AND step > ? AND kind != "
+                       "'run_ended'", (run_id, step))
+        return int(count)
+
+    def set_bench_identity(self, run_id: str, identity: dict[str, str]) -> None:
+        with self.transaction() as db:
+            db.execute("UPDATE runs SET bench_identity = ?, heartbeat = ? WHERE id = ?",
+                       (json.dumps(identity), _now(), run_id))
+
+    def commit_step(self, run_id: str, step: int, epoch: int, metrics: dict[str, float],
+                    arrays: dict[str, dict[str, np.ndarray]] | None = None,
+                    events: list[tuple[str, str, dict[str, Any]]] | None = None,
+                    resume: dict[str, Any] | None = None) -> None:
+        """Commit one training step (its metrics, arrays by kind, events and, at a
+        checkpoint, the engine's resume state) at once."""
+        now = _now()
+        with self.transaction() as db:
+            db.execute("INSERT INTO steps (run_id, step, epoch, time) VALUES (?, ?, ?, ?)",
+                       (run_id, step, epoch, now))
+            if resume is not None:
+                self._resume(db, run_id, step, resume)
+            self._metrics(db, run_id, step, metrics)
+            for kind, named in (arrays or {}).items():
+                self._arrays(db, run_id, step, kind, named)
+            for kind, message, detail in events or ():
+                db.execute(
+                    "INSERT INTO events (run_id, step, time, kind, message, detail) "
+                    "VALUES (?, ?, ?, ?, ?, ?)",
+                    (run_id, step, now, kind, message, json.dumps(detail)),
+                )
+            if time.monotonic() - self._beat >= HEARTBEAT_SECONDS:
+                db.execute("UPDATE runs SET heartbeat = ? WHERE id = ?", (now, run_id))
+                self._beat = time.monotonic()
+
+    def record_events(self, run_id: str, step: int,
+                      events: list[tuple[str, str, dict[str, Any]]]) -> None:
+        """Events outside a training step's commit (e.g. faults during an evaluation)."""
+        if not events:
+            return
+        now = _now()
+        with self.transaction() as db:
+            db.executemany(
+                "INSERT INTO events (run_id, step, time, kind, message, detail) "
+                "VALUES (?, ?, ?, ?, ?, ?)",
+                [(run_id, step, now, kind, message, json.dumps(detail))
+                 for kind, message, detail in events])
+
+    def record_metrics(self, run_id: str, step: int, metrics: dict[str, float]) -> None:
+        with self.transaction() as db:
+            self._metrics(db, run_id, step, metrics)
+
+    def save_arrays(self, run_id: str, step: int, kind: str,
+                    arrays: dict[str, np.ndarray]) -> None:
+        with self.transaction() as db:
+            self._arrays(db, run_id, step, kind, arrays)
+
+    def save_start(self, run_id: str, arrays: dict[str, dict[str, np.ndarray]],
+                   resume: dict[str, Any]) -> None:
+        """Step 0 of a run (no training step yet): its arrays and resume state at once."""
+        with self.transaction() as db:
+            for kind, named in arrays.items():
+                self._arrays(db, run_id, 0, kind, named)
+            self._resume(db, run_id, 0, resume)
+
+    @staticmethod
+    def _resume(db: sqlite3.Connection, run_id: str, step: int, state: dict[str, Any]) -> None:
+        db.execute("INSERT OR REPLACE INTO resume_points (run_id, step, state) VALUES (?, ?, ?)",
+                   (run_id, step, json.dumps(state)))
+
+    @staticmethod
+    def _metrics(db: sqlite3.Connection, run_id: str, step: int,
+                 metrics: dict[str, float]) -> None:
+        db.executemany(
+            "INSERT OR REPLACE INTO metrics (run_id, step, name, value) VALUES (?, ?, ?, ?)",
+            [(run_id, step, k, None if v is None else float(v)) for k, v in metrics.items()],
+        )
+
+    @staticmethod
+    def _arrays(db: sqlite3.Connection, run_id: str, step: int, kind: str,
+                arrays: dict[str, np.ndarray]) -> None:
+        db.executemany(
+            "INSERT OR REPLACE INTO arrays (run_id, step, kind, name, npy) VALUES (?, ?, ?, ?, ?)",
+            [(run_id, step, kind, k, to_npy(v)) for k, v in arrays.items()],
+        )
+
+    def finish(self, run_id: str, status: str, error: str | None = None,
+               traceback: str | None = None) -> None:
+        now = _now()
+        with self.transaction() as db:
+            db.execute(
+                "UPDATE runs SET status = ?, finished = ?, heartbeat = ?, error = ?, "
+                "traceback = ?, owner = NULL WHERE id = ?",
+                (status, now, now, error, traceback, run_id),
+            )
+
+    def set_calibration(self, run_id: str, calibration_id: str | None) -> None:
+        with self.transaction() as db:
+            db.execute("UPDATE runs SET calibration_id = ? WHERE id = ?",
+                       (calibration_id, run_id))
+
+    # -- calibrations -----------------------------------------------------------------------
