@@ -184,6 +184,8 @@ def main() -> None:
             "garble=0.0001", "garble=0.0003", "garble=0.001", "garble=0.01",
             "drop=0.0003", "garble=0.01,delay=0.01:0.5,close_every=300",
             f"garble=0.0003,delay=0.01:0.05,close_every={drops3}",
+            f"garble=0.0003,delay=0.01:0.1,close_every={drops3}",
+            f"garble=0.0003,delay=0.01:0.2,close_every={drops3}",
             f"garble=0.0003,delay=0.01:0.5,close_every={drops3}",
             "garble=0.0001,never_settle=0.05,nan=0.05"]
         for spec in grid:
