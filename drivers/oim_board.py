@@ -1133,16 +1133,24 @@ class OIMBoard(BenchLifecycle):
 
     def _batch_frames(self, settle: Settle, start: bool, nudged: bool) -> bool:
         """Whether a phase goes out as RELAX_BATCH frames: a protocol-2 board, the option
-        ``phase_requests: batch``, one readout, and one sample's record fitting a request
-        and a READ_BATCH reply."""
+        ``phase_requests: batch``, one readout, one sample's record fitting a request and
+        its result a reply, and a link on which one sample's frame pair comes back whole
+        with odds of at least 0.5 at the measured error rate (else the six-request groups,
+        whose small frames are re-sent selectively)."""
         assert self.board is not None
         if (self.board.protocol < 2 or self.options.phase_requests != "batch"
                 or settle.readouts != 1):
             return False
         record = self._batch_record(start, nudged).itemsize
         head = wire.COMMANDS[Command.RELAX_BATCH].request.head.size
-        return (wire.batch_capacity(record, head) >= 1
-                and wire.batch_capacity(self._link.batch_record, 3) >= 1)
+        reply_head = wire.COMMANDS[Command.RELAX_BATCH].reply.head.size
+        if (wire.batch_capacity(record, head) < 1
+                or wire.batch_capacity(self._link.batch_record, reply_head) < 1):
+            return False
+        # on a link so noisy that even one sample's frame pair mostly fails, the six small
+        # requests of a sample, re-sent selectively, waste less
+        one = 2 * wire.OVERHEAD + head + reply_head + record + self._link.batch_record
+        return self._clean_odds(one) >= _OPTIMISTIC_ODDS
 
     def _batch_record(self, start: bool, nudged: bool) -> np.dtype:
         model = self.model

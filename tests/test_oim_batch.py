@@ -215,3 +215,23 @@ def test_garbled_batch_frames_are_sent_again_and_change_nothing(emulator_factory
     commands = {fault.command for fault in board.drain_faults()}
     assert "RELAX_BATCH" in commands
     board.close()
+
+
+def test_a_very_noisy_link_falls_back_to_the_six_request_groups(emulator_factory) -> None:
+    """At about 1% of bytes in error one sample's RELAX_BATCH pair mostly fails: the phase
+    goes as per-sample groups (small frames, re-sent selectively); a clean estimate goes back
+    to one frame a phase."""
+    emulator = emulator_factory((2, 4, 2))
+    model = LayeredOIM([2, 4, 2], shil=0.1)
+    board = OIMBoard(model, resource=emulator.url)
+    board.open()
+    board.write(board_codes(board))
+    board._link.quality.note_traffic(20_000, 200)  # the link measured 1% of bytes in error
+    before = board.link_stats["frames_out"]
+    board.relax(XOR, settle=SETTLE)
+    assert board.link_stats["frames_out"] - before == 6 * len(XOR)
+    board._link.quality = type(board._link.quality)()  # a fresh, clean estimate
+    before = board.link_stats["frames_out"]
+    board.relax(XOR, settle=SETTLE)
+    assert board.link_stats["frames_out"] - before == 1
+    board.close()
