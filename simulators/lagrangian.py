@@ -27,14 +27,12 @@ from pydantic import BaseModel, Field
 from labep.bench import (
     BenchError,
     BenchIdentity,
-    BenchLifecycle,
-    BenchSpec,
     Nudge,
-    ParameterSpec,
     Relaxation,
     Settle,
 )
 from labep.models.lagrangian import LagrangianOscillators
+from labep.simulators.exact_parameters import ExactParameters
 from labep.strict import STRICT_CONFIG
 
 #: halvings of a Newton step before a sample is given up as unsettled
@@ -55,7 +53,7 @@ class LagrangianSimulatorOptions(BaseModel):
         None, gt=0.0, description="|k|, |u| <= stiffness_range; writes outside are refused.")
 
 
-class LagrangianSimulator(BenchLifecycle):
+class LagrangianSimulator(ExactParameters):
     """Coupled nonlinear oscillators as a Bench: a phase is a Newton solve of dS/dq = 0."""
 
     name = "lagrangian"
@@ -66,34 +64,15 @@ class LagrangianSimulator(BenchLifecycle):
                  options: LagrangianSimulatorOptions | None = None) -> None:
         self.model = model
         self.options = options or LagrangianSimulatorOptions()
-        parameters = []
-        for name, shape in model.parameter_shapes().items():
-            limit = (self.options.spring_range if name.startswith("J")
-                     else self.options.stiffness_range)
-            limit = np.inf if limit is None else float(limit)
-            parameters.append(ParameterSpec(name, shape, -limit, limit, unit="1"))
-        self.spec = BenchSpec(tuple(parameters), model.input_size, model.state_size,
-                              model.output_slice, state_unit="displacement")
-        self._params = {name: np.zeros(shape) for name, shape in model.parameter_shapes().items()}
+        options = self.options
+        self._store_parameters(model, lambda name: options.spring_range
+                               if name.startswith("J") else options.stiffness_range,
+                               "displacement")
 
     def open(self) -> BenchIdentity:
         sizes = "-".join(map(str, self.model.sizes))
         return BenchIdentity("labep", "lagrangian-simulator",
                              f"{self.name}-{sizes}-{self.model.boundary}", "newton")
-
-    def close(self) -> None:
-        """Nothing to release (idempotent)."""
-
-    def write(self, params: dict[str, np.ndarray]) -> None:
-        for name, values in params.items():
-            if name not in self._params:
-                raise BenchError(f"{self.name}: no parameter {name!r}")
-            self.spec.parameter(name).check_range(values, bench=self.name)
-        for name, values in params.items():
-            self._params[name] = np.array(values, dtype=np.float64)
-
-    def read_params(self) -> dict[str, np.ndarray]:
-        return {name: value.copy() for name, value in self._params.items()}
 
     def save_state(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
         """The parameters (the solver keeps no other state)."""

@@ -34,10 +34,7 @@ from pydantic import BaseModel, Field
 from labep.bench import (
     BenchError,
     BenchIdentity,
-    BenchLifecycle,
-    BenchSpec,
     Nudge,
-    ParameterSpec,
     Relaxation,
     Settle,
 )
@@ -49,6 +46,7 @@ from labep.models.qubits import (
     lowest_states,
     sample_counts,
 )
+from labep.simulators.exact_parameters import ExactParameters
 from labep.strict import STRICT_CONFIG
 
 #: qubits up to which a Gibbs state (a full diagonalization) is prepared
@@ -156,7 +154,7 @@ class QuantumSimulatorOptions(BaseModel):
         "precision).")
 
 
-class QuantumBench(BenchLifecycle):
+class QuantumBench(ExactParameters):
     """The Bench contract over any :class:`QuantumBackend`: parameters are the Hamiltonian's
     terms, a relaxation prepares the state of each sample's H + beta C_op and measures it in
     the Z and X settings. ``shots_used`` counts every shot since the bench was built."""
@@ -173,14 +171,9 @@ class QuantumBench(BenchLifecycle):
         self.options = options
         self.backend = backend
         self.shots_used = 0
-        parameters = []
-        for name, shape in model.parameter_shapes().items():
-            limit = options.coupling_range if name.startswith("J") else options.field_range
-            limit = np.inf if limit is None else float(limit)
-            parameters.append(ParameterSpec(name, shape, -limit, limit, unit="1"))
-        self.spec = BenchSpec(tuple(parameters), model.input_size, model.state_size,
-                              model.output_slice, state_unit="expectation value")
-        self._params = {name: np.zeros(shape) for name, shape in model.parameter_shapes().items()}
+        self._store_parameters(model, lambda name: options.coupling_range
+                               if name.startswith("J") else options.field_range,
+                               "expectation value")
 
     # -- lifecycle and parameters -----------------------------------------------------------
 
@@ -188,20 +181,6 @@ class QuantumBench(BenchLifecycle):
         sizes = "-".join(map(str, self.model.sizes))
         return BenchIdentity("labep", f"{self.name}-simulator", f"{self.name}-{sizes}",
                              "exact-diagonalization")
-
-    def close(self) -> None:
-        """Nothing to release; the parameters are kept (idempotent)."""
-
-    def write(self, params: dict[str, np.ndarray]) -> None:
-        for name, values in params.items():
-            if name not in self._params:
-                raise BenchError(f"{self.name}: no parameter {name!r}")
-            self.spec.parameter(name).check_range(values, bench=self.name)
-        for name, values in params.items():
-            self._params[name] = np.array(values, dtype=np.float64)
-
-    def read_params(self) -> dict[str, np.ndarray]:
-        return {name: value.copy() for name, value in self._params.items()}
 
     # -- a phase ----------------------------------------------------------------------------
 
