@@ -5,9 +5,12 @@ table: :mod:`labep.drivers.oim_wire`; transport: :mod:`labep.drivers.oim_link`).
 :class:`labep.bench.Bench` with the same :class:`~labep.bench.BenchSpec` as
 :class:`labep.simulators.oim.OIMSimulator` with quantized storage: parameters ``J1..JL``,
 ``h1..hL``, ``g1..gL`` of the model's shapes, each with ``levels = 2^bits`` and the range the
-board reports (IDENTIFY), written as integer codes. A relaxation runs each sample of a batch on
-the board in turn: CLAMP the input phases, LOAD_PHASES (the start row or rest), SET_NUDGE, RUN,
-STATUS and READ_PHASES; the groups of all samples go out pipelined in one write.
+board reports (IDENTIFY), written as integer codes. On a protocol-2 board a phase is one
+RELAX_BATCH frame per frame-full of samples, whose reply brings every sample's result (one
+round trip a phase on a clean link); on a protocol-1 board (or ``phase_requests: sample``)
+each sample of a batch runs in turn: CLAMP the input phases, LOAD_PHASES (the start row or
+rest), SET_NUDGE, RUN, STATUS and READ_PHASES; the groups of all samples go out pipelined in
+one write.
 
 Robustness: every request has a reply timeout, adapted to the latencies the link measures
 (:class:`~labep.drivers.oim_link.LinkQuality`); a request that failed (timeout, short,
@@ -115,6 +118,12 @@ class OIMBoardOptions(BaseModel):
         "encoded as phases (as the simulator does, so a run matches it bit for bit).")
     tolerance: float = Field(1e-4, gt=0.0, description="Default settle tolerance.")
     max_steps: int = Field(2000, ge=1, le=2**32 - 1, description="Default step cap.")
+    phase_requests: Literal["batch", "sample"] = Field(
+        "batch",
+        description="batch: a board of protocol 2 relaxes a phase's samples from RELAX_BATCH "
+        "frames (three requests per frame of samples: RELAX_BATCH, STATUS, READ_BATCH); "
+        "sample: six requests per sample (CLAMP .. READ_PHASES), as a protocol-1 board needs "
+        "(used for it whatever this says).")
     safe_values: dict[str, float] = Field(
         default_factory=dict,
         description="The value (parameter units) a parameter is put to in the safe state, by "
@@ -285,10 +294,13 @@ class _Attempt:
 
 @dataclass
 class _Group:
-    """One sample's requests: the setup (CLAMP and LOAD_PHASES blocks, SET_NUDGE), RUN,
-    STATUS and the READ_PHASES blocks (``where``: their (offset, count) in the state, for
-    each readout in turn). ``rerun``: the setup requests sent again with a RUN that is run
-    again (LOAD_PHASES and SET_NUDGE: a relaxation starts from the requested start state)."""
+    """One relaxation's requests. Of one sample (``batch`` 0): the setup (CLAMP and
+    LOAD_PHASES blocks, SET_NUDGE), RUN, STATUS and the READ_PHASES blocks (``where``: their
+    (offset, count) in the state, for each readout in turn); ``rerun``: the setup requests
+    sent again with a RUN that is run again (LOAD_PHASES and SET_NUDGE: a relaxation starts
+    from the requested start state). Of ``batch`` samples (protocol 2): no setup, RELAX_BATCH
+    as the RUN (it carries every sample's inputs, start and target), STATUS and the
+    READ_BATCH blocks (``where``: their (first sample, count))."""
 
     setup: list[tuple[int, bytes]]
     rerun: frozenset[int]
@@ -296,6 +308,7 @@ class _Group:
     status: tuple[int, bytes]
     reads: list[tuple[int, bytes]]
     where: list[tuple[int, int]]
+    batch: int = 0
 
 
 _RUN, _STATUS = ("run", 0), ("status", 0)
@@ -345,6 +358,9 @@ class _Sample:
         """The requests of the next attempt: before a valid RUN the setup not yet confirmed,
         then (``optimistic``, or nothing left to set up) RUN, STATUS and every READ_PHASES;
         after it STATUS (until it reports an ended run) and the reads still missing."""
+        if self.group.batch:  # RELAX_BATCH brings its results, or READ_BATCH polls them
+            return [("read", 0)] if self.run_valid and self.reads[0] is None else (
+                [] if self.run_valid else [_RUN])
         if not self.run_valid:
             setup = self.unconfirmed()
             if setup and not optimistic:
@@ -374,6 +390,7 @@ class OIMBoard(BenchLifecycle):
         self.spec = self._make_spec(None)
         self._link = SerialLink(resource, self.options.baudrate)
         self._link.probe_timeout = self.options.timeout
+        self._link.batch_record = wire.batch_result_dtype(model.state_size).itemsize
         #: protocol-defined safe values by parameter (checked against the range on open)
         self._safe_values = safe_values(model.parameter_shapes(), self.options.safe_values,
                                         bench=self.instrument)
@@ -522,10 +539,11 @@ class OIMBoard(BenchLifecycle):
             raise self._give_up("reconnect", "IDENTIFY",
                                 f"a different board answered after the reconnect: "
                                 f"{info.identity().as_dict()} (was {expect.identity().as_dict()})")
-        if info.protocol != wire.VERSION or info.phase_bits != wire.PHASE_BITS:
+        if info.protocol not in wire.PROTOCOLS or info.phase_bits != wire.PHASE_BITS:
             raise BenchError(f"{self.instrument}: the board speaks protocol {info.protocol} with "
                              f"{info.phase_bits}-bit phases; this driver needs protocol "
-                             f"{wire.VERSION} with {wire.PHASE_BITS}-bit phases")
+                             f"{' or '.join(map(str, wire.PROTOCOLS))} with "
+                             f"{wire.PHASE_BITS}-bit phases")
         if info.sizes != self.model.sizes:
             raise BenchError(
                 f"{self.instrument}: the board is configured for layer sizes "
@@ -589,11 +607,11 @@ class OIMBoard(BenchLifecycle):
         """The probability that ``nbytes`` cross the line unharmed at the measured rate."""
         return (1.0 - min(self._link.quality.error_rate, 1.0)) ** nbytes
 
-    @staticmethod
-    def _pair_bytes(request: tuple[int, bytes]) -> int:
+    def _pair_bytes(self, request: tuple[int, bytes]) -> int:
         """Bytes of a request frame and its (successful) reply."""
         command, payload = request
-        return wire.OVERHEAD + len(payload) + reply_size(command, payload)
+        return wire.OVERHEAD + len(payload) + reply_size(command, payload,
+                                                         self._link.batch_record)
 
     def _note_sent(self, tries: _Tries, request: tuple[int, bytes], undo: bool = False
                    ) -> None:
@@ -1016,7 +1034,7 @@ class OIMBoard(BenchLifecycle):
         self._require_open()
         settle = settle or Settle(self.options.tolerance, self.options.max_steps)
         plan = self._plan(inputs, nudge, start, settle)
-        batch = len(plan)
+        batch = sum(group.batch or 1 for group in plan)
         state = np.empty((batch, self.model.state_size), dtype=self.dtype)
         converged = np.zeros(batch, dtype=bool)
         steps = np.zeros(batch, dtype=np.int64)
@@ -1076,10 +1094,13 @@ class OIMBoard(BenchLifecycle):
                 and 1 <= settle.max_steps <= 2**32 - 1 and settle.readouts >= 1):
             raise ValueError(f"{self.instrument}: settle needs tolerance > 0, 1 <= max_steps "
                              f"< 2^32 and readouts >= 1, got {settle}")
+        status = (Command.STATUS, self._status_request())
+        if self._batch_frames(settle, start is not None, target is not None):
+            return self._plan_batches(clamp, None if start is None else start_codes, strength,
+                                      target, settle, status)
         layouts = {code: wire.COMMANDS[code].request for code in Command}
         run = (Command.RUN, layouts[Command.RUN].pack(max_steps=int(settle.max_steps),
                                                       tolerance=float(settle.tolerance)))
-        status = (Command.STATUS, self._status_request())
         n = model.state_size
         read_chunk = self._frame_count(Command.READ_PHASES)
         where = [(offset, min(read_chunk, n - offset))
@@ -1110,6 +1131,77 @@ class OIMBoard(BenchLifecycle):
                                reads, where))
         return plan
 
+    def _batch_frames(self, settle: Settle, start: bool, nudged: bool) -> bool:
+        """Whether a phase goes out as RELAX_BATCH frames: a protocol-2 board, the option
+        ``phase_requests: batch``, one readout, one sample's record fitting a request and
+        its result a reply, and a link on which one sample's frame pair comes back whole
+        with odds of at least 0.5 at the measured error rate (else the six-request groups,
+        whose small frames are re-sent selectively)."""
+        assert self.board is not None
+        if (self.board.protocol < 2 or self.options.phase_requests != "batch"
+                or settle.readouts != 1):
+            return False
+        record = self._batch_record(start, nudged).itemsize
+        head = wire.COMMANDS[Command.RELAX_BATCH].request.head.size
+        reply_head = wire.COMMANDS[Command.RELAX_BATCH].reply.head.size
+        if (wire.batch_capacity(record, head) < 1
+                or wire.batch_capacity(self._link.batch_record, reply_head) < 1):
+            return False
+        # on a link so noisy that even one sample's frame pair mostly fails, the six small
+        # requests of a sample, re-sent selectively, waste less
+        one = 2 * wire.OVERHEAD + head + reply_head + record + self._link.batch_record
+        return self._clean_odds(one) >= _OPTIMISTIC_ODDS
+
+    def _batch_record(self, start: bool, nudged: bool) -> np.dtype:
+        model = self.model
+        flags = (wire.BatchFlags.START if start else 0) | (wire.BatchFlags.NUDGE if nudged
+                                                           else 0)
+        return wire.batch_request_dtype(model.input_size, model.state_size, model.output_size,
+                                        flags)
+
+    def _plan_batches(self, clamp: np.ndarray, start_codes: np.ndarray | None,
+                      strength: float, target: np.ndarray | None, settle: Settle,
+                      status: tuple[int, bytes]) -> list[_Group]:
+        """A phase as RELAX_BATCH frames (protocol 2), each with the records (input phases,
+        start codes, targets) of as many samples as fit a request and whose results fit its
+        reply, fewer on a noisy link: the count whose frame pair :func:`best_payload` gives
+        at the measured error rate. A frame's reply brings the results when the samples
+        ended within ``poll_wait``; else READ_BATCH (same wait) polls for them."""
+        dtype = self._batch_record(start_codes is not None, target is not None)
+        relax_layout = wire.COMMANDS[Command.RELAX_BATCH].request
+        read_layout = wire.COMMANDS[Command.READ_BATCH].request
+        result = self._link.batch_record
+        reply_head = wire.COMMANDS[Command.RELAX_BATCH].reply.head.size
+        largest = min(wire.batch_capacity(dtype.itemsize, relax_layout.head.size),
+                      wire.batch_capacity(result, reply_head))
+        item = dtype.itemsize + result
+        overhead = 2 * wire.OVERHEAD + relax_layout.head.size + reply_head
+        per_frame = max(1, min(largest, best_payload(self._link.quality.error_rate, overhead,
+                                                     largest * item, smallest=item) // item))
+        flags = (wire.BatchFlags.START if start_codes is not None else 0) | (
+            wire.BatchFlags.NUDGE if target is not None else 0)
+        wait_ms = wire.COMMANDS[Command.STATUS].request.unpack(status[1])["wait_ms"]
+        batch = len(clamp)
+        plan = []
+        for first in range(0, batch, per_frame):
+            rows = slice(first, min(batch, first + per_frame))
+            count = rows.stop - rows.start
+            records = np.zeros(count, dtype=dtype)
+            records["phases"] = clamp[rows]
+            if start_codes is not None:
+                records["start"] = start_codes[rows]
+            if target is not None:
+                records["target"] = target[rows]
+            run = (Command.RELAX_BATCH, relax_layout.pack(
+                np.frombuffer(records.tobytes(), dtype=np.uint8), flags=flags, batch=count,
+                max_steps=int(settle.max_steps), tolerance=float(settle.tolerance),
+                beta=strength, wait_ms=wait_ms))
+            read = (Command.READ_BATCH, read_layout.pack(wait_ms=wait_ms, offset=0,
+                                                         count=count))
+            plan.append(_Group([], frozenset(), run, status, [read], [(0, count)],
+                               batch=count))
+        return plan
+
     def _relax_batch(self, plan: list[_Group], readouts: int
                      ) -> list[tuple[np.ndarray, np.ndarray, dict[str, Any]]]:
         """Every sample relaxed: the phases, the invalid mask and the STATUS fields.
@@ -1136,7 +1228,7 @@ class OIMBoard(BenchLifecycle):
             order = samples
         for sample in order:
             self._relax_sample(sample)
-        return [self._result(sample, readouts) for sample in samples]
+        return [row for sample in samples for row in self._results(sample, readouts)]
 
     def _relax_sample(self, sample: _Sample) -> None:
         """Finish one sample's relaxation, whose context on the board (the registers and the
@@ -1172,7 +1264,8 @@ class OIMBoard(BenchLifecycle):
         for (sample, key), request in zip(keys, requests, strict=True):
             self._note_sent(sample.tries.setdefault(key, _Tries()), request)
         busy_ok = frozenset(i for i, (_, key) in enumerate(keys) if key[0] == "read")
-        wait = self.options.poll_wait if any(key == _STATUS for _, key in keys) else 0.0
+        wait = self.options.poll_wait if any(key == _STATUS or sample.group.batch
+                                             for sample, key in keys) else 0.0
         attempt = self._attempt(requests, "relax", wait=wait, busy_ok=busy_ok)
         for i in attempt.unsent:
             sample, key = keys[i]
@@ -1201,6 +1294,9 @@ class OIMBoard(BenchLifecycle):
         valid are void (neither used nor counted). Failures go to ``failed``; STATUS IDLE
         after an acknowledged RUN is one (the board lost the relaxation: it is restored and
         the sample run again)."""
+        if sample.group.batch:
+            self._absorb_batch(sample, keys, attempt, base, failed)
+            return
         status_layout = wire.COMMANDS[Command.STATUS].reply
         for offset, key in enumerate(keys):
             index = base + offset
@@ -1243,11 +1339,66 @@ class OIMBoard(BenchLifecycle):
                 tries = sample.tries.setdefault(key, _Tries())
                 failed.append((tries, failure, self._pair_bytes(sample.request(key))))
 
-    def _result(self, sample: _Sample, readouts: int
-                ) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+    def _absorb_batch(self, sample: _Sample, keys: list[tuple[str, int]], attempt: _Attempt,
+                      base: int, failed: list[tuple[_Tries, _Failed, int]]) -> None:
+        """:meth:`_absorb` for a RELAX_BATCH frame: an answered RELAX_BATCH makes the
+        relaxations valid, and its reply (or, while it said RUNNING, a READ_BATCH reply)
+        brings every sample's record; a READ_BATCH of a RELAX_BATCH that did not count is
+        void. A reply whose records do not match the request is a failure (sent again)."""
+        layout = wire.COMMANDS[Command.READ_BATCH].reply
+        record = self._link.batch_record
+        for offset, key in enumerate(keys):
+            index = base + offset
+            failure = attempt.failures.get(index)
+            payload = attempt.payloads[index] if attempt.done[index] else None
+            if key == _RUN and attempt.done[index]:
+                sample.run_valid = True
+                sample.status, sample.running = None, False
+                sample.reads = [None]
+            elif key == _RUN or not sample.run_valid:
+                payload = None  # a reply of a RELAX_BATCH that does not count
+            if payload is not None:
+                reply = layout.unpack(payload)
+                assert reply.array is not None
+                if reply["state"] == wire.RunState.RUNNING:
+                    sample.running = True
+                elif (reply["count"] == sample.group.batch
+                      and reply.array.size == record * sample.group.batch):
+                    sample.status, sample.running = {"state": reply["state"]}, False
+                    sample.reads = [reply.array.tobytes()]
+                elif key == _RUN:  # ended, but its results did not come with it: read them
+                    sample.running = True
+                else:
+                    command = wire.command_name(sample.request(key)[0])
+                    failure = _Failed("garbled", command, f"asked {sample.group.batch} "
+                                      f"records, got {reply['count']} in {reply.array.size} "
+                                      "bytes", "retry")
+            if failure is not None:
+                tries = sample.tries.setdefault(key, _Tries())
+                failed.append((tries, failure, self._pair_bytes(sample.request(key))))
+
+    def _results(self, sample: _Sample, readouts: int
+                 ) -> list[tuple[np.ndarray, np.ndarray, dict[str, Any]]]:
+        """(phases, invalid mask, status fields) of each sample of a completed group."""
         assert sample.complete and sample.status is not None
-        phases, invalid = self._phases(sample.reads, sample.group.where, readouts)
-        return phases, invalid, sample.status
+        if not sample.group.batch:
+            phases, invalid = self._phases(sample.reads, sample.group.where, readouts)
+            return [(phases, invalid, sample.status)]
+        n = self.model.state_size
+        dtype = wire.batch_result_dtype(n)
+        out = []
+        for data in sample.reads:
+            assert data is not None
+            for record in np.frombuffer(data, dtype=dtype):
+                invalid = np.unpackbits(record["invalid"], count=n,
+                                        bitorder="little").astype(bool)
+                phases = wire.codes_to_phases(record["codes"]).astype(self.dtype)
+                phases[invalid] = np.nan
+                out.append((phases, invalid, {
+                    "state": int(record["state"]), "steps": int(record["steps"]),
+                    "residual": float(record["residual"]),
+                    "elapsed_us": int(record["elapsed_us"])}))
+        return out
 
     def _phases(self, payloads: list[bytes | None], where: list[tuple[int, int]],
                 readouts: int) -> tuple[np.ndarray, np.ndarray]:

@@ -167,16 +167,25 @@ _PROBE = wire.COMMANDS[wire.Command.STATUS].request.pack(wait_ms=0)
 _PROBE_REPLY = wire.OVERHEAD + wire.COMMANDS[wire.Command.STATUS].reply.size()
 
 
-def reply_allowance(command: int, payload: bytes) -> int:
+def reply_allowance(command: int, payload: bytes, record: int = 0) -> int:
     """An upper bound of the reply's size in bytes (to size the timeout by the line rate):
     a read's reply, else an ERROR frame with its longest message."""
-    if command in (wire.Command.READ_CODES, wire.Command.READ_PHASES, wire.Command.IDENTIFY):
-        return reply_size(command, payload)
+    if command in (wire.Command.READ_CODES, wire.Command.READ_PHASES, wire.Command.IDENTIFY,
+                   wire.Command.READ_BATCH, wire.Command.RELAX_BATCH):
+        return reply_size(command, payload, record)
     return wire.OVERHEAD + 202
 
 
-def reply_size(command: int, payload: bytes) -> int:
-    """The size in bytes of a successful reply to a request (for the cost of a frame pair)."""
+def reply_size(command: int, payload: bytes, record: int = 0) -> int:
+    """The size in bytes of a successful reply to a request (for the cost of a frame pair);
+    ``record``: the bytes of one READ_BATCH record (:func:`~labep.drivers.oim_wire.
+    batch_result_dtype` of the board's free oscillators)."""
+    if command == wire.Command.READ_BATCH:
+        return wire.OVERHEAD + 3 + record * int.from_bytes(payload[4:6], "little")
+    if command == wire.Command.RELAX_BATCH:  # its results come with it when they fit
+        batch = int.from_bytes(payload[1:3], "little")
+        inline = record and batch <= wire.batch_capacity(record, 3)
+        return wire.OVERHEAD + 3 + (record * batch if inline else 0)
     if command == wire.Command.READ_CODES:
         return wire.OVERHEAD + 2 + 2 * int.from_bytes(payload[6:8], "little")
     if command == wire.Command.READ_PHASES:
@@ -204,6 +213,8 @@ class SerialLink:
         self.probes = 1
         self.probe_timeout = 0.2
         self.probes_sent = 0
+        #: bytes of one READ_BATCH record of the board (set by the driver; sizes replies)
+        self.batch_record = 0
         self._seq = 0
         self._fd: int | None = None
         self._poll: Any = None
@@ -312,7 +323,7 @@ class SerialLink:
         frames = []
         for command, payload in requests:
             frames.append((command, wire.encode(command, self.next_seq(), payload),
-                           reply_allowance(command, payload)))
+                           reply_allowance(command, payload, self.batch_record)))
         replies: list[wire.Frame | None] = [None] * len(frames)
         missing: dict[int, Observation] = {}
         seen: list[Observation] = []
@@ -374,7 +385,7 @@ class SerialLink:
         short = False
         now = time.perf_counter()
         deadline = now + timeout + (len(data) + to_come) * per_byte + (
-            wait if frames[first][0] == wire.Command.STATUS else 0.0)
+            wait if frames[first][0] in wire.WAITING_COMMANDS else 0.0)
         self._write(data)
         self.stats.frames_out += stop - first
         self.stats.bytes_out += len(data)
@@ -457,7 +468,7 @@ class SerialLink:
                     missing.pop(at, None)
                     if at in unresolved:
                         unresolved.discard(at)
-                        if not late and not (wait and frames[at][0] == wire.Command.STATUS):
+                        if not late and not (wait and frames[at][0] in wire.WAITING_COMMANDS):
                             quality.note_latency(now - mark)
                         mark = now
                         to_come -= frames[at][2]
@@ -475,7 +486,7 @@ class SerialLink:
                     if unresolved:
                         nearest = min(unresolved)
                         deadline = now + timeout + to_come * per_byte + (
-                            wait if frames[nearest][0] == wire.Command.STATUS else 0.0)
+                            wait if frames[nearest][0] in wire.WAITING_COMMANDS else 0.0)
                     continue
                 errors += not (isinstance(item, wire.Frame) and at is None)  # stale: no error
                 anomaly = self._anomaly(item, frames, first, unresolved, at)

@@ -1,4 +1,4 @@
-"""The wire protocol of the FPGA oscillator-Ising boards, version 1: framing and commands.
+"""The wire protocol of the FPGA oscillator-Ising boards: framing and commands.
 
 Everything about bytes lives here, once, and both ends use it: the driver
 (:mod:`labep.drivers.oim_board`) and the board emulator
@@ -26,7 +26,12 @@ from typing import Any
 import numpy as np
 
 START = 0xA5
+#: the frame format's version byte (unchanged since the first boards)
 VERSION = 1
+#: the protocol versions a board reports in IDENTIFY: 1 (the single-sample commands), 2 (adds
+#: RELAX_BATCH and READ_BATCH: a whole phase in one request)
+PROTOCOLS = (1, 2)
+PROTOCOL = PROTOCOLS[-1]
 #: start, version, length, command, sequence
 HEADER = struct.Struct("<BBHBB")
 HEADER_SIZE = HEADER.size  # 6
@@ -60,6 +65,17 @@ class Command(IntEnum):
     RUN = 0x23
     STATUS = 0x24
     READ_PHASES = 0x25
+    RELAX_BATCH = 0x26  # protocol 2
+    READ_BATCH = 0x27  # protocol 2
+
+
+#: the commands a protocol-1 board does not know
+BATCH_COMMANDS = frozenset({Command.RELAX_BATCH, Command.READ_BATCH})
+#: requests whose reply may wait ``wait_ms`` for a running relaxation to end
+WAITING_COMMANDS = frozenset({Command.STATUS, Command.RELAX_BATCH, Command.READ_BATCH})
+#: requests a board serves while a relaxation runs (any other is BUSY)
+SERVED_WHILE_RUNNING = frozenset({Command.IDENTIFY, Command.RESET, Command.STATUS,
+                                  Command.READ_BATCH})
 
 
 class ErrorCode(IntEnum):
@@ -71,9 +87,9 @@ class ErrorCode(IntEnum):
     OUT_OF_RANGE = 0x04  # a parameter code >= 2^bits
     BAD_BLOCK = 0x05  # a layer, selector, offset or count outside the addressed array
     BAD_VALUE = 0x06  # a non-finite or invalid number or mode
-    BUSY = 0x07  # a relaxation is running (only IDENTIFY, RESET and STATUS are served)
+    BUSY = 0x07  # a relaxation is running (only IDENTIFY, RESET, STATUS, READ_BATCH served)
     NOT_CONFIGURED = 0x08  # RUN before CONFIGURE (since power-on) or CLAMP (since RESET)
-    NO_RESULT = 0x09  # READ_PHASES before any completed relaxation since power-on / RESET
+    NO_RESULT = 0x09  # READ_PHASES (READ_BATCH) before any completed relaxation (batch)
 
 
 class RunState(IntEnum):
@@ -96,6 +112,13 @@ class Selector(IntEnum):
 class LoadMode(IntEnum):
     CODES = 0
     REST = 1  # every free oscillator at pi/2
+
+
+class BatchFlags(IntEnum):
+    """Bits of RELAX_BATCH's ``flags``: which per-sample arrays its records carry."""
+
+    START = 0x01  # u16 start phase codes of the free oscillators (else every one at rest)
+    NUDGE = 0x02  # f64 targets of the outputs (the nudge beta, t; else the nudge is off)
 
 
 class WireFormatError(ValueError):
@@ -389,7 +412,43 @@ COMMANDS: dict[int, CommandSpec] = {spec.code: spec for spec in (
     CommandSpec(Command.READ_PHASES, Layout((("offset", "I"), ("count", "H"))), Layout(
         (("flags", "B"), ("count", "H")), array="<u2", count="count", bitmap=True),
         "phase codes of free oscillators [offset, offset + count) and an invalid bitmap"),
+    CommandSpec(Command.RELAX_BATCH, Layout(
+        (("flags", "B"), ("batch", "H"), ("max_steps", "I"), ("tolerance", "d"),
+         ("beta", "d"), ("wait_ms", "H")), array="u1"),
+        Layout((("state", "B"), ("count", "H")), array="u1"),
+        "relax `batch` samples one after another (records: batch_request_dtype); answers when "
+        "they ended (their results, if they fit) or wait_ms after, whichever first"),
+    CommandSpec(Command.READ_BATCH, Layout((("wait_ms", "H"), ("offset", "H"), ("count", "H"))),
+                Layout((("state", "B"), ("count", "H")), array="u1"),
+                "results of samples [offset, offset + count) of the last RELAX_BATCH (records: "
+                "batch_result_dtype); waits up to wait_ms while it runs"),
 )}
+
+
+def batch_request_dtype(inputs: int, free: int, outputs: int, flags: int) -> np.dtype:
+    """One sample's record in a RELAX_BATCH request: ``f64 phases[n_0]``, then
+    ``u16 start[N]`` with :attr:`BatchFlags.START`, then ``f64 target[n_L]`` with
+    :attr:`BatchFlags.NUDGE` (little-endian, no padding)."""
+    fields: list[tuple[str, str, tuple[int, ...]]] = [("phases", "<f8", (inputs,))]
+    if flags & BatchFlags.START:
+        fields.append(("start", "<u2", (free,)))
+    if flags & BatchFlags.NUDGE:
+        fields.append(("target", "<f8", (outputs,)))
+    return np.dtype(fields)
+
+
+def batch_result_dtype(free: int) -> np.dtype:
+    """One sample's record in a READ_BATCH reply: ``u8 state, u32 steps, f64 residual,
+    u32 elapsed_us, u16 codes[N], u8 invalid[ceil(N / 8)]`` (the meanings of STATUS and
+    READ_PHASES, for that sample)."""
+    return np.dtype([("state", "u1"), ("steps", "<u4"), ("residual", "<f8"),
+                     ("elapsed_us", "<u4"), ("codes", "<u2", (free,)),
+                     ("invalid", "u1", (-(-free // 8),))])
+
+
+def batch_capacity(record: int, head: int) -> int:
+    """How many records of ``record`` bytes fit one payload after ``head`` fixed bytes."""
+    return max(0, (MAX_PAYLOAD - head) // record)
 
 #: the payload of an ERROR frame: error code, the refused command, a short ASCII message
 ERROR_LAYOUT = Layout((("code", "B"), ("command", "B")), array="u1")

@@ -76,6 +76,9 @@ class BoardConfig(BaseModel):
     seed: int = Field(0, ge=0, description="Device seed and every fault draw.")
     serial: str = Field("", max_length=16, description="Serial number (default from sizes "
                         "and seed).")
+    protocol: Literal[1, 2] = Field(
+        wire.PROTOCOL, description="The protocol version it speaks: 2 (RELAX_BATCH and "
+        "READ_BATCH), or 1 (a board of the first firmware: those are UNKNOWN_COMMAND).")
 
     @field_validator("sizes")
     @classmethod
@@ -184,7 +187,10 @@ class EmulatedBoard:
         self._rng = np.random.default_rng([config.seed, 2])
         #: command code -> (request layout, handler): the command table, bound to this board
         self._handlers = {code: (spec.request, getattr(self, "_" + spec.name.lower()))
-                          for code, spec in wire.COMMANDS.items()}
+                          for code, spec in wire.COMMANDS.items()
+                          if config.protocol >= 2 or code not in wire.BATCH_COMMANDS}
+        n_free = self.model.state_size
+        self._result_dtype = wire.batch_result_dtype(n_free)
         self.physics_seconds = 0.0
         self.runs = 0
         #: requests refused, by error name (e.g. OUT_OF_RANGE: a code >= 2^bits was sent)
@@ -225,6 +231,10 @@ class EmulatedBoard:
         self.steps, self.residual, self.elapsed_us = 0, 0.0, 0
         self.result: np.ndarray | None = None
         self.pending: tuple[int, float] | None = None
+        #: the relaxations of a RELAX_BATCH still to run: (inputs, start codes, targets)
+        self.batch: tuple[np.ndarray, np.ndarray, np.ndarray | None] | None = None
+        #: the READ_BATCH records of the last completed RELAX_BATCH
+        self.batch_result: np.ndarray | None = None
 
     def is_safe(self) -> bool:
         """Every code at the zero code, nudge off, nothing running."""
@@ -239,8 +249,7 @@ class EmulatedBoard:
         if entry is None:
             return wire.ERROR, wire.error_payload(ErrorCode.UNKNOWN_COMMAND, command,
                                                   f"no command 0x{command:02X}")
-        if self.pending is not None and command not in (Command.IDENTIFY, Command.RESET,
-                                                        Command.STATUS):
+        if self.pending is not None and command not in wire.SERVED_WHILE_RUNNING:
             return wire.ERROR, wire.error_payload(ErrorCode.BUSY, command, "running")
         layout, handler = entry
         try:
@@ -255,7 +264,8 @@ class EmulatedBoard:
 
     def _identify(self, _: wire.Payload) -> bytes:
         return wire.COMMANDS[Command.IDENTIFY].reply.pack(
-            np.asarray(self.config.sizes), protocol=wire.VERSION, vendor=self.vendor.encode(),
+            np.asarray(self.config.sizes), protocol=self.config.protocol,
+            vendor=self.vendor.encode(),
             model=self.model_name.encode(), firmware=f"labep-{labep.__version__}".encode(),
             serial=self.serial.encode(), coupling_bits=self.config.bits,
             bias_bits=self.config.bits, phase_bits=wire.PHASE_BITS,
@@ -370,12 +380,88 @@ class EmulatedBoard:
         return wire.COMMANDS[Command.READ_PHASES].reply.pack(
             codes, invalid=invalid, flags=int(invalid.any()))
 
+    def _relax_batch(self, request: wire.Payload) -> bytes:
+        if not self.configured:
+            raise _Refused(ErrorCode.NOT_CONFIGURED, "CONFIGURE since power-on is needed")
+        flags, batch, beta = request["flags"], request["batch"], request["beta"]
+        tolerance = request["tolerance"]
+        if flags & ~(wire.BatchFlags.START | wire.BatchFlags.NUDGE):
+            raise _Refused(ErrorCode.BAD_VALUE, f"unknown flags 0x{flags:02X}")
+        if request["max_steps"] < 1 or not (math.isfinite(tolerance) and tolerance > 0):
+            raise _Refused(ErrorCode.BAD_VALUE, "max_steps >= 1 and a finite tolerance > 0")
+        nudged = bool(flags & wire.BatchFlags.NUDGE)
+        if not math.isfinite(beta) or (not nudged and beta != 0.0):
+            raise _Refused(ErrorCode.BAD_VALUE, "beta must be finite, and 0 without targets")
+        model = self.model
+        dtype = wire.batch_request_dtype(model.input_size, model.state_size,
+                                         model.output_size, flags)
+        data = request.array
+        assert data is not None
+        if batch < 1 or data.size != batch * dtype.itemsize:
+            raise wire.WireFormatError(f"{batch} record(s) of {dtype.itemsize} bytes need "
+                                       f"{batch * dtype.itemsize} bytes, got {data.size}")
+        records = np.frombuffer(data.tobytes(), dtype=dtype)
+        if not np.all(np.isfinite(records["phases"])) or (
+                nudged and not np.all(np.isfinite(records["target"]))):
+            raise _Refused(ErrorCode.BAD_VALUE, "input phases and targets must be finite")
+        start = (records["start"].astype(np.int64) if flags & wire.BatchFlags.START
+                 else np.full((batch, model.state_size), REST_CODE, dtype=np.int64))
+        targets = records["target"].astype(np.float64) if nudged else None
+        self.batch = (records["phases"].astype(np.float64), start, targets)
+        # the registers hold the last sample's context, as after its CLAMP .. RUN group
+        self.clamp = self.batch[0][-1].copy()
+        self.clamped = True
+        self.start = start[-1].copy()
+        self.beta = beta
+        self.target = targets[-1].copy() if nudged else np.zeros(model.output_size)
+        self.pending = (request["max_steps"], tolerance)
+        self.run_state = wire.RunState.RUNNING
+        self.batch_result = None
+        if not request["wait_ms"]:
+            return self._batch_reply(None)
+        self.integrate()  # the emulator's relaxations end before it answers (see the docs)
+        fits = batch <= wire.batch_capacity(self._result_dtype.itemsize, 3)
+        return self._batch_reply(slice(0, batch) if fits else None)
+
+    def _read_batch(self, request: wire.Payload) -> bytes:
+        if self.pending is not None and self.batch is not None:
+            if not request["wait_ms"]:
+                return self._batch_reply(None)
+            self.integrate()
+        if self.batch_result is None:
+            raise _Refused(ErrorCode.NO_RESULT, "no completed RELAX_BATCH")
+        where = _check_block(request["offset"], request["count"], len(self.batch_result),
+                             "samples")
+        room = wire.batch_capacity(self._result_dtype.itemsize, 3)
+        if request["count"] > room:
+            raise _Refused(ErrorCode.BAD_BLOCK, f"at most {room} samples fit one reply")
+        return self._batch_reply(where)
+
+    def _batch_reply(self, where: slice | None) -> bytes:
+        """The reply of RELAX_BATCH and READ_BATCH: the run state and the records of
+        ``where`` (none: still running, or RELAX_BATCH's results do not fit one reply)."""
+        layout = wire.COMMANDS[Command.READ_BATCH].reply
+        if where is None or self.batch_result is None:
+            return layout.pack(np.zeros(0, dtype=np.uint8), state=self.run_state, count=0)
+        records = self.batch_result[where].copy()
+        if self.faults.nan:
+            for record in records:
+                if self._rng.random() < self.faults.nan:
+                    unit = int(self._rng.integers(self.model.state_size))
+                    record["codes"][unit] = 0xFFFF
+                    record["invalid"][unit // 8] |= 1 << (unit % 8)
+        return layout.pack(np.frombuffer(records.tobytes(), dtype=np.uint8),
+                           state=self.run_state, count=len(records))
+
     # -- physics ----------------------------------------------------------------------------
 
     def integrate(self) -> None:
         """Run the pending relaxation (after RUN was answered; the server runs it with one
-        numba thread, see :func:`one_numba_thread`)."""
+        numba thread, see :func:`one_numba_thread`), or the pending batch's."""
         if self.pending is None:
+            return
+        if self.batch is not None:
+            self._integrate_batch()
             return
         max_steps, tolerance = self.pending
         started = time.perf_counter()
@@ -396,6 +482,46 @@ class EmulatedBoard:
         self.elapsed_us = round(elapsed * 1e6)
         self.runs += 1
         self.run_state = wire.RunState.SETTLED if settled else wire.RunState.UNSETTLED
+        self.pending = None
+
+    def _integrate_batch(self) -> None:
+        """A RELAX_BATCH's relaxations, in one call of the simulator (each sample relaxes on
+        its own, exactly as one RUN would), then its READ_BATCH records; STATUS then reports
+        the batch: SETTLED if every sample settled, the steps summed, the largest residual,
+        the whole time (each record: its sample's share of it)."""
+        assert self.pending is not None and self.batch is not None
+        max_steps, tolerance = self.pending
+        inputs, start, targets = self.batch
+        batch = len(inputs)
+        started = time.perf_counter()
+        nudge = None if targets is None else Nudge(self.beta, targets)
+        relaxation = self.sim.relax_phases(inputs, nudge, wire.codes_to_phases(start),
+                                           Settle(tolerance, max_steps))
+        records = np.zeros(batch, dtype=self._result_dtype)
+        records["codes"] = wire.phases_to_codes(relaxation.state)
+        settled = relaxation.converged.astype(bool).copy()
+        steps = relaxation.steps.astype(np.int64).copy()
+        residual = relaxation.residual.astype(np.float64).copy()
+        if self.faults.never_settle:
+            for sample in range(batch):
+                if self._rng.random() < self.faults.never_settle:
+                    settled[sample] = False
+                    steps[sample] = max_steps
+                    residual[sample] = max(residual[sample], 10.0 * tolerance)
+        elapsed = time.perf_counter() - started
+        self.physics_seconds += elapsed
+        self.runs += batch
+        records["state"] = np.where(settled, wire.RunState.SETTLED, wire.RunState.UNSETTLED)
+        records["steps"] = np.minimum(steps, 2**32 - 1)
+        records["residual"] = residual
+        records["elapsed_us"] = min(round(elapsed * 1e6 / batch), 2**32 - 1)
+        self.batch_result = records
+        self.result = records["codes"][-1].astype(np.int64)
+        self.steps = int(min(steps.sum(), 2**32 - 1))
+        self.residual = float(residual.max())
+        self.elapsed_us = round(elapsed * 1e6)
+        self.run_state = wire.RunState.SETTLED if settled.all() else wire.RunState.UNSETTLED
+        self.batch = None
         self.pending = None
 
 

@@ -79,7 +79,7 @@ def test_show_prints_the_runs_link_quality_summary(tmp_path: Path,
                                                   emulator_factory) -> None:
     """A board run behind a garbling link that drops twice: ``labep show`` has the link's
     frames, retries, bytes re-sent and reconnects, and they agree with what the emulator saw."""
-    emulator = emulator_factory((2, 8, 2), faults="garble=0.002,close_every=400",
+    emulator = emulator_factory((2, 8, 2), faults="garble=0.002,close_every=100",
                                 transport="tcp")
     protocol = load_protocol(PROTOCOLS / "oim_board_xor.yaml",
                              [*OVERRIDES, f"bench.resource={emulator.url}"])

@@ -349,7 +349,7 @@ def test_write_and_relax_through_a_link_garbling_one_byte_in_a_hundred(emulator_
 def test_link_quality_counts_frames_retries_and_reconnects(emulator_factory) -> None:
     emulator = emulator_factory(faults="garble=0.002,close_every=60")
     model = LayeredOIM([2, 8, 2], shil=0.1)
-    board = OIMBoard(model, resource=emulator.url)
+    board = OIMBoard(model, OIMBoardOptions(phase_requests="sample"), resource=emulator.url)
     assert set(board.link_quality()) == KEYS
     assert board.link_quality()["frames"] == 0
     board.open()

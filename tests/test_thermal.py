@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from labep import thermal
+from labep.ep import thermal
 from labep.ep.estimators import FiniteNudge, ThermalCovariance
 from labep.hardware.bench import Nudge, Settle
 from labep.models.hopfield import LayeredHopfield

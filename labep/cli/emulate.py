@@ -47,13 +47,16 @@ def emulate() -> None:
               help="Device seed and every injected fault.")
 @click.option("--latency-baud", type=click.FloatRange(min=0.0, min_open=True), default=None,
               help="Wire time model: 10 bits a byte at this rate, each request and reply.")
+@click.option("--protocol", "protocol_version", type=click.IntRange(1, 2), default=2,
+              show_default=True, help="Protocol version: 2 (RELAX_BATCH, READ_BATCH), or 1 "
+                                      "(a board of the first firmware).")
 @click.option("--faults", "fault_spec", default="", metavar="SPEC",
               help="Injected faults, e.g. garble=0.01,drop=0.01,delay=0.01:0.5,"
                    "close_every=200,never_settle=0.0,nan=0.0 (see docs/oim-board-protocol.md).")
 def emulate_oim_board(transport: str, tcp_port: int | None, link_path: str | None, sizes: str,
                       bits: int, coupling_range: float, bias_range: float, dt: float,
                       integrator: str, dtype: str, seed: int, latency_baud: float | None,
-                      fault_spec: str) -> None:
+                      protocol_version: int, fault_spec: str) -> None:
     """Serve an emulated FPGA oscillator Ising board (the OIM simulator behind the board's wire
     protocol) until SIGINT or SIGTERM. Prints the port's URL or path on the first line."""
     from pydantic import ValidationError
@@ -63,7 +66,8 @@ def emulate_oim_board(transport: str, tcp_port: int | None, link_path: str | Non
     try:
         config = BoardConfig(sizes=BoardConfig.parse_sizes(sizes), bits=bits,
                              coupling_range=coupling_range, bias_range=bias_range, dt=dt,
-                             integrator=integrator, dtype=dtype, seed=seed)
+                             integrator=integrator, dtype=dtype, seed=seed,
+                             protocol=protocol_version)
         faults = FaultSpec.parse(fault_spec)
     except (ValueError, ValidationError) as err:
         click.echo(f"error: {err}", err=True)
