@@ -379,16 +379,19 @@ class OIMBoard(BenchLifecycle):
     options_model = OIMBoardOptions
 
     def __init__(self, model: LayeredOIM, options: OIMBoardOptions | None = None, *,
-                 resource: str) -> None:
+                 resource: str | None = None, transport: Any = None) -> None:
+        """``resource``: a pyserial URL (``/dev/ttyUSB0``, ``socket://host:port``, ...), or
+        ``transport``: a pyserial port object (open or not) the bench then owns: it opens it,
+        closes it on :meth:`close` and reopens it on a reconnect. Nothing is opened here."""
         self.model = model
         self.options = options or OIMBoardOptions()
-        self.resource = resource
-        self.instrument = f"oim_board {resource}"
+        self._link = SerialLink(resource, self.options.baudrate, transport)
+        self.resource = self._link.resource
+        self.instrument = f"oim_board {self.resource}"
         self.dtype = np.dtype(self.options.dtype)
         self.board: BoardInfo | None = None
         #: provisional (continuous, unbounded) until open() reads the board's bits and ranges
         self.spec = self._make_spec(None)
-        self._link = SerialLink(resource, self.options.baudrate)
         self._link.probe_timeout = self.options.timeout
         self._link.batch_record = wire.batch_result_dtype(model.state_size).itemsize
         #: protocol-defined safe values by parameter (checked against the range on open)

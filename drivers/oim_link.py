@@ -201,8 +201,15 @@ def reply_size(command: int, payload: bytes, record: int = 0) -> int:
 class SerialLink:
     """Frames to and from one board over one pyserial transport."""
 
-    def __init__(self, resource: str, baudrate: int) -> None:
-        self.resource = resource
+    def __init__(self, resource: str | None, baudrate: int, transport: Any = None) -> None:
+        if (resource is None) == (transport is None):
+            raise ValueError("a link needs exactly one of a resource string (a pyserial URL) "
+                             "or a transport (a pyserial port object)")
+        #: the pyserial port object handed in (the link owns it: it opens it, closes it and
+        #: reopens it on a reconnect), or None to build one from ``resource``
+        self.transport = transport
+        self.resource = resource if resource is not None else str(
+            getattr(transport, "port", None) or type(transport).__name__)
         self.baudrate = baudrate
         self.port: Any = None
         self.decoder = wire.FrameDecoder()
@@ -226,12 +233,18 @@ class SerialLink:
         return self.port is not None
 
     def open(self) -> None:
-        """Open the resource with ``serial.serial_for_url``; :class:`LinkLost` if it fails."""
+        """Open the resource with ``serial.serial_for_url`` (or (re)open the transport handed
+        in); :class:`LinkLost` if it fails."""
         self.close()
         try:
-            port = serial.serial_for_url(self.resource, baudrate=self.baudrate, timeout=0,
-                                         do_not_open=True)
-            port.open()
+            if self.transport is not None:
+                port = self.transport
+                port.timeout = 0
+            else:
+                port = serial.serial_for_url(self.resource, baudrate=self.baudrate, timeout=0,
+                                             do_not_open=True)
+            if not port.is_open:
+                port.open()
         except (*PORT_ERRORS, ValueError) as err:
             raise LinkLost(f"cannot open {self.resource}: {err}") from err
         self.port = port

@@ -42,7 +42,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from importlib import resources as package_files
 from typing import Any, Literal
 
@@ -132,13 +132,27 @@ class PolaritonBench(BenchLifecycle):
     options_model = PolaritonBenchOptions
 
     def __init__(self, model: PolaritonLattice, options: PolaritonBenchOptions | None = None,
-                 *, resource: str) -> None:
+                 *, resource: str | None = None, transport: Any = None) -> None:
+        """``resource``: ``@sim`` (pyvisa-sim), ``TCPIP::HOST::PORT::SOCKET`` (three
+        consecutive ports) or a VISA resource with ``options.resources`` naming the others;
+        or ``transport``: a pyvisa ResourceManager (the bench opens the instruments named in
+        ``options.resources`` from it, and closes those sessions on :meth:`close`) or a
+        mapping of ``laser``, ``slm`` and ``camera`` to open pyvisa resources (the caller's:
+        :meth:`close` leaves the instruments in their safe state and the sessions open).
+        Nothing is opened here."""
+        if (resource is None) == (transport is None):
+            raise BenchError(f"{self.name}: give exactly one of a resource string or a "
+                             "transport (a pyvisa ResourceManager or open resources by role)")
+        if isinstance(transport, Mapping) and set(transport) != set(ROLES):
+            raise BenchError(f"{self.name}: a transport mapping needs exactly the roles "
+                             f"{', '.join(ROLES)}, got {', '.join(map(str, transport))}")
         if np.any(model.input_pump != 0.0):
             raise BenchError(f"{self.name}: the bench pumps with one laser; inputs go to the "
                              "light modulator (model.input_pump must be 0)")
         self.model = model
         self.options = options or PolaritonBenchOptions()
-        self.resource = resource
+        self.resource = resource if resource is not None else type(transport).__name__
+        self._transport = transport
         self.dtype = np.dtype(self.options.dtype)
         v = ParameterSpec("V", (model.n_sites,), unit="J")  # provisional until open()
         self.spec = BenchSpec((v,), model.input_size, model.state_size, model.output_slice,
@@ -206,15 +220,32 @@ class PolaritonBench(BenchLifecycle):
     def _connect(self) -> None:
         import pyvisa
 
-        backend, names = self._addresses()
-        try:
-            self._manager = pyvisa.ResourceManager(backend)
-        except (OSError, ValueError, pyvisa.errors.Error) as err:
-            raise BenchError(f"{self.name}: cannot start the VISA backend {backend}: {err}") \
-                from err
         common = {"faults": self._faults, "retries": self.options.retries,
                   "backoff": self.options.backoff}
         classes = {"slm": SpatialLightModulator, "camera": Camera, "laser": PumpLaser}
+        if isinstance(self._transport, Mapping):  # open resources, handed in by role
+            self._manager = self._transport
+            for role in ("laser", "slm", "camera"):
+                session = self._transport[role]
+                self._sessions.append(session)
+                label = f"{role} {getattr(session, 'resource_name', role)}"
+                setattr(self, role, classes[role](session, label=label, **common))
+            return
+        if self._transport is not None:  # a resource manager: the names from the options
+            backend, names = "", {role: getattr(self.options.resources, role) for role in ROLES}
+            missing = [role for role, name in names.items() if not name]
+            if missing:
+                raise BenchError(f"{self.name}: with a resource manager as transport, "
+                                 f"bench.options.resources must name {', '.join(missing)}")
+            self._manager = self._transport
+        else:
+            backend, names = self._addresses()
+        try:
+            if self._manager is None:
+                self._manager = pyvisa.ResourceManager(backend)
+        except (OSError, ValueError, pyvisa.errors.Error) as err:
+            raise BenchError(f"{self.name}: cannot start the VISA backend {backend}: {err}") \
+                from err
         # the laser first: it is the one that must be made safe
         for role in ("laser", "slm", "camera"):
             try:
@@ -318,9 +349,10 @@ class PolaritonBench(BenchLifecycle):
     def _release(self) -> None:
         """Close the bench's own sessions. The resource manager stays open: pyvisa shares one
         per backend, and closing it would close every other user's sessions too."""
-        for session in self._sessions:
-            with contextlib.suppress(Exception):
-                session.close()
+        if not isinstance(self._transport, Mapping):  # the caller's sessions stay open
+            for session in self._sessions:
+                with contextlib.suppress(Exception):
+                    session.close()
         self._sessions = []
         self._manager = None
 

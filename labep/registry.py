@@ -103,4 +103,4 @@ def correcting_benches() -> list[str]:
     """The benches that apply the non-conservative correction (``supports_correction``);
     imports every bench class (for error messages and listings only)."""
     return [name for kind in BENCH_KINDS for name, cls in load_all(kind).items()
-            if getattr(cls, "supports_correction", False)]
+            if cls.supports_correction]

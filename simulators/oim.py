@@ -33,6 +33,7 @@ from labep.simulators.layered import (
     LayeredSimulatorOptions,
     coupling_block,
 )
+from labep.simulators.settle_loop import integrate
 from labep.simulators.thermal import SamplingOptions, sample_oim
 
 TWO_PI = 2.0 * math.pi
@@ -190,12 +191,52 @@ def _any_forces(dense, sizes, offsets, weights, weight_offsets, transposed, bias
                    stiffness)
 
 
+@numba.njit(cache=True)
+def _oim_measure(work):
+    """The residual max |dphi/dt| of one sample; the forces land in ``first`` (the next
+    step's)."""
+    (dense, sizes, offsets, weights, weight_offsets, transposed, biases, drive_a, drive_b,
+     phases, cos, sin, field_a, field_b, shil, strength, target, first, _, _, stiffness,
+     _, _, _, _) = work
+    return _any_forces(dense, sizes, offsets, weights, weight_offsets, transposed, biases,
+                       drive_a, drive_b, phases, cos, sin, field_a, field_b, shil, strength,
+                       target, first, stiffness)
+
+
+@numba.njit(cache=True)
+def _oim_step(work, step):
+    """One Euler, Heun or adaptive step of one sample from the forces in ``first``, plus the
+    phase noise of step ``step``."""
+    (dense, sizes, offsets, weights, weight_offsets, transposed, biases, drive_a, drive_b,
+     phases, cos, sin, field_a, field_b, shil, strength, target, first, second, trial,
+     stiffness, method, dt, kick, key) = work
+    n_state = phases.shape[0]
+    if method == 1:
+        for u in range(n_state):
+            trial[u] = phases[u] + dt * first[u]
+        _any_forces(dense, sizes, offsets, weights, weight_offsets, transposed, biases,
+                    drive_a, drive_b, trial, cos, sin, field_a, field_b, shil, strength,
+                    target, second, stiffness)
+        for u in range(n_state):
+            phases[u] += 0.5 * dt * (first[u] + second[u])
+    elif method == 2:
+        for u in range(n_state):
+            phases[u] += dt * first[u] / max(stiffness[u], 1e-3)
+    else:
+        for u in range(n_state):
+            phases[u] += dt * first[u]
+    if kick > 0.0:
+        for u in range(n_state):
+            phases[u] += kick * _gauss(key, step, u)
+
+
 @numba.njit(cache=True, parallel=True)
 def settle_oim(sizes, weights, weight_offsets, transposed, biases, drive_a, drive_b, state,
                target, strength, shil, dt, method, temperature, noise_key, tolerance, max_steps,
                steps_out, residual_out, dense=False):
     """Integrate a batch of OIM phases in place until each sample's residual max |dphi/dt| is
     at or below tolerance (or ``max_steps`` steps); phases are returned wrapped to [0, 2 pi).
+    The step loop is :func:`labep.simulators.settle_loop.integrate`.
 
     ``method`` 0: Euler; 1: Heun; 2: adaptive (each unit steps dt / stiffness, a diagonal
     preconditioner: the same fixed points, reached at a rate independent of the coupling
@@ -210,46 +251,15 @@ def settle_oim(sizes, weights, weight_offsets, transposed, biases, drive_a, driv
             offsets[layer] = offsets[layer - 1] + sizes[layer]
     if dense:
         width = n_state
-    kick = math.sqrt(2.0 * temperature * dt)
+    kick = math.sqrt(2.0 * temperature * dt) if temperature > 0.0 else 0.0
     for sample in numba.prange(batch):
         phases = state[sample]
-        cos = np.empty(n_state)
-        sin = np.empty(n_state)
-        field_a = np.empty(width)
-        field_b = np.empty(width)
-        first = np.empty(n_state)
-        second = np.empty(n_state)
-        trial = np.empty(n_state)
-        stiffness = np.empty(n_state)
-        key = noise_key * 1000003 + sample
-        steps = 0
-        residual = _any_forces(dense, sizes, offsets, weights, weight_offsets, transposed,
-                               biases, drive_a[sample], drive_b[sample], phases, cos, sin,
-                               field_a, field_b, shil, strength, target[sample], first,
-                               stiffness)
-        while residual > tolerance and steps < max_steps:
-            if method == 1:
-                for u in range(n_state):
-                    trial[u] = phases[u] + dt * first[u]
-                _any_forces(dense, sizes, offsets, weights, weight_offsets, transposed, biases,
-                            drive_a[sample], drive_b[sample], trial, cos, sin, field_a,
-                            field_b, shil, strength, target[sample], second, stiffness)
-                for u in range(n_state):
-                    phases[u] += 0.5 * dt * (first[u] + second[u])
-            elif method == 2:
-                for u in range(n_state):
-                    phases[u] += dt * first[u] / max(stiffness[u], 1e-3)
-            else:
-                for u in range(n_state):
-                    phases[u] += dt * first[u]
-            if temperature > 0.0:
-                for u in range(n_state):
-                    phases[u] += kick * _gauss(key, steps, u)
-            steps += 1
-            residual = _any_forces(dense, sizes, offsets, weights, weight_offsets, transposed,
-                                   biases, drive_a[sample], drive_b[sample], phases, cos,
-                                   sin, field_a, field_b, shil, strength, target[sample],
-                                   first, stiffness)
+        work = (dense, sizes, offsets, weights, weight_offsets, transposed, biases,
+                drive_a[sample], drive_b[sample], phases, np.empty(n_state),
+                np.empty(n_state), np.empty(width), np.empty(width), shil, strength,
+                target[sample], np.empty(n_state), np.empty(n_state), np.empty(n_state),
+                np.empty(n_state), method, dt, kick, noise_key * 1000003 + sample)
+        steps, residual = integrate(_oim_step, _oim_measure, work, tolerance, max_steps, 1)
         for u in range(n_state):
             phases[u] = phases[u] % TWO_PI
         steps_out[sample] = steps

@@ -61,6 +61,7 @@ from labep.hardware.bench import (
 from labep.models.polariton import PolaritonLattice
 from labep.protocol.strict import STRICT_CONFIG
 from labep.simulators.device import DeviceOptions, ParameterDevice, read_out
+from labep.simulators.settle_loop import integrate
 
 # -- kernels ---------------------------------------------------------------------------------
 
@@ -123,70 +124,75 @@ def _residual(re, im, neighbours, potential, frame, pump, hopping, interaction, 
     return worst / math.sqrt(norm / (n * (1.0 + relaxation * relaxation))), mu
 
 
+@numba.njit(cache=True)
+def _polariton_measure(work):
+    """The rotating-frame residual of one sample; mu lands in ``mu[0]`` and, if finite, becomes
+    the frame Omega (``frame[0]``) of the next steps; infinite once the field is not
+    finite."""
+    (x_re, x_im, neighbours, pot, p, hopping, interaction, loss, saturation, relaxation,
+     frame, mu, k1r, k1i, _, _, _, _, _, _, _, _, _) = work
+    residual, mu[0] = _residual(x_re, x_im, neighbours, pot, frame[0], p, hopping,
+                                interaction, loss, saturation, relaxation, k1r, k1i)
+    if math.isfinite(mu[0]):
+        frame[0] = mu[0]
+    if not (math.isfinite(x_re[0]) and math.isfinite(x_im[0])):
+        return math.inf
+    return residual
+
+
+@numba.njit(cache=True)
+def _polariton_step(work, step):
+    """One classical RK4 step of size dt of one sample's field, in the frame ``frame[0]``."""
+    (x_re, x_im, neighbours, pot, p, hopping, interaction, loss, saturation, relaxation,
+     frame_at, _, k1r, k1i, k2r, k2i, k3r, k3i, k4r, k4i, t_re, t_im, dt) = work
+    n = x_re.shape[0]
+    frame = frame_at[0]
+    half = 0.5 * dt
+    sixth = dt / 6.0
+    _derivative(x_re, x_im, neighbours, pot, frame, p, hopping, interaction, loss,
+                saturation, relaxation, k1r, k1i)
+    for i in range(n):
+        t_re[i] = x_re[i] + half * k1r[i]
+        t_im[i] = x_im[i] + half * k1i[i]
+    _derivative(t_re, t_im, neighbours, pot, frame, p, hopping, interaction, loss,
+                saturation, relaxation, k2r, k2i)
+    for i in range(n):
+        t_re[i] = x_re[i] + half * k2r[i]
+        t_im[i] = x_im[i] + half * k2i[i]
+    _derivative(t_re, t_im, neighbours, pot, frame, p, hopping, interaction, loss,
+                saturation, relaxation, k3r, k3i)
+    for i in range(n):
+        t_re[i] = x_re[i] + dt * k3r[i]
+        t_im[i] = x_im[i] + dt * k3i[i]
+    _derivative(t_re, t_im, neighbours, pot, frame, p, hopping, interaction, loss,
+                saturation, relaxation, k4r, k4i)
+    for i in range(n):
+        x_re[i] += sixth * (k1r[i] + 2.0 * k2r[i] + 2.0 * k3r[i] + k4r[i])
+        x_im[i] += sixth * (k1i[i] + 2.0 * k2i[i] + 2.0 * k3i[i] + k4i[i])
+
+
 @numba.njit(cache=True, parallel=True)
 def settle_polariton(re, im, neighbours, potential, pump, hopping, interaction, loss,
                      saturation, relaxation, dt, tolerance, max_steps, check_every, steps_out,
                      residual_out, mu_out):
     """Integrate a batch of fields (``re``, ``im``: (batch, n), in place) with RK4 steps in
     the rotating frame until each sample's residual is at or below ``tolerance`` (checked
-    every ``check_every`` steps) or ``max_steps`` steps. ``potential`` (batch, n) is what the
+    every ``check_every`` steps) or ``max_steps`` steps; the step loop is
+    :func:`labep.simulators.settle_loop.integrate`. ``potential`` (batch, n) is what the
     light modulator displays, ``pump`` (batch, n) the pump P_i."""
     batch, n = re.shape
     for sample in numba.prange(batch):
-        x_re = re[sample]
-        x_im = im[sample]
-        pot = potential[sample]
-        p = pump[sample]
-        k1r = np.empty(n)
-        k1i = np.empty(n)
-        k2r = np.empty(n)
-        k2i = np.empty(n)
-        k3r = np.empty(n)
-        k3i = np.empty(n)
-        k4r = np.empty(n)
-        k4i = np.empty(n)
-        t_re = np.empty(n)
-        t_im = np.empty(n)
-        residual, mu = _residual(x_re, x_im, neighbours, pot, 0.0, p, hopping, interaction,
-                                 loss, saturation, relaxation, k1r, k1i)
-        frame = mu
-        steps = 0
-        half = 0.5 * dt
-        sixth = dt / 6.0
-        while residual > tolerance and steps < max_steps:
-            block = min(check_every, max_steps - steps)
-            for _ in range(block):
-                _derivative(x_re, x_im, neighbours, pot, frame, p, hopping, interaction, loss,
-                            saturation, relaxation, k1r, k1i)
-                for i in range(n):
-                    t_re[i] = x_re[i] + half * k1r[i]
-                    t_im[i] = x_im[i] + half * k1i[i]
-                _derivative(t_re, t_im, neighbours, pot, frame, p, hopping, interaction, loss,
-                            saturation, relaxation, k2r, k2i)
-                for i in range(n):
-                    t_re[i] = x_re[i] + half * k2r[i]
-                    t_im[i] = x_im[i] + half * k2i[i]
-                _derivative(t_re, t_im, neighbours, pot, frame, p, hopping, interaction, loss,
-                            saturation, relaxation, k3r, k3i)
-                for i in range(n):
-                    t_re[i] = x_re[i] + dt * k3r[i]
-                    t_im[i] = x_im[i] + dt * k3i[i]
-                _derivative(t_re, t_im, neighbours, pot, frame, p, hopping, interaction, loss,
-                            saturation, relaxation, k4r, k4i)
-                for i in range(n):
-                    x_re[i] += sixth * (k1r[i] + 2.0 * k2r[i] + 2.0 * k3r[i] + k4r[i])
-                    x_im[i] += sixth * (k1i[i] + 2.0 * k2i[i] + 2.0 * k3i[i] + k4i[i])
-            steps += block
-            residual, mu = _residual(x_re, x_im, neighbours, pot, frame, p, hopping,
-                                     interaction, loss, saturation, relaxation, k1r, k1i)
-            if math.isfinite(mu):
-                frame = mu
-            if not (math.isfinite(x_re[0]) and math.isfinite(x_im[0])):
-                residual = math.inf
-                break
+        frame = np.zeros(1)
+        mu = np.zeros(1)
+        work = (re[sample], im[sample], neighbours, potential[sample], pump[sample], hopping,
+                interaction, loss, saturation, relaxation, frame, mu, np.empty(n),
+                np.empty(n), np.empty(n), np.empty(n), np.empty(n), np.empty(n), np.empty(n),
+                np.empty(n), np.empty(n), np.empty(n), dt)
+        steps, residual = integrate(_polariton_step, _polariton_measure, work, tolerance,
+                                    max_steps, check_every)
         steps_out[sample] = steps
         residual_out[sample] = residual
-        mu_out[sample] = mu
+        mu_out[sample] = mu[0]
 
 
 # -- the bench -------------------------------------------------------------------------------

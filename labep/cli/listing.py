@@ -50,8 +50,7 @@ def bench_rows() -> list[dict[str, Any]]:
         for name, cls in registry.load_all(kind).items():
             rows.append({"name": name, "kind": kind, "from": _origin(kind, name),
                          "models": list(cls.model_kinds),
-                         "supports_correction": bool(getattr(cls, "supports_correction",
-                                                             False)),
+                         "supports_correction": bool(cls.supports_correction),
                          "summary": (cls.__doc__ or "").strip().split("\n")[0],
                          "options": _fields(cls.options_model)})
     return rows

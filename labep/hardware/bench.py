@@ -11,9 +11,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol, runtime_checkable
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from pydantic import BaseModel
 
 
 class BenchError(RuntimeError):
@@ -271,7 +274,10 @@ class BenchIdentity:
 
 class BenchLifecycle:
     """Mixin for a class with ``open()`` and ``close()``: ``with bench:`` opens it (connect,
-    identify, safe state) and always closes it, on error too."""
+    identify, safe state) and always closes it, on error too. Gives the Bench contract's one
+    optional declaration its default: no non-conservative correction."""
+
+    supports_correction: ClassVar[bool] = False
 
     def __enter__(self) -> BenchLifecycle:
         self.open()  # type: ignore[attr-defined]
@@ -283,7 +289,23 @@ class BenchLifecycle:
 
 @runtime_checkable
 class Bench(Protocol):
-    """The one contract for simulators and drivers (see DESIGN.md, "The one contract")."""
+    """The one contract for simulators and drivers (docs/writing-a-driver.md).
+
+    A bench class is registered under ``name`` in the ``labep.simulators`` or ``labep.drivers``
+    entry-point group and built as ``cls(model, options)``; a driver as ``cls(model, options,
+    resource=..., transport=...)`` (a resource string it opens in :meth:`open`, or a transport
+    object already open: a pyserial port, a pyvisa resource). Construction never touches
+    hardware. The class attributes are what the registry, ``labep benches`` and the protocol's
+    cross-checks read before anything is built."""
+
+    #: the name a protocol's ``bench.simulator`` or ``bench.driver`` gives it
+    name: ClassVar[str]
+    #: the model kinds (``model.kind``) it runs
+    model_kinds: ClassVar[tuple[str, ...]]
+    #: the Pydantic model of its ``bench.options`` (strict; validated before it is built)
+    options_model: ClassVar[type[BaseModel]]
+    #: whether it applies the non-conservative correction (:attr:`Nudge.correction`)
+    supports_correction: ClassVar[bool]
 
     spec: BenchSpec
 

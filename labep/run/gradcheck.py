@@ -86,7 +86,11 @@ def gradcheck(
     beta = protocol.estimator.beta if beta is None else beta
     name = estimator or protocol.estimator.name
     section = registry.load("estimator", name).config_model(name=name, beta=beta)
-    parts = assemble(protocol, estimator=section, dtype="float64")
+    cls = registry.bench_class(protocol.bench.kind, protocol.bench.name)
+    # compared in float64 on a bench that has a precision option; a bench without one is
+    # taken at its own arithmetic
+    precision = {"dtype": "float64"} if "dtype" in cls.options_model.model_fields else {}
+    parts = assemble(protocol, estimator=section, **precision)
     if parts.estimator.samples:  # Boltzmann samples vs exact enumeration
         return thermal_gradcheck(parts, beta=beta, samples=samples, seed=seed, params=params)
     correction = protocol.estimator.correction if correction is None else correction
@@ -94,7 +98,7 @@ def gradcheck(
     count = len(x)
     settle = Settle(tolerance, max_steps)
     with parts.bench as bench:
-        if correction and not getattr(bench, "supports_correction", False):
+        if correction and not bench.supports_correction:
             raise GradcheckError(f"bench {protocol.bench.name!r} cannot apply the "
                                  "non-conservative correction (J^T - J)(s - s0)")
         bench.write(params)

@@ -291,7 +291,7 @@ def check_correction(protocol: Protocol) -> Found:
         return [(("estimator", "correction"), "the non-conservative correction is for the "
                  f"estimators of deterministic states ({able}), not {estimator.name}")]
     cls = _bench_class(protocol)
-    if cls is None or getattr(cls, "supports_correction", False):
+    if cls is None or cls.supports_correction:
         return []
     able = ", ".join(registry.correcting_benches())
     return [(("estimator", "correction"),

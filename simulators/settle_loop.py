@@ -1,0 +1,31 @@
+"""The one step loop of the integrating simulators (OIM, polariton lattice).
+
+A simulator gives two numba functions over one sample's ``work`` tuple (its arrays and
+constants): ``measure(work)``, the residual of the current state (and whatever the next step
+reads, e.g. the forces), and ``step(work, k)``, one integrator step, ``k`` its index (which
+keys counter-based noise). :func:`integrate` steps until the residual is at or below the
+tolerance, checking it every ``check_every`` steps, or until ``max_steps`` steps; a
+non-finite residual (a diverged state) ends the loop at once, unsettled. The batch loop over
+samples (``numba.prange``) stays in each simulator's kernel, which allocates the work arrays.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numba
+
+
+@numba.njit(cache=True)
+def integrate(step, measure, work, tolerance, max_steps, check_every):
+    """(steps taken, final residual) of one sample: ``step`` until ``measure`` <= tolerance
+    (checked every ``check_every`` steps), ``max_steps`` steps, or a non-finite residual."""
+    residual = measure(work)
+    steps = 0
+    while residual > tolerance and steps < max_steps and math.isfinite(residual):
+        block = min(check_every, max_steps - steps)
+        for k in range(block):
+            step(work, steps + k)
+        steps += block
+        residual = measure(work)
+    return steps, residual
