@@ -5,7 +5,11 @@ constants): ``measure(work)``, the residual of the current state (and whatever t
 reads, e.g. the forces), and ``step(work, k)``, one integrator step, ``k`` its index (which
 keys counter-based noise). :func:`integrate` steps until the residual is at or below the
 tolerance, checking it every ``check_every`` steps, or until ``max_steps`` steps; a
-non-finite residual (a diverged state) ends the loop at once, unsettled. The batch loop over
+non-finite residual (a diverged state) ends the loop at once, unsettled.
+
+``inline="always"``: numba inlines the loop into each kernel, where ``step`` and ``measure``
+are then fixed functions, called directly (no function pointers, so the kernels stay
+cacheable) and open to LLVM's inlining as if written in place. The batch loop over
 samples (``numba.prange``) stays in each simulator's kernel, which allocates the work arrays.
 """
 
@@ -16,7 +20,7 @@ import math
 import numba
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, inline="always")
 def integrate(step, measure, work, tolerance, max_steps, check_every):
     """(steps taken, final residual) of one sample: ``step`` until ``measure`` <= tolerance
     (checked every ``check_every`` steps), ``max_steps`` steps, or a non-finite residual."""
