@@ -324,7 +324,7 @@ def test_calibration_routine_recovers_the_truth() -> None:
                                                           "device": MISMATCHED}},
            "model": {"kind": "layered_hopfield", "sizes": [6, 5, 3]}}
     protocol = load_protocol(doc, schema=bench_file_schema()).protocol
-    bench = build_bench(protocol, build_model(protocol.model))
+    bench = build_bench(protocol.bench, build_model(protocol.model))
     record = calibrate(bench, bench.open(), "hopfield", progress=False)
     for name, device in bench.devices.items():
         codes = np.arange(device.spec.levels)
