@@ -86,7 +86,10 @@ def gradcheck(
     beta = protocol.estimator.beta if beta is None else beta
     name = estimator or protocol.estimator.name
     section = registry.load("estimator", name).config_model(name=name, beta=beta)
-    parts = assemble(protocol, estimator=section, dtype="float64")
+    # exact numerics: float64, and whatever else the simulator names (no shot noise)
+    bench_cls = registry.bench_class(protocol.bench.kind, protocol.bench.name)
+    parts = assemble(protocol, estimator=section, dtype="float64",
+                     **getattr(bench_cls, "exact_options", {}))
     if parts.estimator.samples:  # Boltzmann samples vs exact enumeration
         return thermal_gradcheck(parts, beta=beta, samples=samples, seed=seed, params=params)
     correction = protocol.estimator.correction if correction is None else correction
