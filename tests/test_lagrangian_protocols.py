@@ -50,7 +50,9 @@ def test_a_short_run_learns_and_is_recorded(tmp_path: Path, boundary: str, perio
     summary = store.summary(result.run_id)
     assert summary["bench"]["identity"]["serial"].endswith(boundary)
     trained = len(loaded.protocol.dataset.load().train_labels)
-    assert summary["samples"]["trained"] == summary["samples"]["used"] == trained
+    samples = summary["samples"]
+    assert samples["trained"] == trained == samples["used"] + samples["left_out"]
+    assert samples["left_out"] <= 0.02 * trained  # a Newton solve rarely fails to settle
 
 
 @pytest.mark.parametrize("boundary, period, sizes, seed", [
