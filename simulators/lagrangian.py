@@ -32,8 +32,8 @@ from labep.hardware.bench import (
     Settle,
 )
 from labep.models.lagrangian import LagrangianOscillators
-from labep.simulators.exact_parameters import ExactParameters
 from labep.protocol.strict import STRICT_CONFIG
+from labep.simulators.exact_parameters import ExactParameters
 
 #: halvings of a Newton step before a sample is given up as unsettled
 MAX_BACKTRACKS = 30

@@ -46,8 +46,8 @@ from labep.models.qubits import (
     lowest_states,
     sample_counts,
 )
-from labep.simulators.exact_parameters import ExactParameters
 from labep.protocol.strict import STRICT_CONFIG
+from labep.simulators.exact_parameters import ExactParameters
 
 #: qubits up to which a Gibbs state (a full diagonalization) is prepared
 MAX_GIBBS_QUBITS = 11
