@@ -17,7 +17,7 @@ read back its trajectory with a detector's noise; none is simulated here).
 from __future__ import annotations
 
 import warnings
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import scipy.sparse as sparse
@@ -51,13 +51,16 @@ class LagrangianSimulatorOptions(BaseModel):
         None, gt=0.0, description="|J| <= spring_range; writes outside are refused.")
     stiffness_range: float | None = Field(
         None, gt=0.0, description="|k|, |u| <= stiffness_range; writes outside are refused.")
+    dtype: Literal["float64"] = Field(
+        "float64", description="The precision of the trajectories (always float64; named so "
+        "that `labep gradcheck` can ask for it as on every simulator).")
 
 
 class LagrangianSimulator(ExactParameters):
     """Coupled nonlinear oscillators as a Bench: a phase is a Newton solve of dS/dq = 0."""
 
     name = "lagrangian"
-    model_kinds = ("lagrangian",)
+    model_kinds = ("lagrangian_oscillators",)
     options_model = LagrangianSimulatorOptions
 
     def __init__(self, model: LagrangianOscillators,

@@ -26,7 +26,7 @@ used for an update.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Literal, Protocol
+from typing import Any, ClassVar, Literal, Protocol
 
 import numpy as np
 from pydantic import BaseModel, Field
@@ -152,6 +152,9 @@ class QuantumSimulatorOptions(BaseModel):
     eigen_tolerance: float = Field(
         0.0, ge=0.0, description="Relative tolerance of the Lanczos solve (0: machine "
         "precision).")
+    dtype: Literal["float64"] = Field(
+        "float64", description="The precision of the state vectors (always float64; named so "
+        "that `labep gradcheck` can ask for it as on every simulator).")
 
 
 class QuantumBench(ExactParameters):
@@ -231,6 +234,25 @@ class QuantumSimulator(QuantumBench):
     """The ``quantum`` simulator: :class:`QuantumBench` on :class:`ExactBackend`."""
 
     options_model = QuantumSimulatorOptions
+    #: option values ``labep gradcheck`` runs with: exact expectation values, no shot noise
+    exact_options: ClassVar[dict[str, Any]] = {"shots": None}
+
+    @classmethod
+    def check_model(cls, section: Any, options: QuantumSimulatorOptions
+                    ) -> list[tuple[tuple[Any, ...], str]]:
+        """At validation, before any bench opens: a Gibbs state (T > 0) is a dense
+        diagonalization of all 2^n levels, refused above :data:`MAX_GIBBS_QUBITS` qubits
+        (the ground state's limit, :data:`MAX_QUBITS`, is the model section's own check)."""
+        qubits = sum(section.sizes)
+        if options.temperature > 0 and qubits > MAX_GIBBS_QUBITS:
+            dense = (1 << qubits) ** 2 * 8
+            return [(("model", "sizes"),
+                     f"{qubits} qubits at temperature {options.temperature:g}: a Gibbs state "
+                     f"is a dense diagonalization of all 2^{qubits} levels "
+                     f"({dense / 2**30:,.1f} GiB a matrix); at most MAX_GIBBS_QUBITS = "
+                     f"{MAX_GIBBS_QUBITS} qubits at T > 0 (temperature 0 takes up to "
+                     f"MAX_QUBITS = {MAX_QUBITS} by Lanczos)")]
+        return []
 
     def __init__(self, model: QuantumIsing, options: QuantumSimulatorOptions | None = None
                  ) -> None:

@@ -9,9 +9,9 @@ import math
 import numpy as np
 import pytest
 
-from labep.hardware.bench import Nudge
 from labep.drivers import oim_wire as wire
 from labep.drivers.oim_board import OIMBoard, OIMBoardOptions
+from labep.hardware.bench import Nudge
 from labep.models.oim import LayeredOIM
 from labep.simulators.oim_board_emulator import BoardConfig, EmulatedBoard
 

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import DirectoryPath, Field, PositiveInt
+from pydantic import DirectoryPath, Field, PositiveInt, field_validator
 
 from labep.data.loaders import (
     Split,
@@ -25,17 +25,33 @@ from labep.protocol.sections import DatasetSection, Section
 
 
 class DigitsConfig(DatasetSection):
-    """scikit-learn's bundled 8x8 digits (1,797 images; 64 inputs, 10 classes)."""
+    """scikit-learn's bundled 8x8 digits (1,797 images; 64 inputs, 10 classes); optionally
+    only some ``classes`` (relabelled 0, 1, ... in the order given) and the first
+    ``components`` principal components of the pixels instead of the pixels (for the small
+    networks of the quantum and Lagrangian benches)."""
 
     name: Literal["digits"]
     test_fraction: float = Field(0.2, gt=0.0, lt=1.0)
     split_seed: int = Field(0, ge=0, description="Seed of the fixed train/test shuffle.")
+    classes: list[Annotated[int, Field(ge=0, le=9)]] | None = Field(
+        None, min_length=2, max_length=10, description="Keep only these digits; class k is "
+        "the k-th digit listed. None: all ten.")
+    components: int | None = Field(
+        None, ge=1, le=64, description="Principal components of the training pixels, each "
+        "standardized and squashed to [0, 1] as (1 + tanh z) / 2. None: the 64 pixels.")
+
+    @field_validator("classes")
+    @classmethod
+    def _distinct(cls, classes: list[int] | None) -> list[int] | None:
+        if classes is not None and len(set(classes)) != len(classes):
+            raise ValueError(f"a digit is listed twice in {classes}")
+        return classes
 
     def shape(self) -> tuple[int, int]:
-        return 64, 10
+        return (self.components or 64), (10 if self.classes is None else len(self.classes))
 
     def load(self) -> Split:
-        return load_digits(self.test_fraction, self.split_seed)
+        return load_digits(self.test_fraction, self.split_seed, self.classes, self.components)
 
 
 class XorConfig(DatasetSection):

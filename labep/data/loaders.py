@@ -101,8 +101,16 @@ def load_idx_pair(
     return (flat / scale).astype(np.float32), classes[start:stop].astype(np.int64)
 
 
-def load_digits(test_fraction: float, split_seed: int) -> Split:
-    """scikit-learn's bundled 8x8 digits (1,797 images), pixels scaled from 0..16 to [0, 1]."""
+def load_digits(test_fraction: float, split_seed: int, classes: list[int] | None = None,
+                components: int | None = None) -> Split:
+    """scikit-learn's bundled 8x8 digits (1,797 images), pixels scaled from 0..16 to [0, 1].
+
+    ``classes``: keep those digits only, class k the k-th listed (the shuffle and split are
+    those of the whole set, restricted). ``components``: the first principal components of the
+    training pixels instead (mean m, directions p_k by SVD, each direction's largest entry
+    made positive so the fit is deterministic, spread s_k), as x_k = (1 + tanh z_k) / 2 with
+    z_k = (x - m) . p_k / s_k, so every feature stays in [0, 1]; fitted on the training set
+    only."""
     from sklearn.datasets import load_digits as sklearn_digits
 
     data = sklearn_digits()
@@ -111,7 +119,24 @@ def load_digits(test_fraction: float, split_seed: int) -> Split:
     order = np.random.default_rng(split_seed).permutation(len(labels))
     n_test = round(test_fraction * len(labels))
     test, train = order[:n_test], order[n_test:]
-    return Split(inputs[train], labels[train], inputs[test], labels[test], 10)
+    n_classes = 10
+    if classes is not None:
+        relabel = np.full(10, -1, dtype=np.int64)
+        relabel[np.asarray(classes)] = np.arange(len(classes))
+        test, train = test[relabel[labels[test]] >= 0], train[relabel[labels[train]] >= 0]
+        labels = relabel[labels]
+        n_classes = len(classes)
+    if components is not None:
+        pixels = inputs.astype(np.float64)
+        mean = pixels[train].mean(axis=0)
+        _, _, directions = np.linalg.svd(pixels[train] - mean, full_matrices=False)
+        directions = directions[:components]
+        largest = np.argmax(np.abs(directions), axis=1)
+        directions *= np.sign(directions[np.arange(components), largest])[:, None]
+        projected = (pixels - mean) @ directions.T
+        spread = np.maximum(projected[train].std(axis=0), 1e-12)
+        inputs = (0.5 * (1.0 + np.tanh(projected / spread))).astype(np.float32)
+    return Split(inputs[train], labels[train], inputs[test], labels[test], n_classes)
 
 
 def load_xor(repeats: int) -> Split:

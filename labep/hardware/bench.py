@@ -274,10 +274,17 @@ class BenchIdentity:
 
 class BenchLifecycle:
     """Mixin for a class with ``open()`` and ``close()``: ``with bench:`` opens it (connect,
-    identify, safe state) and always closes it, on error too. Gives the Bench contract's one
-    optional declaration its default: no non-conservative correction."""
+    identify, safe state) and always closes it, on error too. Gives the Bench contract's
+    optional declarations their defaults: no non-conservative correction, no exact options,
+    no limits on a model section of its own."""
 
     supports_correction: ClassVar[bool] = False
+    exact_options: ClassVar[dict[str, Any]] = {}
+
+    @classmethod
+    def check_model(cls, section: Any, options: Any) -> list[tuple[tuple[Any, ...], str]]:
+        """No limits of the bench's own on the model section it is given."""
+        return []
 
     def __enter__(self) -> BenchLifecycle:
         self.open()  # type: ignore[attr-defined]
@@ -306,6 +313,15 @@ class Bench(Protocol):
     options_model: ClassVar[type[BaseModel]]
     #: whether it applies the non-conservative correction (:attr:`Nudge.correction`)
     supports_correction: ClassVar[bool]
+    #: option values that make a simulator exact for ``labep gradcheck`` (e.g. no shots)
+    exact_options: ClassVar[dict[str, Any]]
+
+    @classmethod
+    def check_model(cls, section: Any, options: Any) -> list[tuple[tuple[Any, ...], str]]:
+        """Problems ((location, message) pairs) of a model section on this bench with these
+        options, found at validation before anything is built: the bench's own limits (a
+        simulator's memory, an instrument's channel count)."""
+        ...
 
     spec: BenchSpec
 

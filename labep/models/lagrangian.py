@@ -32,24 +32,68 @@ dE/dJ_l[i, j] = dt sum_n (q_(l-1,i) - q_(l,j))^2 / 2, on the free and the nudged
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import ClassVar, Literal
 
 import numpy as np
 import scipy.sparse as sparse
 import scipy.sparse.linalg as sparse_linalg
+from pydantic import Field, PositiveFloat, PositiveInt, model_validator
 
 from labep.models import Params
+from labep.protocol.sections import ModelSection
 
 Boundary = Literal["periodic", "fixed"]
 
+#: unknowns (free coordinates x time points) a trajectory may have: the Newton solve factors a
+#: sparse Hessian of that many rows per sample and phase
+MAX_UNKNOWNS = 200_000
+
+
+class LagrangianOscillatorsConfig(ModelSection):
+    """Layered nonlinear oscillators (Massar's Lagrangian EP): coordinate layers ``sizes``
+    [n_0 (driven inputs), n_1, ..., n_L (outputs, one per class)], trajectories on a grid of
+    ``time_points`` over one ``period``, with ``periodic`` or ``fixed`` boundary conditions."""
+
+    kind: Literal["lagrangian_oscillators"]
+    sizes: list[PositiveInt] = Field(min_length=2, max_length=64)
+    time_points: int = Field(32, ge=4, le=100_000, description="N, points of the time grid "
+                             "(t_n = n T / N).")
+    period: PositiveFloat = Field(8.0, le=1e6, description="T = N dt; the drive's angular "
+                                  "frequency is omega = 2 pi / T.")
+    boundary: Literal["periodic", "fixed"] = Field(
+        "periodic", description="periodic: q_N = q_0 (a steady oscillation over one period); "
+        "fixed: q_0 = q_N = 0 for the free coordinates (fixed initial and final states).")
+    drive: float = Field(1.0, ge=-1e3, le=1e3, description="a: input i's coordinate is "
+                         "prescribed as a (2 x_i - 1) cos(omega t).")
+    target_amplitude: PositiveFloat = Field(1.0, le=1e3, description="a_y: the class's output "
+                                            "amplitude target (+a_y; the others -a_y).")
+    mass: PositiveFloat = Field(1.0, le=1e6, description="m, every free coordinate's mass.")
+    stiffness: float = Field(1.0, ge=-1e6, le=1e6, description="The initial on-site "
+                             "stiffness k.")
+    init_gain: PositiveFloat = Field(0.5, le=1e3, description="J_l ~ U(-g / sqrt(n_(l-1)), "
+                                     "g / sqrt(n_(l-1))).")
+
+    @model_validator(mode="after")
+    def _solvable(self) -> LagrangianOscillatorsConfig:
+        unknowns = sum(self.sizes[1:]) * self.time_points
+        if unknowns > MAX_UNKNOWNS:
+            raise ValueError(f"{sum(self.sizes[1:])} free coordinates x {self.time_points} time "
+                             f"points = {unknowns:,} unknowns per trajectory; the Newton solve "
+                             f"holds at most MAX_UNKNOWNS = {MAX_UNKNOWNS:,}")
+        return self
+
 
 class LagrangianOscillators:
-    """The model of a layered network of nonlinear oscillators (``kind: lagrangian``).
+    """The model of a layered network of nonlinear oscillators
+    (``kind: lagrangian_oscillators``).
 
     Parameters ``J1..JL`` (springs, shape (n_(l-1), n_l)), ``k1..kL`` (stiffness) and
     ``u1..uL`` (quartic potential)."""
 
-    kind = "lagrangian"
+    #: the protocol section this model is built from (``model:``)
+    config_model: ClassVar[type[ModelSection]] = LagrangianOscillatorsConfig
+
+    kind = "lagrangian_oscillators"
 
     def __init__(self, sizes: list[int] | tuple[int, ...], *, time_points: int = 32,
                  period: float = 8.0, boundary: Boundary = "periodic", drive: float = 1.0,

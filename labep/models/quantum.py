@@ -29,10 +29,49 @@ second (all qubits in X): two settings per phase.
 
 from __future__ import annotations
 
+from typing import ClassVar, Literal
+
 import numpy as np
+from pydantic import Field, PositiveFloat, PositiveInt, model_validator
 
 from labep.models import Params
-from labep.models.qubits import QubitRegister, ground_adjoint, lowest_states
+from labep.models.qubits import MAX_QUBITS, QubitRegister, ground_adjoint, lowest_states
+from labep.protocol.sections import ModelSection
+
+
+class QuantumIsingConfig(ModelSection):
+    """Layered transverse-field Ising network (Massar and Mognetti's quantum EP): qubit layers
+    ``sizes`` [n_0 (input qubits), n_1, ..., n_L (output qubits, one per class)].
+
+    The whole register, sum(sizes) qubits, is diagonalized exactly by the simulator (and the
+    model computes its expectations over the 2^n basis states), so at most
+    :data:`labep.models.qubits.MAX_QUBITS` qubits are accepted (a bench at temperature T > 0
+    refuses more than its own, smaller limit at validation)."""
+
+    kind: Literal["quantum_ising"]
+    sizes: list[PositiveInt] = Field(min_length=2, max_length=MAX_QUBITS)
+    clamp: float = Field(2.0, ge=0.0, le=1e3, description="c: input qubit i gets the "
+                         "longitudinal field -c (2 x_i - 1).")
+    input_transverse: float = Field(0.5, ge=-1e3, le=1e3, description="g_in: the transverse "
+                                    "field on every input qubit (lets <Z> take values in "
+                                    "between -1 and 1).")
+    transverse: float = Field(0.5, ge=-1e3, le=1e3, description="g: the initial (or, without "
+                              "train_transverse, the fixed) transverse field of a free qubit.")
+    train_transverse: bool = Field(True, description="Train the transverse fields g_a too "
+                                   "(measured in the X setting).")
+    init_gain: PositiveFloat = Field(1.0, le=1e3, description="J_l, h_l ~ U(-gain / "
+                                     "sqrt(n_(l-1)), +gain / sqrt(n_(l-1))).")
+
+    @model_validator(mode="after")
+    def _fits_the_register(self) -> QuantumIsingConfig:
+        qubits = sum(self.sizes)
+        if qubits > MAX_QUBITS:
+            vector = (1 << qubits) * 8
+            raise ValueError(
+                f"{qubits} qubits (sizes {self.sizes}): the register is diagonalized exactly, "
+                f"2^{qubits} amplitudes ({vector / 2**20:,.0f} MiB a state vector, several "
+                f"times that for the Hamiltonian); at most MAX_QUBITS = {MAX_QUBITS} qubits")
+        return self
 
 
 class QuantumIsing:
@@ -40,6 +79,9 @@ class QuantumIsing:
 
     Parameters ``J1..JL`` (shape (n_(l-1), n_l)), ``h1..hL`` and, with ``train_transverse``,
     ``g1..gL`` (else every free qubit keeps the transverse field ``transverse``)."""
+
+    #: the protocol section this model is built from (``model:``)
+    config_model: ClassVar[type[ModelSection]] = QuantumIsingConfig
 
     kind = "quantum_ising"
 

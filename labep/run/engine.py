@@ -336,6 +336,9 @@ class Trainer:
         if isinstance(bench, LinkReporting):
             epoch_metrics.update({f"link_{name}": value for name, value
                                   in bench.link_quality().items()})
+        if isinstance(getattr(bench, "shots_used", None), int):
+            # a measuring bench's every shot since it was built (training and evaluation)
+            epoch_metrics["shots_total"] = bench.shots_used  # type: ignore[attr-defined]
         self.store.record_metrics(run_id, step, epoch_metrics)
         if self.on_epoch is not None:
             self.on_epoch(epoch, epoch_metrics)

@@ -87,10 +87,10 @@ def gradcheck(
     name = estimator or protocol.estimator.name
     section = registry.load("estimator", name).config_model(name=name, beta=beta)
     cls = registry.bench_class(protocol.bench.kind, protocol.bench.name)
-    # compared in float64 on a bench that has a precision option; a bench without one is
-    # taken at its own arithmetic
+    # exact numerics: float64 on a bench with a precision option (a bench without one is
+    # taken at its own arithmetic), and whatever else the bench names (e.g. no shot noise)
     precision = {"dtype": "float64"} if "dtype" in cls.options_model.model_fields else {}
-    parts = assemble(protocol, estimator=section, **precision)
+    parts = assemble(protocol, estimator=section, **precision, **cls.exact_options)
     if parts.estimator.samples:  # Boltzmann samples vs exact enumeration
         return thermal_gradcheck(parts, beta=beta, samples=samples, seed=seed, params=params)
     correction = protocol.estimator.correction if correction is None else correction

@@ -5,7 +5,8 @@ inputs clamped, relax each nudged phase the estimator asks for from the free sta
 whose free phase did not settle is not nudged), keep only the samples whose every phase
 settled with a finite readout, estimate the gradient through the model, and apply
 theta <- theta - lr * estimate through the optimizer and the write path. Every sample of the
-step is accounted for (:func:`sample_counts`).
+step is accounted for (:func:`sample_counts`), and so is every measurement shot a bench
+reports in its phases' ``info["shots"]`` (metric ``shots``: the update's, all phases).
 """
 
 from __future__ import annotations
@@ -183,6 +184,10 @@ class StepPhases:
         cost = model.cost(free.state, target)
         hits = int(np.sum(model.predict(free.state) == labels))
         metrics.update(counts)
+        # a bench that measures with shots (the quantum bench) reports each phase's
+        shots = [int(p.info["shots"]) for p in (free, *nudged) if "shots" in p.info]
+        if shots:
+            metrics["shots"] = sum(shots)
         metrics.update({
             "loss": float(cost.mean()),
             "batch_accuracy": hits / len(labels),

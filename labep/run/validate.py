@@ -218,7 +218,8 @@ def _bench_class(protocol: Protocol | BenchDocument) -> Any | None:
 
 
 def check_bench(protocol: Protocol | BenchDocument) -> Found:
-    """The bench exists, runs the model, and accepts its options."""
+    """The bench exists, runs the model, and accepts its options; the bench class's
+    ``check_model(section, options)`` checks the model section against its own limits (a simulator's memory), returning (location, message) pairs."""
     problems: Found = []
     bench = protocol.bench
     if (bench.simulator is None) == (bench.driver is None):
@@ -237,11 +238,15 @@ def check_bench(protocol: Protocol | BenchDocument) -> Found:
             f"not {protocol.model.kind}",
         ))
     try:
-        cls.options_model.model_validate(bench.options)
+        options = cls.options_model.model_validate(bench.options)
     except ValidationError as err:
         for error in err.errors():
             loc = ("bench", "options", *error["loc"])
             problems.append((loc, describe(error)))
+    else:
+        # a bench's own limits on the model it is given (e.g. what it can diagonalize)
+        if protocol.model.kind in cls.model_kinds:
+            problems += cls.check_model(protocol.model, options)
     if bench.kind == "driver" and not bench.resource:
         problems.append((("bench", "resource"), "a driver needs a resource string"))
     return problems
