@@ -219,7 +219,8 @@ def _bench_class(protocol: Protocol | BenchDocument) -> Any | None:
 
 def check_bench(protocol: Protocol | BenchDocument) -> Found:
     """The bench exists, runs the model, and accepts its options; the bench class's
-    ``check_model(section, options)`` checks the model section against its own limits (a simulator's memory), returning (location, message) pairs."""
+    ``check_model(section, options)`` checks the model section against its
+    own limits (a simulator's memory); returns (location, message) pairs."""
     problems: Found = []
     bench = protocol.bench
     if (bench.simulator is None) == (bench.driver is None):
