@@ -11,10 +11,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from labep.models.polariton_map import draw_lattice_map
 from labep.run.engine import Trainer, final_params
 from labep.run.validate import load_protocol
 from labep.store.files import SCHEMA_VERSION, StoreError
-from labep.store.report import draw_lattice_map
 from labep.store.runs import RunStore
 
 from .conftest import PROTOCOLS, cli, cli_json, tiny_xor, write_protocol
@@ -120,7 +120,7 @@ def test_lattice_map_puts_every_potential_on_its_site() -> None:
     model = {"kind": "polariton", "lattice": [3, 4], "input_sites": [0, [5, 6]],
              "output_sites": [[1, 2], 11]}
     ax = Figure().subplots()
-    draw_lattice_map(ax, model, np.arange(12.0))
+    draw_lattice_map(ax, model, {"V": np.arange(12.0)})
     np.testing.assert_array_equal(ax.images[0].get_array(), np.arange(12.0).reshape(3, 4))
     marks = {line.get_label(): list(zip(line.get_xdata(), line.get_ydata(), strict=True))
              for line in ax.lines}
@@ -134,7 +134,7 @@ def test_lattice_map_dots_the_inverted_input_sites_too() -> None:
     model = {"kind": "polariton", "lattice": [2, 3], "input_sites": [0],
              "inverted_input_sites": [[4, 5]], "output_sites": [1, 2]}
     ax = Figure().subplots()
-    draw_lattice_map(ax, model, np.zeros(6))
+    draw_lattice_map(ax, model, {"V": np.zeros(6)})
     dots = next(line for line in ax.lines if line.get_label() == "input sites")
     assert list(zip(dots.get_xdata(), dots.get_ydata(), strict=True)) == [(0, 0), (1, 1), (2, 1)]
 

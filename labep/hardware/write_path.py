@@ -15,6 +15,9 @@ policy); the ``clip`` policy clips and counts every clipped channel. Where the b
 its parameters, a write can be verified: the realized values are compared with the requested
 ones, in LSB, and too large a mismatch stops the run. Writes are counted per parameter and
 code changes per channel (a write budget: some devices wear out).
+
+Size: just over 400 lines, kept whole on purpose: labep has one write path, and its rounding,
+calibration, verify and retry rules are read (and reviewed for hardware safety) together.
 """
 
 from __future__ import annotations

@@ -130,12 +130,17 @@ depth localizes it in the deeper one. With the inputs on the two wells, a region
 (lit by both wells' tails) and a region of the two outer flanks (lit by the occupied well)
 compare "balanced" with "localized", which is XOR; EP training finds that geometry by itself
 (``protocols/polariton_xor.yaml``).
+
+Size: over 400 lines because the physics above (about 130 lines of it) is the reference a
+driver author and a reviewer need in one place; the code is the one model class and its
+helpers. Its protocol section is :mod:`labep.models.polariton_config`, its report picture
+:mod:`labep.models.polariton_map`.
 """
 
 from __future__ import annotations
 
 import math
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -197,6 +202,14 @@ class PolaritonLattice:
     config_model: ClassVar[type[ModelSection]] = PolaritonConfig
 
     kind = "polariton"
+
+    @staticmethod
+    def draw_parameters(ax: Any, section: dict[str, Any], params: dict[str, np.ndarray]
+                        ) -> None:
+        """``labep report``'s picture of V on the lattice (:mod:`labep.models.polariton_map`)."""
+        from labep.models.polariton_map import draw_lattice_map
+
+        draw_lattice_map(ax, section, params)
 
     def __init__(
         self,

@@ -3,43 +3,20 @@
 One figure: the training cost per step (with the per-epoch mean), train and test accuracy per
 epoch, steps to settle in the free and nudged phases, and the histograms of the newest parameter
 snapshot; for a bench with quantized parameters also the write-verify mismatch per step and
-the histograms of the codes the bench holds; for a polariton lattice also the map of the
-potentials V_i on the lattice, with the input sites and the class regions marked.
+the histograms of the codes the bench holds; for a model whose class offers
+``draw_parameters(ax, section, params)`` (the polariton lattice: the potentials V_i on the
+lattice, input sites and class regions marked) also that picture of the newest parameters.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import numpy as np
-from matplotlib.axes import Axes
 from matplotlib.figure import Figure  # no pyplot: no global state, no display needed
 
-from labep.models.polariton import site_regions
+from labep import registry
 from labep.store.runs import RunStore
-
-
-def draw_lattice_map(ax: Axes, model: dict[str, Any], potential: np.ndarray) -> None:
-    """The potentials V_i of a polariton lattice (``model``: the protocol's model section) as
-    an image of the chain or grid, input sites dotted, each class region framed in its colour."""
-    lattice = [int(n) for n in model["lattice"]]
-    rows, cols = (1, lattice[0]) if len(lattice) == 1 else lattice
-    image = ax.imshow(np.asarray(potential, dtype=float).reshape(rows, cols), cmap="viridis",
-                      interpolation="nearest", aspect="equal")
-    ax.figure.colorbar(image, ax=ax, label="V (J)", shrink=0.8)
-    inputs = sorted({int(s) for key in ("input_sites", "inverted_input_sites")
-                     for region in site_regions(model.get(key) or [], "input") for s in region})
-    if inputs:
-        ax.plot(np.mod(inputs, cols), np.floor_divide(inputs, cols), "o", ms=3, mfc="w",
-                mec="k", mew=0.5, label="input sites")
-    for k, site in enumerate(site_regions(model.get("output_sites", []), "output")):
-        ax.plot(site % cols, site // cols, "s", mfc="none", ms=7, mew=1.2,
-                color=f"C{k % 10}", label=f"class {k}")
-    ax.set(title="potentials V on the lattice (columns across, rows down)")
-    if rows <= 12:
-        ax.set_yticks(np.arange(rows))
-    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.18), fontsize="x-small", ncols=6)
 
 
 def draw_report(store: RunStore, run_id: str, out: Path) -> Path:
@@ -50,11 +27,16 @@ def draw_report(store: RunStore, run_id: str, out: Path) -> Path:
     _, mismatch = store.metric_series(run_id, "write_mismatch_mean_lsb")
     snapshot = store.arrays(run_id, "checkpoint")
     model = (summary["protocol"] or {}).get("model", {})
-    # a polariton run also gets the map of its newest potentials on the lattice
-    potential = (snapshot[1].get("V") if model.get("kind") == "polariton" and snapshot
-                 else None)
+    # a model that can picture its parameters (on its geometry) gets a row for the newest
+    try:
+        draw_parameters = getattr(registry.model_class(model.get("kind", "")),
+                                  "draw_parameters", None)
+    except registry.RegistryError:  # a run of a model no longer installed
+        draw_parameters = None
+    if not snapshot:
+        draw_parameters = None
     writes_row = codes is not None or len(mismatch) > 0
-    rows = 2 + writes_row + (potential is not None)
+    rows = 2 + writes_row + (draw_parameters is not None)
     fig = Figure(figsize=(11, 3.75 * rows), layout="constrained")
     axes = fig.subplots(rows, 2)
     fig.suptitle(f"{summary['name']}  ({run_id}, {summary['status']}, bench "
@@ -118,11 +100,11 @@ def draw_report(store: RunStore, run_id: str, out: Path) -> Path:
             ax.set(xlabel="code", ylabel="channels", yscale="log",
                    title=f"codes held at step {codes[0]}")
             ax.legend(loc="upper right", fontsize="small")
-    if potential is not None:
+    if draw_parameters is not None:
         grid = axes[-1, 0].get_gridspec()
         for ax in axes[-1]:
             ax.remove()
-        draw_lattice_map(fig.add_subplot(grid[-1, :]), model, potential)
+        draw_parameters(fig.add_subplot(grid[-1, :]), model, snapshot[1])
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=110)
     return out
