@@ -2,7 +2,7 @@
 
 The board speaks the binary protocol of ``docs/oim-board-protocol.md`` (framing and command
 table: :mod:`labep.drivers.oim_wire`; transport: :mod:`labep.drivers.oim_link`). It is a
-:class:`labep.bench.Bench` with the same :class:`~labep.bench.BenchSpec` as
+:class:`labep.hardware.bench.Bench` with the same :class:`~labep.hardware.bench.BenchSpec` as
 :class:`labep.simulators.oim.OIMSimulator` with quantized storage: parameters ``J1..JL``,
 ``h1..hL``, ``g1..gL`` of the model's shapes, each with ``levels = 2^bits`` and the range the
 board reports (IDENTIFY), written as integer codes. On a protocol-2 board a phase is one
@@ -32,7 +32,7 @@ its ``kind`` one of: timeout, short_frame, lost_reply, crc, garbled, stale, busy
 error_frame, board_reset, link_closed, reconnect, safe_state (recovered or not), unsettled and
 invalid_readout (a sample that is returned not converged: ``recovered`` False).
 When retries are exhausted the board is put in its safe state and
-:class:`~labep.bench.BenchFaultError` is raised (that last fault travels with the exception, not
+:class:`~labep.hardware.bench.BenchFaultError` is raised (that last fault travels with the exception, not
 in the log). Every error that escapes a public method leaves the board in its safe state (if the
 link allows); ``close()`` does too.
 """

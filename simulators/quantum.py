@@ -231,7 +231,9 @@ class QuantumBench(ExactParameters):
 
 
 class QuantumSimulator(QuantumBench):
-    """The ``quantum`` simulator: :class:`QuantumBench` on :class:`ExactBackend`."""
+    """A transverse-field Ising processor by exact diagonalization, measured with shots.
+
+    :class:`QuantumBench` on :class:`ExactBackend`."""
 
     options_model = QuantumSimulatorOptions
     #: option values ``labep gradcheck`` runs with: exact expectation values, no shot noise
