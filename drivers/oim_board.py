@@ -32,8 +32,8 @@ its ``kind`` one of: timeout, short_frame, lost_reply, crc, garbled, stale, busy
 error_frame, board_reset, link_closed, reconnect, safe_state (recovered or not), unsettled and
 invalid_readout (a sample that is returned not converged: ``recovered`` False).
 When retries are exhausted the board is put in its safe state and
-:class:`~labep.hardware.bench.BenchFaultError` is raised (that last fault travels with the exception, not
-in the log). Every error that escapes a public method leaves the board in its safe state (if the
+:class:`~labep.hardware.bench.BenchFaultError` is raised (that last fault travels with the
+exception, not in the log). Every error that escapes a public method leaves the board in its safe state (if the
 link allows); ``close()`` does too.
 """
 
