@@ -33,8 +33,8 @@ error_frame, board_reset, link_closed, reconnect, safe_state (recovered or not),
 invalid_readout (a sample that is returned not converged: ``recovered`` False).
 When retries are exhausted the board is put in its safe state and
 :class:`~labep.hardware.bench.BenchFaultError` is raised (that last fault travels with the
-exception, not in the log). Every error that escapes a public method leaves the board in its safe state (if the
-link allows); ``close()`` does too.
+exception, not in the log). Every error that escapes a public method leaves the board in its
+safe state (if the link allows); ``close()`` does too.
 """
 
 from __future__ import annotations
