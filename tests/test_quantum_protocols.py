@@ -106,3 +106,19 @@ def test_gradcheck_cli_on_the_digits_protocol() -> None:
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     assert report["cosine"] >= 0.999 and report["samples"] == 5
+
+
+def test_near_degenerate_ground_states_are_unsettled_phases_never_updates(tmp_path: Path
+                                                                         ) -> None:
+    """A gap threshold above every gap makes each ground state near-degenerate: every phase is
+    unsettled, every training sample is left out, and the parameters never move."""
+    loaded = load_protocol(XOR, ["bench.options.min_gap=100.0", "dataset.repeats=1",
+                                 "training.epochs=1", "faults.policy=skip"])
+    store = RunStore(tmp_path / "runs.db")
+    result = Trainer(loaded, store, progress=False).run()
+    assert result.status == "completed"
+    shown = json.loads(cli("show", result.run_id, "--store", str(tmp_path / "runs.db"),
+                           "--json").stdout)
+    samples = shown["samples"]
+    assert samples["trained"] == 4 and samples["used"] == 0
+    assert samples["left_out"] + samples["skipped"] == 4
