@@ -92,6 +92,15 @@ class LinkReporting(Protocol):
         ...
 
 
+@runtime_checkable
+class ShotCounting(Protocol):
+    """A bench that measures with shots (a quantum processor); the engine records the count
+    with every epoch (``shots_total``)."""
+
+    #: every measurement shot since the bench was constructed (training and evaluation)
+    shots_used: int
+
+
 @dataclass(frozen=True)
 class ParameterSpec:
     """One named, writable parameter of a bench.

@@ -13,6 +13,7 @@ replaying the run.
 from __future__ import annotations
 
 import contextlib
+import sys
 import time
 import traceback as tb
 from collections.abc import Callable
@@ -25,7 +26,13 @@ from tqdm.auto import tqdm
 
 import labep
 from labep.ep.optimizers import Optimizer, schedule_scale
-from labep.hardware.bench import Bench, BenchIdentity, LinkReporting, Resumable
+from labep.hardware.bench import (
+    Bench,
+    BenchIdentity,
+    LinkReporting,
+    Resumable,
+    ShotCounting,
+)
 from labep.hardware.calibration import CalibrationError
 from labep.hardware.faults import FaultPolicy, SkipBatch
 from labep.hardware.interrupts import deferred_interrupt, terminate_as_interrupt
@@ -37,6 +44,16 @@ from labep.run.step import Event, StepPhases, code_snapshot, evaluate, write_tot
 from labep.run.validate import LoadedProtocol, load_protocol
 from labep.store.files import StoreError
 from labep.store.runs import RunStore
+
+
+def epoch_line(epoch: int, epochs: int, step: int, loss: float, accuracy: float,
+               test: dict[str, float], test_epoch: int) -> str:
+    """One epoch's summary as a person reads it; the test accuracy names the epoch it was
+    evaluated at (evaluation runs every ``evaluation.every_epochs`` epochs and at the end)."""
+    tested = (f"test {test['accuracy']:.4f} (epoch {test_epoch})" if test
+              else "test -")
+    return (f"epoch {epoch}/{epochs}: step {step}, loss {loss:.4f}, train {accuracy:.4f}, "
+            f"{tested}")
 
 
 @dataclass
@@ -220,8 +237,10 @@ class Trainer:
         self._step = position["step"]
         test: dict[str, float] = position["test"]
         epoch_loss = float("nan")
+        # on a terminal a live bar; in a log file (stderr not a terminal) one line per epoch
+        interactive = self.progress and sys.stderr.isatty()
         bar = tqdm(total=training.epochs * batches, initial=self._step, unit="step",
-                   disable=not self.progress, dynamic_ncols=True, desc=self.protocol.name)
+                   disable=not interactive, dynamic_ncols=True, desc=self.protocol.name)
         try:
             for epoch in range(position["epoch"], training.epochs):
                 first = position["batch"] if epoch == position["epoch"] else 0
@@ -230,12 +249,24 @@ class Trainer:
                 started = time.perf_counter()
                 loss_sum, correct, seen = self._epoch(run_id, parts, step_phases, writes,
                                                       epoch, first, batches, totals, test, bar)
+                evaluated = test
                 test = self._end_epoch(run_id, parts, writes, epoch, loss_sum, correct, seen,
                                        time.perf_counter() - started, test)
+                if test is not evaluated:
+                    self._test_epoch = epoch + 1
                 epoch_loss = loss_sum / max(seen, 1)
+                line = epoch_line(epoch + 1, training.epochs, self._step, epoch_loss,
+                                  correct / max(seen, 1), test, self._test_epoch)
+                if interactive:
+                    bar.set_postfix_str(line.split(": ", 1)[1], refresh=True)
+                elif self.progress:
+                    print(f"{self.protocol.name}: {line}", file=sys.stderr, flush=True)
         finally:
             bar.close()
         return RunResult(run_id, "completed", test.get("accuracy"), epoch_loss, self._step)
+
+    #: the epoch (1-based) whose evaluation the newest test accuracy is
+    _test_epoch = 0
 
     def _start(self, run_id: str, parts: RunParts, identity: BenchIdentity,
                point: tuple[int, dict[str, Any]] | None
@@ -300,7 +331,8 @@ class Trainer:
             bar.update(1)
             bar.set_postfix(epoch=epoch + 1, loss=f"{loss_sum / max(seen, 1):.4f}",
                             acc=f"{correct / max(seen, 1):.3f}",
-                            test=f"{test['accuracy']:.3f}" if test else "-")
+                            test=f"{test['accuracy']:.3f} (epoch {self._test_epoch})"
+                            if test else "-")
         return loss_sum, correct, seen
 
     def _end_epoch(self, run_id: str, parts: RunParts, writes: WritePath, epoch: int,
@@ -336,9 +368,9 @@ class Trainer:
         if isinstance(bench, LinkReporting):
             epoch_metrics.update({f"link_{name}": value for name, value
                                   in bench.link_quality().items()})
-        if isinstance(getattr(bench, "shots_used", None), int):
+        if isinstance(bench, ShotCounting):
             # a measuring bench's every shot since it was built (training and evaluation)
-            epoch_metrics["shots_total"] = bench.shots_used  # type: ignore[attr-defined]
+            epoch_metrics["shots_total"] = bench.shots_used
         self.store.record_metrics(run_id, step, epoch_metrics)
         if self.on_epoch is not None:
             self.on_epoch(epoch, epoch_metrics)
