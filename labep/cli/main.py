@@ -21,7 +21,8 @@ def main() -> None:
     """labep: train lab benches and their simulators with Equilibrium Propagation."""
 
 
-for command in (runs.run, runs.resume, runs.runs, runs.show, runs.report, benches.calibrate,
+for command in (runs.run, runs.resume, runs.runs, runs.show, runs.report, runs.export,
+                benches.calibrate,
                 benches.calibrations, benches.gradcheck, emulate.emulate, listing.benches,
                 listing.models, listing.estimators, listing.datasets):
     main.add_command(command)

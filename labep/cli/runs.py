@@ -178,3 +178,26 @@ def report(run_id: str, store_path: str | None, out: str | None) -> None:
         sys.exit(EXIT_FAILED)
     path = draw_report(store, resolved, Path(out or f"{resolved}.png"))
     click.echo(f"wrote {path}")
+
+
+@click.command("export")
+@click.argument("run_id", metavar="RUN")
+@store_option
+@click.option("--format", "fmt", type=click.Choice(["netcdf", "parquet", "csv"]),
+              default="netcdf", show_default=True)
+@click.option("--out", type=click.Path(), help="Output: a .nc file (netcdf) or a folder "
+              "(parquet, csv); default RUN.nc or RUN/.")
+def export(run_id: str, store_path: str | None, fmt: str, out: str | None) -> None:
+    """Write a run's metrics per step and epoch, events, newest parameters and protocol to
+    files that xarray and pandas open without labep (needs the export extra)."""
+    from labep.store.export import ExportError, export_run
+
+    store = open_store(store_path, create=False)
+    try:
+        resolved = store.resolve(run_id)
+        path = export_run(store, resolved, fmt,  # type: ignore[arg-type]
+                          Path(out or (f"{resolved}.nc" if fmt == "netcdf" else resolved)))
+    except (StoreError, ExportError) as err:
+        click.echo(f"error: {err}", err=True)
+        sys.exit(EXIT_FAILED)
+    click.echo(f"wrote {path}")
