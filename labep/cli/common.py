@@ -21,7 +21,8 @@ from labep.store.runs import RunStore
 
 EXIT_FAILED, EXIT_INVALID, EXIT_REFUSED = 1, 2, 3
 #: the commands that only read the store (resume reads it before it writes)
-READ_COMMANDS = frozenset({"runs", "show", "report", "resume", "calibrations"})
+READ_COMMANDS = frozenset({"runs", "show", "report", "resume", "calibrations", "export",
+                           "watch"})
 #: where :func:`open_store` leaves the open store's path in ``click.Context.meta``
 _STORE_KEY = "labep.store"
 

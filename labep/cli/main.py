@@ -21,7 +21,7 @@ def main() -> None:
     """labep: train lab benches and their simulators with Equilibrium Propagation."""
 
 
-for command in (runs.run, runs.resume, runs.runs, runs.show, runs.report, runs.export,
+for command in (runs.run, runs.resume, runs.runs, runs.show, runs.report, runs.export, runs.watch,
                 benches.calibrate,
                 benches.calibrations, benches.gradcheck, emulate.emulate, listing.benches,
                 listing.models, listing.estimators, listing.datasets):

@@ -19,7 +19,7 @@ from labep.cli.common import (
     set_option,
     store_option,
 )
-from labep.store.files import SAMPLE_COUNTS, StoreError
+from labep.store.files import SAMPLE_COUNTS, StoreError, default_store_path
 
 
 @click.command()
@@ -201,3 +201,46 @@ def export(run_id: str, store_path: str | None, fmt: str, out: str | None) -> No
         click.echo(f"error: {err}", err=True)
         sys.exit(EXIT_FAILED)
     click.echo(f"wrote {path}")
+
+
+@click.command()
+@click.argument("run_id", metavar="RUN")
+@store_option
+@click.option("--out", type=click.Path(dir_okay=False),
+              help="Refresh this image file (PNG/SVG/PDF) instead of opening a window.")
+@click.option("--interval", type=click.FloatRange(min=0.05), default=2.0, show_default=True,
+              help="Seconds between two reads of the store.")
+@click.option("--timeout", type=click.FloatRange(min=0.0), default=None,
+              help="Stop following after this many seconds.")
+def watch(run_id: str, store_path: str | None, out: str | None, interval: float,
+          timeout: float | None) -> None:
+    """Follow a run as it is written (by this or any other process): a live figure of its
+    cost, accuracy, settle steps and write errors. Reads the store read-only: never blocks
+    the run. Ends when the run does."""
+    from labep.store.watch import (
+        StoreView,
+        file_drawer,
+        follow,
+        interactive_backend,
+        window_drawer,
+    )
+
+    try:
+        view = StoreView(default_store_path(store_path, None))
+        resolved = view.resolve(run_id)
+    except StoreError as err:
+        click.echo(f"error: {err}", err=True)
+        sys.exit(EXIT_FAILED)
+    if out is None and not interactive_backend():
+        click.echo("error: no display to open a window on; give --out FILE to follow the run "
+                   "in an image file", err=True)
+        sys.exit(EXIT_FAILED)
+    draw = (file_drawer(view, resolved, Path(out)) if out is not None
+            else window_drawer(view, resolved, interval))
+    try:
+        ended = follow(view, resolved, draw, interval=interval, timeout=timeout)
+    except KeyboardInterrupt:
+        ended = "stopped (Ctrl-C)"
+    finally:
+        view.close()
+    click.echo(f"run {resolved}: {ended}" + (f"; figure {out}" if out else ""))

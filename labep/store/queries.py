@@ -194,6 +194,12 @@ class RunQueries:
         ).fetchall()
         return step, {name: from_npy(blob) for name, blob in rows}
 
+    def resume_point(self, run_id: str) -> tuple[int, dict[str, Any]] | None:
+        """The newest resume point of a run: (step, engine state)."""
+        row = self.db.execute("SELECT step, state FROM resume_points WHERE run_id = ? "
+                              "ORDER BY step DESC LIMIT 1", (run_id,)).fetchone()
+        return None if row is None else (int(row[0]), json.loads(row[1]))
+
     def events(self, run_id: str) -> list[dict[str, Any]]:
         rows = self.db.execute(
             "SELECT step, time, kind, message, detail FROM events WHERE run_id = ? ORDER BY rowid",

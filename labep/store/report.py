@@ -16,11 +16,22 @@ import numpy as np
 from matplotlib.figure import Figure  # no pyplot: no global state, no display needed
 
 from labep import registry
-from labep.store.runs import RunStore
+from labep.store.queries import RunQueries
 
 
-def draw_report(store: RunStore, run_id: str, out: Path) -> Path:
+def draw_report(store: RunQueries, run_id: str, out: Path) -> Path:
     """Write the report figure of ``run_id`` to ``out`` (PNG, PDF or SVG by suffix)."""
+    fig = Figure(layout="constrained")
+    render(fig, store, run_id)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    return out
+
+
+def render(fig: Figure, store: RunQueries, run_id: str) -> None:
+    """Draw the report of ``run_id`` into ``fig`` (cleared first; sized to its rows): what
+    ``labep report`` saves and ``labep watch`` redraws."""
+    fig.clear()
     summary = store.summary(run_id)
     run_id = summary["id"]
     codes = store.arrays(run_id, "codes")
@@ -37,7 +48,7 @@ def draw_report(store: RunStore, run_id: str, out: Path) -> Path:
         draw_parameters = None
     writes_row = codes is not None or len(mismatch) > 0
     rows = 2 + writes_row + (draw_parameters is not None)
-    fig = Figure(figsize=(11, 3.75 * rows), layout="constrained")
+    fig.set_size_inches(11, 3.75 * rows)
     axes = fig.subplots(rows, 2)
     fig.suptitle(f"{summary['name']}  ({run_id}, {summary['status']}, bench "
                  f"{summary['bench']['name']})")
@@ -105,6 +116,3 @@ def draw_report(store: RunStore, run_id: str, out: Path) -> Path:
         for ax in axes[-1]:
             ax.remove()
         draw_parameters(fig.add_subplot(grid[-1, :]), model, snapshot[1])
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
-    return out

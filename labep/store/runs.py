@@ -190,12 +190,6 @@ class RunStore(RunQueries, CalibrationShelf):
         return {"id": run_id, "status": status, "owner": owner,
                 "protocol": json.loads(protocol)}
 
-    def resume_point(self, run_id: str) -> tuple[int, dict[str, Any]] | None:
-        """The newest resume point of a run: (step, engine state)."""
-        row = self.db.execute("SELECT step, state FROM resume_points WHERE run_id = ? "
-                              "ORDER BY step DESC LIMIT 1", (run_id,)).fetchone()
-        return None if row is None else (int(row[0]), json.loads(row[1]))
-
     def truncate_after(self, run_id: str, step: int) -> int:
         """Delete what steps after ``step`` committed (they are run again from the resume
         point at ``step``), except the ``run_ended`` events that say why an attempt ended;
