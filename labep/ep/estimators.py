@@ -116,12 +116,10 @@ class Estimator(ABC):
         """Combine the free and nudged read-back states; ``weights`` masks unsettled samples."""
 
 
-class OneSided(Estimator):
-    """(dE/dtheta(s^beta) - dE/dtheta(s^0)) / beta; optionally a random sign of beta per batch."""
-
-    name = "one_sided"
-    config_model = OneSidedConfig
-    deterministic = True
+class NudgesOnce(Estimator):
+    """An estimator with one nudged phase, at +beta or, with ``random_sign``, at a sign of
+    beta drawn per batch from the engine's stream (+beta when no stream is given, as in
+    ``labep gradcheck``)."""
 
     @classmethod
     def from_config(cls, config: EstimatorSection) -> Estimator:
@@ -132,9 +130,16 @@ class OneSided(Estimator):
         self.random = random_sign
 
     def strengths(self, beta: float, rng: np.random.Generator | None) -> list[float]:
-        assert rng is not None or not self.random_sign
-        sign = rng.choice((-1.0, 1.0)) if self.random_sign else 1.0
+        sign = rng.choice((-1.0, 1.0)) if self.random_sign and rng is not None else 1.0
         return [sign * beta]
+
+
+class OneSided(NudgesOnce):
+    """(dE/dtheta(s^beta) - dE/dtheta(s^0)) / beta; optionally a random sign of beta per batch."""
+
+    name = "one_sided"
+    config_model = OneSidedConfig
+    deterministic = True
 
     def estimate(self, model, inputs, free, nudged, strengths, weights):
         (beta,) = strengths
@@ -159,7 +164,7 @@ class Symmetric(Estimator):
         return Estimate(gradient, int(np.count_nonzero(weights)))
 
 
-class FiniteNudge(Estimator):
+class FiniteNudge(NudgesOnce):
     """(<dE/dtheta>_beta - <dE/dtheta>_0) / beta over Gibbs-Boltzmann samples (Litman, "EP
     without limits"): for any finite beta the exact gradient of (F_beta - F_0) / beta,
     F = -T log Z the free energy; as beta -> 0, the gradient of the expected cost <C>_0.
@@ -168,18 +173,6 @@ class FiniteNudge(Estimator):
     name = "finite_nudge"
     config_model = FiniteNudgeConfig
     samples = True
-
-    @classmethod
-    def from_config(cls, config: EstimatorSection) -> Estimator:
-        return cls(config.random_sign)
-
-    def __init__(self, random_sign: bool = False) -> None:
-        self.random_sign = random_sign
-        self.random = random_sign
-
-    def strengths(self, beta: float, rng: np.random.Generator | None) -> list[float]:
-        sign = rng.choice((-1.0, 1.0)) if self.random_sign and rng is not None else 1.0
-        return [sign * beta]
 
     def estimate(self, model, inputs, free, nudged, strengths, weights, target=None):
         (beta,) = strengths
