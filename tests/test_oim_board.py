@@ -733,7 +733,9 @@ def test_training_through_a_faulty_board_ends_where_the_simulator_does(tmp_path,
     assert on_board.status == "completed" and on_board.steps == simulated.steps
     assert all(np.array_equal(ours[name], theirs[name]) for name in theirs)
     seen = {event["detail"]["fault"] for event in events if event["kind"] == "fault"}
-    assert {"reconnect", "link_closed", "crc", "garbled"} <= seen
+    # a corrupted byte is a CRC failure or a garbled frame depending on where it lands (and
+    # on timing, which moves the fault schedule over the frames): either is the noise
+    assert {"reconnect", "link_closed"} <= seen and seen & {"crc", "garbled"}
     assert emulator.stats.link_drops >= 1 and emulator.stats.bad_frames >= 1
 
 
