@@ -6,7 +6,9 @@ whose free phase did not settle is not nudged), keep only the samples whose ever
 settled with a finite readout, estimate the gradient through the model, and apply
 theta <- theta - lr * estimate through the optimizer and the write path. Every sample of the
 step is accounted for (:func:`sample_counts`), and so is every measurement shot a bench
-reports in its phases' ``info["shots"]`` (metric ``shots``: the update's, all phases).
+reports in its phases' ``info["shots"]`` (metric ``shots``: the update's, all phases), and every
+spike a spiking bench reports in ``info["spikes"]`` (metrics ``spikes`` and
+``spikes_per_sample``, free and nudged phases per sample of the batch).
 """
 
 from __future__ import annotations
@@ -188,6 +190,11 @@ class StepPhases:
         shots = [int(p.info["shots"]) for p in (free, *nudged) if "shots" in p.info]
         if shots:
             metrics["shots"] = sum(shots)
+        # a spiking bench (StochEP) counts its phases' spikes: the hardware cost of the step
+        spikes = [int(p.info["spikes"]) for p in (free, *nudged) if "spikes" in p.info]
+        if spikes:
+            metrics["spikes"] = sum(spikes)
+            metrics["spikes_per_sample"] = sum(spikes) / len(labels)
         metrics.update({
             "loss": float(cost.mean()),
             "batch_accuracy": hits / len(labels),
