@@ -168,8 +168,11 @@ def test_same_seed_same_spiking_run_and_the_spikes_are_recorded(tmp_path: Path) 
                                 for p in (loaded, loaded, other))
         losses = [list(runs.metric_series(r.run_id, "loss")[1]) for r in (first, second, third)]
         spikes = runs.metric_series(first.run_id, "spikes_per_sample")[1]
+        inference = runs.metric_series(first.run_id, "test_spikes_per_sample")[1]
     assert losses[0] == losses[1] and losses[0] != losses[2]
     assert len(spikes) == first.steps and np.all(np.asarray(spikes) > 0)
+    # at most every unit (8 + 2) at every step (60) of the free phase
+    assert len(inference) >= 1 and 0 < inference[-1] <= 10 * 60
 
 
 def test_a_crashed_spiking_run_resumes_to_identical_parameters(

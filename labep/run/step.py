@@ -43,8 +43,10 @@ def evaluate(bench: Bench, model: Model, inputs: np.ndarray, labels: np.ndarray,
     sample that read back a non-finite state counts as wrong and costs nothing, and so does
     every sample of a batch the fault policy gave up on; one that did not settle is scored on
     the state it reached. ``unsettled`` counts all three kinds; ``nonfinite`` and ``skipped``
-    two of them."""
+    two of them. A spiking bench's free-phase spikes per evaluated sample are
+    ``spikes_per_sample``."""
     correct, cost, unsettled, nonfinite, skipped = 0, 0.0, 0, 0, 0
+    spikes: int | None = None  # a spiking bench's free-phase spikes: the inference cost
     for start in range(0, len(labels), batch_size):
         x, y = inputs[start:start + batch_size], labels[start:start + batch_size]
         try:
@@ -53,14 +55,19 @@ def evaluate(bench: Bench, model: Model, inputs: np.ndarray, labels: np.ndarray,
         except SkipBatch:
             skipped += len(y)
             continue
+        if "spikes" in free.info:
+            spikes = (spikes or 0) + int(free.info["spikes"])
         finite = np.all(np.isfinite(free.state), axis=1)
         correct += int(np.sum((model.predict(free.state) == y) & finite))
         cost += float(np.sum(model.cost(free.state[finite], model.encode_target(y[finite]))))
         nonfinite += int(np.count_nonzero(~finite))
         unsettled += int(np.count_nonzero(~(free.converged & finite)))
     n = max(len(labels), 1)
-    return {"accuracy": correct / n, "loss": cost / n, "unsettled": unsettled + skipped,
-            "nonfinite": nonfinite, "skipped": skipped}
+    out = {"accuracy": correct / n, "loss": cost / n, "unsettled": unsettled + skipped,
+           "nonfinite": nonfinite, "skipped": skipped}
+    if spikes is not None:
+        out["spikes_per_sample"] = spikes / max(n - skipped, 1)
+    return out
 
 
 def code_snapshot(writes: WritePath) -> dict[str, dict[str, np.ndarray]]:
