@@ -15,9 +15,14 @@ clamp (one BLAS product per batch), and reused by every phase with the same inpu
 Imperfections (``device``, see :mod:`labep.simulators.device`) are off by default: then
 parameters are stored exactly and states are read back exactly (averaging ``Settle.readouts``
 readouts returns the state itself). With ``device.bits`` set, parameters are written as codes.
+
+``neurons: spiking`` replaces the settle loop by stochastic spiking neurons (StochEP, Bernoulli
+spikes of probability rho(h), time-averaged rate traces): :mod:`labep.simulators.spiking`.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import numba
 import numpy as np
@@ -26,29 +31,10 @@ from pydantic import Field
 from labep.hardware.bench import Nudge, Relaxation, Settle
 from labep.models.hopfield import LayeredHopfield
 from labep.simulators.device import read_out
-from labep.simulators.layered import (
-    LayeredSimulator,
-    LayeredSimulatorOptions,
-    coupling_block,
-)
+from labep.simulators.hopfield_fields import _layer_field, _output_update, _skip_field
+from labep.simulators.layered import LayeredSimulator, LayeredSimulatorOptions
+from labep.simulators.spiking import SpikingOptions, spike_phase
 from labep.simulators.thermal import ThermalOptions, sample_hopfield
-
-
-@numba.njit(cache=True, inline="always")
-def _output_update(field: float, target: float, strength: float) -> float:
-    """argmin over s in [0, 1] of (1 + beta)/2 s^2 - (h + beta y) s: the output unit's
-    exact block update under the nudged energy E + beta C (rho(h + beta (y - s)) at the
-    fixed point; also correct for beta <= -1, where the block energy is concave)."""
-    curvature = 1.0 + strength
-    drive = field + strength * target
-    if curvature > 0.0:
-        value = drive / curvature
-        if value < 0.0:
-            return 0.0
-        if value > 1.0:
-            return 1.0
-        return value
-    return 1.0 if 0.5 * curvature - drive < 0.0 else 0.0
 
 
 @numba.njit(cache=True)
@@ -67,96 +53,6 @@ def _update(units, field, output, target, strength, damping):
             residual = max(residual, abs(change))
             units[j] += damping * change
     return residual
-
-
-@numba.njit(cache=True, fastmath={"reassoc"})
-def _layer_field(layer, sizes, state_offsets, weights, weight_offsets, transposed, biases,
-                 bias_offsets, drive_row, row, out):
-    """h_l for one sample into ``out``: input drive (l = 1) or b_l + W_l^T s_{l-1}, plus
-    W_{l+1} s_{l+1} from the layer above.
-
-    W_l is stored row-major (n_{l-1}, n_l), or transposed (n_l, n_{l-1}) where n_{l-1} > n_l,
-    so that every inner loop runs over the larger of the two layers. Inner loops index views
-    from zero (see :func:`coupling_block`); ``reassoc`` lets the dot products vectorize (it
-    reorders sums only: NaN and inf still propagate).
-    """
-    n_here = sizes[layer]
-    n_layers = sizes.shape[0] - 1
-    if layer == 1:
-        out[:n_here] = drive_row[:n_here]
-    else:
-        n_below = sizes[layer - 1]
-        bias = biases[bias_offsets[layer - 1]:bias_offsets[layer - 1] + n_here]
-        below = row[state_offsets[layer - 2]:state_offsets[layer - 2] + n_below]
-        if transposed[layer - 1]:
-            block = coupling_block(weights, weight_offsets[layer - 1], n_here, n_below)
-            for j in range(n_here):
-                coupling = block[j]
-                acc = bias[j]
-                for i in range(n_below):
-                    acc += coupling[i] * below[i]
-                out[j] = acc
-        else:
-            block = coupling_block(weights, weight_offsets[layer - 1], n_below, n_here)
-            for j in range(n_here):
-                out[j] = bias[j]
-            for i in range(n_below):
-                s_i = below[i]
-                if s_i != 0.0:
-                    coupling = block[i]
-                    for j in range(n_here):
-                        out[j] += s_i * coupling[j]
-    if layer < n_layers:
-        n_above = sizes[layer + 1]
-        above = row[state_offsets[layer]:state_offsets[layer] + n_above]
-        if transposed[layer]:
-            block = coupling_block(weights, weight_offsets[layer], n_above, n_here)
-            for j in range(n_above):
-                s_j = above[j]
-                if s_j != 0.0:
-                    coupling = block[j]
-                    for i in range(n_here):
-                        out[i] += s_j * coupling[i]
-        else:
-            block = coupling_block(weights, weight_offsets[layer], n_here, n_above)
-            for i in range(n_here):
-                coupling = block[i]
-                acc = 0.0
-                for j in range(n_above):
-                    acc += coupling[j] * above[j]
-                out[i] += acc
-
-
-@numba.njit(cache=True, fastmath={"reassoc"})
-def _skip_field(layer, sizes, state_offsets, weights, skip_offsets, skip_lower, skip_upper, row,
-                out):
-    """Add the skip terms of layer l to its field ``out``: S_{l,m} s_m for every skip (l, m)
-    above it, S_{k,l}^T s_k for every skip (k, l) below it. Each S_{l,m} is stored row-major
-    (n_l, n_m) at ``skip_offsets[k]`` of the weight buffer; loops index views from zero."""
-    for k in range(skip_lower.shape[0]):
-        low = skip_lower[k]
-        high = skip_upper[k]
-        if low != layer and high != layer:
-            continue
-        n_low = sizes[low]
-        n_high = sizes[high]
-        block = coupling_block(weights, skip_offsets[k], n_low, n_high)
-        if low == layer:
-            above = row[state_offsets[high - 1]:state_offsets[high - 1] + n_high]
-            for i in range(n_low):
-                coupling = block[i]
-                acc = 0.0
-                for j in range(n_high):
-                    acc += coupling[j] * above[j]
-                out[i] += acc
-        else:
-            below = row[state_offsets[low - 1]:state_offsets[low - 1] + n_low]
-            for i in range(n_low):
-                s_i = below[i]
-                if s_i != 0.0:
-                    coupling = block[i]
-                    for j in range(n_high):
-                        out[j] += s_i * coupling[j]
 
 
 @numba.njit(cache=True, parallel=True)
@@ -229,7 +125,7 @@ def settle_layered(sizes, weights, weight_offsets, transposed, biases, bias_offs
         residual_out[sample] = residual
 
 
-class HopfieldSimulatorOptions(LayeredSimulatorOptions, ThermalOptions):
+class HopfieldSimulatorOptions(LayeredSimulatorOptions, ThermalOptions, SpikingOptions):
     """Options of the Hopfield simulator bench (``bench.options`` in a protocol)."""
 
     asynchronous: bool = Field(
@@ -273,6 +169,8 @@ class HopfieldSimulator(LayeredSimulator):
         # x W_1 + b_1: constant during a phase, computed once per clamp
         drive = self._clamped(inputs, lambda x: np.ascontiguousarray(
             x @ self._views["W1"] + self._views["b1"]))
+        if self.options.neurons == "spiking":  # StochEP (labep.simulators.spiking)
+            return spike_phase(self, drive, state, strength, target, nudge is not None, settle)
         batch = inputs.shape[0]
         steps = np.zeros(batch, dtype=np.int64)
         residual = np.zeros(batch, dtype=np.float64)
@@ -283,3 +181,8 @@ class HopfieldSimulator(LayeredSimulator):
                        steps, residual, self._skip_offsets, self._skip_lower, self._skip_upper)
         state = read_out(state, self.options.device, self._readout_rng, settle.readouts)
         return Relaxation(state, residual <= settle.tolerance, steps, residual)
+
+    def mean_field_overrides(self) -> dict[str, Any] | None:
+        """The option values of this bench's deterministic mean-field twin (what a spiking
+        bench's estimate tends to as tau and the window grow), None if it is deterministic."""
+        return {"neurons": "deterministic"} if self.options.neurons == "spiking" else None

@@ -107,10 +107,13 @@ def calibrations(store_path: str | None, as_json: bool) -> None:
 @click.option("--seed", type=click.IntRange(min=0), help="Seed of the parameters and batch.")
 @click.option("--tolerance", type=click.FloatRange(min=0.0, min_open=True), default=1e-10,
               show_default=True, help="Settle tolerance (float64) both phases must reach.")
+@click.option("--repeats", type=click.IntRange(min=1), default=8, show_default=True,
+              help="Stochastic (spiking) benches: estimates averaged into the cosine's mean "
+              "and standard error.")
 @set_option
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def gradcheck(protocol: str, beta: float | None, estimator: str | None, samples: int | None,
-              seed: int | None, tolerance: float, overrides: tuple[str, ...],
+              seed: int | None, tolerance: float, repeats: int, overrides: tuple[str, ...],
               as_json: bool) -> None:
     """Compare the EP estimate with the exact gradient (implicit differentiation) on a
     simulator, at fresh parameters and one batch of training data."""
@@ -120,7 +123,7 @@ def gradcheck(protocol: str, beta: float | None, estimator: str | None, samples:
     loaded = load_or_exit(protocol, overrides)
     try:
         report = check(loaded.protocol, beta=beta, estimator=estimator, samples=samples,
-                       seed=seed, tolerance=tolerance)
+                       seed=seed, tolerance=tolerance, repeats=repeats)
     except GradcheckError as err:
         click.echo(f"gradcheck refused: {err}", err=True)
         sys.exit(EXIT_REFUSED)
@@ -132,6 +135,15 @@ def gradcheck(protocol: str, beta: float | None, estimator: str | None, samples:
                f"{report['samples']} samples")
     click.echo(f"  overall   cosine {report['cosine']:.6f}  relative error "
                f"{report['relative_error']:.3e}")
+    if "repeats" in report:  # a stochastic (spiking) bench: mean of the repeats
+        click.echo(f"  stochastic: {report['repeats']} estimates of {report['steps_per_estimate']}"
+                   f" time steps, {report['spikes_per_sample']:.0f} spikes per sample; cosine "
+                   f"to the exact gradient {report['cosine']:.4f} +- "
+                   f"{report['cosine_stderr']:.4f}, to deterministic EP "
+                   f"{report['cosine_to_deterministic_ep']:.4f} +- "
+                   f"{report['cosine_to_deterministic_ep_stderr']:.4f} (deterministic EP to "
+                   f"exact: {report['deterministic_ep_cosine']:.6f}); "
+                   f"{report['unsettled_phases']} unsettled phase(s)")
     for name, cmp in report["parameters"].items():
         click.echo(f"  {name:9} cosine {cmp['cosine']:.6f}  relative error "
                    f"{cmp['relative_error']:.3e}")

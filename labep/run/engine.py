@@ -360,6 +360,8 @@ class Trainer:
                                       "test_nonfinite": test["nonfinite"],
                                       "test_skipped": test["skipped"],
                                       "test_samples": len(parts.data.test_labels)})
+                if "spikes_per_sample" in test:  # a spiking bench's inference cost
+                    epoch_metrics["test_spikes_per_sample"] = test["spikes_per_sample"]
         epoch_metrics["epoch"] = epoch + 1
         epoch_metrics.update(write_totals(writes))
         if faults.total:

@@ -74,11 +74,13 @@ def gradcheck(
     max_steps: int = 100_000,
     params: Params | None = None,
     correction: bool | None = None,
+    repeats: int = 8,
 ) -> dict[str, Any]:
     """EP estimate vs. exact gradient for one batch of training data on fresh parameters
     (drawn from ``seed``; or ``params`` given). ``correction`` (default: the protocol's
-    ``estimator.correction``) runs the corrected nudge of non-conservative EP. Returns a
-    JSON-ready dict."""
+    ``estimator.correction``) runs the corrected nudge of non-conservative EP. On a bench
+    with stochastic states (``mean_field_overrides``: spiking neurons) ``repeats`` estimates
+    are compared (:func:`stochastic_gradcheck`). Returns a JSON-ready dict."""
     if protocol.bench.kind != "simulator":
         raise GradcheckError("gradcheck needs a simulator bench: the exact gradient is computed "
                              "from the model, and compared at states the simulator settles")
@@ -91,6 +93,13 @@ def gradcheck(
     # taken at its own arithmetic), and whatever else the bench names (e.g. no shot noise)
     precision = {"dtype": "float64"} if "dtype" in cls.options_model.model_fields else {}
     parts = assemble(protocol, estimator=section, **precision, **cls.exact_options)
+    mean_field = getattr(parts.bench, "mean_field_overrides", lambda: None)()
+    if mean_field is not None:  # stochastic spiking states vs their mean-field limit
+        twin = assemble(protocol, estimator=section, **precision, **cls.exact_options,
+                        **mean_field)
+        return stochastic_gradcheck(parts, twin, beta=beta, samples=samples, seed=seed,
+                                    tolerance=tolerance, max_steps=max_steps, params=params,
+                                    repeats=repeats)
     if parts.estimator.samples:  # Boltzmann samples vs exact enumeration
         return thermal_gradcheck(parts, beta=beta, samples=samples, seed=seed, params=params)
     correction = protocol.estimator.correction if correction is None else correction
@@ -175,4 +184,79 @@ def thermal_gradcheck(parts: RunParts, *, beta: float, samples: int | None, seed
         "correction": False, "temperature": temperature,
         "readouts": estimate.readouts, **overall.as_dict(), **estimate.metrics(),
         "parameters": {k: compare(estimate.gradient[k], exact[k]).as_dict() for k in names},
+    }
+
+
+def _mean_stderr(values: list[float]) -> tuple[float, float]:
+    """Mean and standard error of the mean (0 for one value)."""
+    array = np.asarray(values, dtype=np.float64)
+    if array.size < 2:
+        return float(array.mean()), 0.0
+    return float(array.mean()), float(array.std(ddof=1) / np.sqrt(array.size))
+
+
+def _flat(gradient: Params, names: list[str]) -> np.ndarray:
+    return np.concatenate([np.ravel(gradient[k]) for k in names])
+
+
+def stochastic_gradcheck(parts: RunParts, twin: RunParts, *, beta: float, samples: int | None,
+                         seed: int, tolerance: float, max_steps: int, params: Params | None,
+                         repeats: int) -> dict[str, Any]:
+    """``labep gradcheck`` on a bench with stochastic states (StochEP's spiking neurons):
+    ``repeats`` EP estimates, each from phases of the protocol's own length
+    (``phases.free`` / ``phases.nudged``: T time steps, a fresh noise key per phase), against
+    the exact gradient and against deterministic EP on the bench's mean-field ``twin`` (same
+    parameters, fixed points settled to ``tolerance``). Every sample enters the stochastic
+    estimate, settled or not (``unsettled`` counts those a run would leave out); the cosines
+    are reported as mean and standard error over the repeats."""
+    est = parts.estimator
+    model, x, target, params = gradcheck_batch(twin, samples, seed, params)
+    count = len(x)
+    settle = Settle(tolerance, max_steps)
+    strengths = est.strengths(beta, stream(seed, 2))
+    with twin.bench as bench:
+        bench.write(params)
+        free = bench.relax(x, settle=settle)
+        nudged = [bench.relax(x, Nudge(s, target), start=free.state, settle=settle)
+                  for s in strengths]
+        if not all(phase.all_converged for phase in (free, *nudged)):
+            raise GradcheckError("the mean-field (deterministic) twin did not settle to "
+                                 f"{tolerance:.3g}; refusing to compare")
+        deterministic = est.estimate(model, x, free, nudged, strengths, np.ones(count)).gradient
+    exact = model.exact_gradient(x, free.state, target, params)
+    names = list(exact)
+    flat_exact, flat_det = _flat(exact, names), _flat(deterministic, names)
+    to_exact, to_ep, errors, spikes, unsettled, steps = [], [], [], [], 0, 0
+    per_parameter: dict[str, list[Comparison]] = {k: [] for k in names}
+    with parts.bench as bench:
+        bench.write(params)
+        for _ in range(repeats):
+            sfree = bench.relax(x, settle=parts.free_settle)
+            snudged = [bench.relax(x, Nudge(s, target), start=sfree.state,
+                                   settle=parts.nudged_settle) for s in strengths]
+            gradient = est.estimate(model, x, sfree, snudged, strengths, np.ones(count)).gradient
+            for k in names:
+                per_parameter[k].append(compare(gradient[k], exact[k]))
+            estimate = _flat(gradient, names)
+            overall = compare(estimate, flat_exact)
+            to_exact.append(overall.cosine)
+            errors.append(overall.relative_error)
+            to_ep.append(compare(estimate, flat_det).cosine)
+            phases = (sfree, *snudged)
+            spikes.append(sum(int(p.info.get("spikes", 0)) for p in phases) / count)
+            unsettled += int(sum(np.count_nonzero(~p.converged) for p in phases))
+            steps = int(sum(int(p.steps.max()) for p in phases))
+    cosine, cosine_se = _mean_stderr(to_exact)
+    ep_cosine, ep_se = _mean_stderr(to_ep)
+    return {
+        "estimator": est.name, "correction": False, "beta": beta, "samples": count,
+        "seed": seed, "repeats": repeats, "cosine": cosine, "cosine_stderr": cosine_se,
+        "relative_error": float(np.mean(errors)),
+        "cosine_to_deterministic_ep": ep_cosine, "cosine_to_deterministic_ep_stderr": ep_se,
+        "deterministic_ep_cosine": compare(flat_det, flat_exact).cosine,
+        "steps_per_estimate": steps, "spikes_per_sample": float(np.mean(spikes)),
+        "unsettled_phases": unsettled,
+        "parameters": {k: {"cosine": float(np.mean([c.cosine for c in cmps])),
+                           "relative_error": float(np.mean([c.relative_error for c in cmps]))}
+                       for k, cmps in per_parameter.items()},
     }

@@ -6,7 +6,9 @@ whose free phase did not settle is not nudged), keep only the samples whose ever
 settled with a finite readout, estimate the gradient through the model, and apply
 theta <- theta - lr * estimate through the optimizer and the write path. Every sample of the
 step is accounted for (:func:`sample_counts`), and so is every measurement shot a bench
-reports in its phases' ``info["shots"]`` (metric ``shots``: the update's, all phases).
+reports in its phases' ``info["shots"]`` (metric ``shots``: the update's, all phases), and every
+spike a spiking bench reports in ``info["spikes"]`` (metrics ``spikes`` and
+``spikes_per_sample``, free and nudged phases per sample of the batch).
 """
 
 from __future__ import annotations
@@ -41,8 +43,10 @@ def evaluate(bench: Bench, model: Model, inputs: np.ndarray, labels: np.ndarray,
     sample that read back a non-finite state counts as wrong and costs nothing, and so does
     every sample of a batch the fault policy gave up on; one that did not settle is scored on
     the state it reached. ``unsettled`` counts all three kinds; ``nonfinite`` and ``skipped``
-    two of them."""
+    two of them. A spiking bench's free-phase spikes per evaluated sample are
+    ``spikes_per_sample``."""
     correct, cost, unsettled, nonfinite, skipped = 0, 0.0, 0, 0, 0
+    spikes: int | None = None  # a spiking bench's free-phase spikes: the inference cost
     for start in range(0, len(labels), batch_size):
         x, y = inputs[start:start + batch_size], labels[start:start + batch_size]
         try:
@@ -51,14 +55,19 @@ def evaluate(bench: Bench, model: Model, inputs: np.ndarray, labels: np.ndarray,
         except SkipBatch:
             skipped += len(y)
             continue
+        if "spikes" in free.info:
+            spikes = (spikes or 0) + int(free.info["spikes"])
         finite = np.all(np.isfinite(free.state), axis=1)
         correct += int(np.sum((model.predict(free.state) == y) & finite))
         cost += float(np.sum(model.cost(free.state[finite], model.encode_target(y[finite]))))
         nonfinite += int(np.count_nonzero(~finite))
         unsettled += int(np.count_nonzero(~(free.converged & finite)))
     n = max(len(labels), 1)
-    return {"accuracy": correct / n, "loss": cost / n, "unsettled": unsettled + skipped,
-            "nonfinite": nonfinite, "skipped": skipped}
+    out = {"accuracy": correct / n, "loss": cost / n, "unsettled": unsettled + skipped,
+           "nonfinite": nonfinite, "skipped": skipped}
+    if spikes is not None:
+        out["spikes_per_sample"] = spikes / max(n - skipped, 1)
+    return out
 
 
 def code_snapshot(writes: WritePath) -> dict[str, dict[str, np.ndarray]]:
@@ -188,6 +197,11 @@ class StepPhases:
         shots = [int(p.info["shots"]) for p in (free, *nudged) if "shots" in p.info]
         if shots:
             metrics["shots"] = sum(shots)
+        # a spiking bench (StochEP) counts its phases' spikes: the hardware cost of the step
+        spikes = [int(p.info["spikes"]) for p in (free, *nudged) if "spikes" in p.info]
+        if spikes:
+            metrics["spikes"] = sum(spikes)
+            metrics["spikes_per_sample"] = sum(spikes) / len(labels)
         metrics.update({
             "loss": float(cost.mean()),
             "batch_accuracy": hits / len(labels),
