@@ -106,7 +106,7 @@ def test_sweep_on_a_local_cluster_of_two_workers(tmp_path: Path) -> None:
     path = sweep_file(tmp_path, set={"training.epochs": 1},
                       grid={"estimator.beta": [0.25, 0.5], "seed": [0, 1]})
     store = tmp_path / "runs.db"
-    result = cli("sweep", str(path), "--store", str(store), "--workers", "2", "--no-progress")
+    result = cli("sweep", str(path), "--store", str(store), "--workers", "2")
     assert result.exit_code == 0, result.output + result.stderr
     assert "4 of 4 trial(s) completed" in result.stdout
     assert "4/4 done" in result.stderr  # plain progress lines: stderr is not a terminal

@@ -26,7 +26,6 @@ import logging
 import os
 import sqlite3
 import sys
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -195,21 +194,24 @@ def pending_trials(store: RunStore, sweep_id: str) -> list[int]:
             if row["status"] != "completed"]
 
 
+def _counts(store_path: str | Path, sweep_id: str) -> dict[str, int]:
+    """The sweep's counts read on a fresh connection: the newest commits of every writer."""
+    with RunStore(store_path, create=False, check_pages=False) as store:
+        return store.sweep_counts(sweep_id)
+
+
 def run_serial(store_path: str | Path, sweep_id: str, trials: list[int], *,
                progress: bool = True) -> list[dict[str, Any]]:
     """The trials one after another in this process (no dask)."""
-    store = RunStore(store_path, create=False, check_pages=False)
-    try:
-        bar = Progress(sweep_id, store.sweep(sweep_id)["trials"],
-                       store.sweep_counts(sweep_id)["completed"], progress)
-        results = []
-        for trial in trials:
-            results.append(run_trial(str(store_path), sweep_id, trial))
-            bar.update(store.sweep_counts(sweep_id))
-        bar.close()
-        return results
-    finally:
-        store.close()
+    with RunStore(store_path, create=False, check_pages=False) as store:
+        total = store.sweep(sweep_id)["trials"]
+    bar = Progress(sweep_id, total, _counts(store_path, sweep_id)["completed"], progress)
+    results = []
+    for trial in trials:
+        results.append(run_trial(str(store_path), sweep_id, trial))
+        bar.update(_counts(store_path, sweep_id))
+    bar.close()
+    return results
 
 
 def local_cluster(workers: int | None = None) -> tuple[Any, int]:
@@ -244,22 +246,21 @@ def follow(futures: list[Any], store_path: str | Path, sweep_id: str, *,
     gave up on (its workers kept dying) is a failed trial."""
     from distributed import wait
 
-    store = RunStore(store_path, create=False, check_pages=False)
-    try:
-        bar = Progress(sweep_id, store.sweep(sweep_id)["trials"],
-                       store.sweep_counts(sweep_id)["completed"], progress)
-        remaining = list(futures)
-        while remaining:
-            with contextlib.suppress(Exception):
-                wait(remaining, timeout=poll, return_when="FIRST_COMPLETED")
-            remaining = [future for future in remaining if not future.done()]
-            with contextlib.suppress(sqlite3.OperationalError):
-                bar.update(store.sweep_counts(sweep_id))
-        time.sleep(0)
-        bar.update(store.sweep_counts(sweep_id))
-        bar.close()
-    finally:
-        store.close()
+    def counts() -> dict[str, int]:
+        return _counts(store_path, sweep_id)
+
+    with RunStore(store_path, create=False, check_pages=False) as store:
+        total = store.sweep(sweep_id)["trials"]
+    bar = Progress(sweep_id, total, counts()["completed"], progress)
+    remaining = list(futures)
+    while remaining:
+        with contextlib.suppress(Exception):
+            wait(remaining, timeout=poll, return_when="FIRST_COMPLETED")
+        remaining = [future for future in remaining if not future.done()]
+        with contextlib.suppress(sqlite3.OperationalError, StoreError):
+            bar.update(counts())
+    bar.update(counts())
+    bar.close()
     results = []
     for future, trial in zip(futures, (int(f.key.rsplit("-", 1)[1]) for f in futures),
                              strict=True):
