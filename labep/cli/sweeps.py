@@ -43,7 +43,7 @@ progress_option = click.option("--progress/--no-progress", default=True,
 
 def _execute(store_path: Path, sweep_id: str, trials: list[int], scheduler: str | None,
              workers: int | None, serial: bool, progress: bool) -> None:
-    from labep.sweep.execute import DaskMissing, run_dask, run_serial
+    from labep.sweep.execute import DaskMissingError, run_dask, run_serial
 
     try:
         if serial:
@@ -51,7 +51,7 @@ def _execute(store_path: Path, sweep_id: str, trials: list[int], scheduler: str 
         else:
             results = run_dask(store_path, sweep_id, trials, scheduler=scheduler,
                                workers=workers, progress=progress)
-    except DaskMissing as err:
+    except DaskMissingError as err:
         click.echo(f"error: {err} (or use --serial)", err=True)
         sys.exit(EXIT_INVALID)
     except KeyboardInterrupt as err:

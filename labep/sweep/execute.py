@@ -38,7 +38,7 @@ from labep.store.runs import RunStore
 RETRY_SECONDS = 600.0
 
 
-class DaskMissing(RuntimeError):
+class DaskMissingError(RuntimeError):
     """dask.distributed or tenacity is not installed."""
 
 
@@ -57,7 +57,7 @@ def _retrying() -> Any:
             wait_random_exponential,
         )
     except ImportError as err:  # pragma: no cover - the dask extra
-        raise DaskMissing("sweeps need the dask extra: pip install 'labep[dask]'") from err
+        raise DaskMissingError("sweeps need the dask extra: pip install 'labep[dask]'") from err
     return Retrying(retry=retry_if_exception(_locked), stop=stop_after_delay(RETRY_SECONDS),
                     wait=wait_random_exponential(multiplier=0.05, max=2.0), reraise=True)
 
@@ -220,7 +220,7 @@ def local_cluster(workers: int | None = None) -> tuple[Any, int]:
     try:
         from distributed import LocalCluster
     except ImportError as err:
-        raise DaskMissing("sweeps need the dask extra: pip install 'labep[dask]'") from err
+        raise DaskMissingError("sweeps need the dask extra: pip install 'labep[dask]'") from err
     cores = os.cpu_count() or 1
     workers = workers or cores
     threads = max(1, cores // workers)
@@ -279,7 +279,7 @@ def run_dask(store_path: str | Path, sweep_id: str, trials: list[int], *,
     try:
         from distributed import Client
     except ImportError as err:
-        raise DaskMissing("sweeps need the dask extra: pip install 'labep[dask]'") from err
+        raise DaskMissingError("sweeps need the dask extra: pip install 'labep[dask]'") from err
     if not trials:
         return []
     if scheduler:
