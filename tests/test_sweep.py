@@ -239,3 +239,15 @@ def test_show_table_and_report(tmp_path: Path) -> None:
     assert json.loads(json.dumps(table))  # JSON-ready
     with pytest.raises(StoreError):
         RunStore(store, create=False).resolve_sweep("sw-nope")
+
+
+def test_hardware_trials_are_named_by_their_resource() -> None:
+    """The lock a hardware trial holds is named by driver and resource; simulators take none.
+    (The lock itself is distributed.Lock; not exercised against a real instrument here.)"""
+    from labep.sweep.execute import bench_resource, holding
+
+    assert bench_resource(tiny_xor()) is None
+    doc = tiny_xor(**{"bench": {"driver": "oim_board", "resource": "/dev/ttyUSB0"}})
+    assert bench_resource(doc) == "labep-bench:oim_board:/dev/ttyUSB0"
+    with holding(bench_resource(doc)):  # outside a dask worker: trials already run serially
+        pass
