@@ -251,3 +251,24 @@ def test_hardware_trials_are_named_by_their_resource() -> None:
     assert bench_resource(doc) == "labep-bench:oim_board:/dev/ttyUSB0"
     with holding(bench_resource(doc)):  # outside a dask worker: trials already run serially
         pass
+
+
+def test_scheduler_option_sends_the_trials_to_an_existing_cluster(tmp_path: Path) -> None:
+    """--scheduler tcp://HOST:PORT: the same tasks on a cluster started elsewhere (here one
+    worker process); the sweep file's `scheduler` is the default for it."""
+    import logging
+
+    from distributed import LocalCluster
+
+    with LocalCluster(n_workers=1, threads_per_worker=1, dashboard_address=None,
+                      silence_logs=logging.ERROR) as cluster:
+        path = sweep_file(tmp_path, set={"training.epochs": 1}, grid={"seed": [0, 1]},
+                          scheduler=cluster.scheduler_address)
+        store = tmp_path / "runs.db"
+        result = cli("sweep", str(path), "--store", str(store), "--no-progress")
+        assert result.exit_code == 0, result.output + result.stderr
+        assert "2 of 2 trial(s) completed" in result.stdout
+        with RunStore(store, create=False) as opened:
+            (sweep,) = opened.sweeps()
+            assert sweep["spec"]["scheduler"] == cluster.scheduler_address
+            assert [t["status"] for t in opened.sweep_trials(sweep["id"])] == ["completed"] * 2
