@@ -103,8 +103,8 @@ def draw_sweep_report(store: RunStore, sweep_id: str, out: Path) -> Path:
     rows = -(-panels // cols)
     fig = Figure(figsize=(4.5 * cols, 3.6 * rows), layout="constrained")
     grid = fig.subplots(rows, cols, squeeze=False).ravel()
-    fig.suptitle(f"sweep {sweep['name']} ({sweep['id']}): {len(trials)} of {sweep['trials']} "
-                 "trials completed")
+    fig.suptitle(f"sweep {sweep['name']}\n{sweep['id']}: {len(trials)} of {sweep['trials']} "
+                 "trials completed", fontsize="medium")
     for ax in grid[panels:]:
         ax.remove()
     if not axes:
