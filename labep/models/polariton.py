@@ -145,7 +145,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from labep.models import Params
-from labep.models.polariton_config import PolaritonConfig
+from labep.models.polariton_config import PolaritonConfig, site_regions
 from labep.protocol.sections import ModelSection
 
 
@@ -166,14 +166,6 @@ def lattice_neighbours(lattice: tuple[int, ...]) -> np.ndarray:
                      if 0 <= r + dr < rows and 0 <= c + dc < cols]
             table[r * cols + c, :len(found)] = found
     return table
-
-
-def site_regions(entries: list | tuple, label: str) -> list[np.ndarray]:
-    """Regions as site arrays: each entry is a site (a region of one) or a list of sites."""
-    regions = [np.atleast_1d(np.asarray(entry, dtype=np.int64)) for entry in entries]
-    if any(region.size == 0 for region in regions):
-        raise ValueError(f"an {label} region has no sites")
-    return regions
 
 
 def _hinge_excess(fraction: np.ndarray, target: np.ndarray) -> np.ndarray:

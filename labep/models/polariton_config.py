@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 from typing import Annotated, Literal
 
+import numpy as np
 from pydantic import Field, PositiveFloat, PositiveInt, model_validator
 
 from labep.protocol.sections import ModelSection, Section
@@ -147,3 +148,11 @@ class PolaritonConfig(ModelSection):
             raise ValueError(f"the {self.encoding} encoding gives {encoded} features for "
                              f"{len(self.input_sites)} input regions")
         return self
+
+
+def site_regions(entries: list | tuple, label: str) -> list[np.ndarray]:
+    """Regions as site arrays: each entry is a site (a region of one) or a list of sites."""
+    regions = [np.atleast_1d(np.asarray(entry, dtype=np.int64)) for entry in entries]
+    if any(region.size == 0 for region in regions):
+        raise ValueError(f"an {label} region has no sites")
+    return regions

@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 from matplotlib.axes import Axes
 
-from labep.models.polariton import site_regions
+from labep.models.polariton_config import site_regions
 
 
 def draw_lattice_map(ax: Axes, model: dict[str, Any], params: dict[str, np.ndarray]) -> None:
