@@ -1,1 +1,0 @@
-"""Sweeps: a sweep file expanded to trials, run as ordinary labep runs on dask.distributed."""
