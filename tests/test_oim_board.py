@@ -827,3 +827,30 @@ def test_a_killed_board_run_leaves_the_board_safe_on_reconnect_and_resumes(
             "SELECT step FROM steps WHERE run_id = ? ORDER BY step", (run["id"],))]
     assert steps_done == list(range(1, expected.steps + 1))
     assert all(np.array_equal(got[name], expected_params[name]) for name in expected_params)
+
+
+def test_a_pyserial_port_handed_in_is_the_boards_transport(emulator_factory) -> None:
+    """A pyserial port object (not yet open) as ``transport``: the board opens it, relaxes as
+    through a resource string, closes it, and reopens it when opened again."""
+    import serial
+
+    sizes = (2, 4, 2)
+    emulator = emulator_factory(sizes)
+    port = serial.serial_for_url(emulator.url, do_not_open=True)
+    board = OIMBoard(LayeredOIM(list(sizes), shil=0.1), transport=port)
+    assert not port.is_open  # construction touches nothing
+    board.open()
+    assert port.is_open and board.resource == emulator.url
+    codes = board_codes(board)
+    board.write(codes)
+    x = np.array([[0.0, 1.0], [1.0, 1.0]])
+    ours = board.relax(x, settle=SETTLE)
+    theirs = simulator(sizes, 0.1, codes).relax(x, settle=SETTLE)
+    assert np.array_equal(ours.state, theirs.state)
+    board.close()
+    assert not port.is_open
+    board.open()
+    assert port.is_open
+    board.close()
+    with pytest.raises(ValueError, match="exactly one"):
+        OIMBoard(LayeredOIM(list(sizes), shil=0.1), resource=emulator.url, transport=port)

@@ -265,3 +265,32 @@ def test_a_safe_potential_out_of_range_or_unknown_is_refused_with_the_laser_off(
         bench.open()
     assert laser_commands(bench)[:2] == ["OUTP 0", "OUTP?"]  # off first, confirmed
     assert "OUTP 1" not in laser_commands(bench)
+
+
+def test_a_resource_manager_or_open_resources_handed_in_are_the_transport() -> None:
+    """``transport``: a pyvisa ResourceManager (the bench opens the instruments named in
+    ``options.resources`` and closes them) or open resources by role (the caller's: left
+    open); either relaxes as through ``resource="@sim"``."""
+    import pyvisa
+
+    reference = opened()
+    expected = reference.relax(XOR, settle=FRAMES).state
+    reference.close()
+    manager = pyvisa.ResourceManager(f"{sim_definitions()}@sim")
+    options = PolaritonBenchOptions(timeout=0.5, backoff=0.0, resources=SIM_RESOURCES)
+    bench = PolaritonBench(model(), options, transport=manager)
+    bench.open()
+    np.testing.assert_array_equal(bench.relax(XOR, settle=FRAMES).state, expected)
+    bench.close()
+    sessions = {role: manager.open_resource(name, read_termination="\n",
+                                            write_termination="\n", timeout=500)
+                for role, name in SIM_RESOURCES.items()}
+    bench = PolaritonBench(model(), PolaritonBenchOptions(timeout=0.5, backoff=0.0),
+                           transport=sessions)
+    bench.open()
+    np.testing.assert_array_equal(bench.relax(XOR, settle=FRAMES).state, expected)
+    bench.close()
+    assert bench.laser is not None and bench.laser.output is False
+    assert sessions["laser"].query("*IDN?")  # the caller's session is still open
+    with pytest.raises(BenchError, match="exactly the roles"):
+        PolaritonBench(model(), transport={"laser": sessions["laser"]})
