@@ -252,11 +252,8 @@ class Trainer:
                 started = time.perf_counter()
                 loss_sum, correct, seen = self._epoch(run_id, parts, step_phases, writes,
                                                       epoch, first, batches, totals, test, bar)
-                evaluated = test
                 test = self._end_epoch(run_id, parts, writes, epoch, loss_sum, correct, seen,
                                        time.perf_counter() - started, test)
-                if test is not evaluated:
-                    self._test_epoch = epoch + 1
                 epoch_loss = loss_sum / max(seen, 1)
                 line = epoch_line(epoch + 1, training.epochs, self._step, epoch_loss,
                                   correct / max(seen, 1), test, self._test_epoch)
@@ -355,6 +352,7 @@ class Trainer:
         final = epoch == self.protocol.training.epochs - 1
         if (epoch + 1) % self.protocol.evaluation.every_epochs == 0 or final:
             test = self._evaluate(parts, writes)
+            self._test_epoch = epoch + 1
             self.store.record_events(run_id, step, faults.take_events())
             if test:
                 epoch_metrics.update({"test_accuracy": test["accuracy"],
