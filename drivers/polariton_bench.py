@@ -271,7 +271,7 @@ class PolaritonBench(BenchLifecycle):
         try:
             self._connect()
             assert self.laser is not None and self.slm is not None and self.camera is not None
-            self.laser.clear_status()
+            self.laser.clear_status(drain=False)  # nothing before the laser is off
             self.laser.off()
             for instrument in self._instruments():
                 instrument.clear_status()

@@ -216,8 +216,13 @@ class ScpiInstrument:
     def identify(self) -> Identification:
         return Identification.parse(self.query("*IDN?"))
 
-    def clear_status(self) -> None:
+    def clear_status(self, *, drain: bool = True) -> None:
+        """``*CLS``, then (``drain``) empty the error queue: not every instrument (nor
+        pyvisa-sim) clears it on ``*CLS``, and errors left from an earlier session must not be
+        taken for this session's. They are logged as recovered ``instrument_error`` faults."""
         self.write("*CLS")
+        if drain:
+            self.drain_errors("left from before *CLS")
 
     def wait(self) -> None:
         """``*OPC?``: block until the instrument finished every pending operation."""

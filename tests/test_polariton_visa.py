@@ -294,3 +294,24 @@ def test_a_resource_manager_or_open_resources_handed_in_are_the_transport() -> N
     assert sessions["laser"].query("*IDN?")  # the caller's session is still open
     with pytest.raises(BenchError, match="exactly the roles"):
         PolaritonBench(model(), transport={"laser": sessions["laser"]})
+
+
+def test_errors_left_in_a_queue_by_an_earlier_session_are_not_taken_for_this_one() -> None:
+    """``*CLS`` does not empty every instrument's error queue (pyvisa-sim's, some real ones):
+    open empties it and logs what it found as recovered, and the bench opens."""
+    import pyvisa
+
+    manager = pyvisa.ResourceManager(f"{sim_definitions()}@sim")
+    earlier = manager.open_resource(SIM_RESOURCES["laser"], read_termination="\n",
+                                    write_termination="\n", timeout=500)
+    earlier.write("SOUR:POW 900")  # above the limit: a queued command error, never read
+    earlier.write("SOUR:POW 901")
+    earlier.close()
+    options = PolaritonBenchOptions(timeout=0.5, backoff=0.0, resources=SIM_RESOURCES)
+    bench = PolaritonBench(model(), options, transport=manager)
+    bench.open()
+    assert bench.laser is not None and bench.laser.power == pytest.approx(90.0)
+    stale = [f for f in bench.drain_faults() if f.kind == "instrument_error"]
+    assert len(stale) == 2 and all(f.recovered for f in stale)
+    assert all("before *CLS" in f.command for f in stale)
+    bench.close()
