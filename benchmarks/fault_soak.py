@@ -27,6 +27,7 @@ What is printed, per fault specification
 
     python benchmarks/fault_soak.py
     python benchmarks/fault_soak.py --faults "garble=0.001" "garble=0.01,close_every=300"
+    python benchmarks/fault_soak.py --faults "garble=0.0003,delay=0.01:0.5,close_every=third"
     python benchmarks/fault_soak.py --epochs 5 --json
 
 The default grid: clean; garble (1e-4, 3e-4, 1e-3, 1e-2 per byte); README's example
@@ -159,7 +160,8 @@ def delay_seconds(faults: str) -> tuple[float, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--faults", nargs="*", help="Fault specifications (default: the grid).")
+    parser.add_argument("--faults", nargs="*", help="Fault specifications (default: the grid); "
+                        "close_every=third: a third of the clean run's request frames.")
     parser.add_argument("--epochs", type=int, help="training.epochs (default: the protocol's).")
     parser.add_argument("--seed", type=int, default=1, help="The emulator's fault seed.")
     parser.add_argument("--json", action="store_true", help="Print JSON rows.")
@@ -183,7 +185,8 @@ def main() -> None:
         drops3 = max(frames // 3, 1)
         log(f"clean board run: {clean['seconds']:.1f} s, {frames} request frames "
             f"(close_every={drops3}: 3 or more link drops)")
-        grid = args.faults if args.faults is not None else [
+        grid = [spec.replace("close_every=third", f"close_every={drops3}")
+                for spec in args.faults] if args.faults is not None else [
             "garble=0.0001", "garble=0.0003", "garble=0.001", "garble=0.01",
             "drop=0.0003", "garble=0.01,delay=0.01:0.5,close_every=300",
             f"garble=0.0003,delay=0.01:0.05,close_every={drops3}",

@@ -1037,44 +1037,119 @@ class OIMBoard(BenchLifecycle):
         self._require_open()
         settle = settle or Settle(self.options.tolerance, self.options.max_steps)
         plan = self._plan(inputs, nudge, start, settle)
-        batch = sum(group.batch or 1 for group in plan)
+        with self._guarded():
+            if self._needs_restore:
+                self._restore()
+            rows = self._relax_batch(plan, settle.readouts)
+            return self._relaxation(rows)
+
+    def relax_step(self, inputs: np.ndarray, nudges: list[Nudge], free: Settle,
+                   nudged: Settle) -> tuple[Relaxation, list[Relaxation]] | None:
+        """A training step's phases in RELAX_STEP frames (protocol 3): the free phase from
+        rest, then each nudge from the free phases of the samples that settled, one round
+        trip per frame of samples on a clean link; the same Relaxations as :meth:`relax`
+        phase by phase (:class:`~labep.hardware.bench.StepRelaxing`). None (the engine then
+        relaxes phase by phase) on a board of protocol < 3, with ``phase_requests:
+        sample``, for more than two nudges, several readouts, a correction, or a link so
+        noisy that one sample's frame pair mostly fails."""
+        self._require_open()
+        if not self._step_frames(nudges, free, nudged):
+            return None
+        x = self._checked_inputs(inputs)
+        for settle in (free, nudged):
+            self._check_settle(settle)
+        targets = [self._checked_target(nudge, len(x)) for nudge in nudges]
+        target = targets[0]
+        if target is None or any(t is None or not np.array_equal(t, target) for t in targets):
+            raise ValueError(f"{self.instrument}: the nudges of a step need one target and "
+                             "non-zero strengths")
+        plan = self._plan_steps(self.model.input_phases(x), target,
+                                [float(n.strength) for n in nudges], free, nudged)
+        with self._guarded():
+            if self._needs_restore:
+                self._restore()
+            rows = self._relax_batch(plan, 1)
+            phases: list[list[tuple[np.ndarray, np.ndarray, dict[str, Any]]]] = [
+                [] for _ in range(1 + len(nudges))]
+            first = 0
+            for group in plan:  # each frame's records: phase by phase
+                count = group.batch // len(phases)
+                for j, phase in enumerate(phases):
+                    phase.extend(rows[first + j * count:first + (j + 1) * count])
+                first += group.batch
+            free_phase = self._relaxation(phases[0], "free")
+            ok = free_phase.converged
+            if not ok.any():
+                return free_phase, []
+            return free_phase, [
+                self._relaxation([row for row, keep in zip(rows_j, ok, strict=True) if keep],
+                                 f"nudged (beta {nudge.strength:+g})")
+                for nudge, rows_j in zip(nudges, phases[1:], strict=True)]
+
+    def _relaxation(self, rows: list[tuple[np.ndarray, np.ndarray, dict[str, Any]]],
+                    phase: str | None = None) -> Relaxation:
+        """A Relaxation from (phases, invalid mask, status fields) rows; an unsettled sample
+        and an invalid readout are logged as faults (``phase``: which phase of a step)."""
+        batch = len(rows)
         state = np.empty((batch, self.model.state_size), dtype=self.dtype)
         converged = np.zeros(batch, dtype=bool)
         steps = np.zeros(batch, dtype=np.int64)
         residual = np.zeros(batch, dtype=np.float64)
         board_seconds = 0.0
-        with self._guarded():
-            if self._needs_restore:
-                self._restore()
-            for sample, (phases, invalid, status) in enumerate(
-                    self._relax_batch(plan, settle.readouts)):
-                state[sample] = phases
-                steps[sample] = status["steps"]
-                residual[sample] = status["residual"]
-                board_seconds += status["elapsed_us"] * 1e-6
-                settled = status["state"] == wire.RunState.SETTLED
-                converged[sample] = settled and not invalid.any()
-                if not settled:
-                    self._fault("unsettled", "RUN", f"sample {sample} did not settle: residual "
-                                f"{status['residual']:.3g} after {status['steps']} steps",
-                                recovered=False, sample=sample, steps=int(status["steps"]),
-                                residual=float(status["residual"]))
-                if invalid.any():
-                    self._fault("invalid_readout", "READ_PHASES",
-                                f"sample {sample}: invalid phase readout of "
-                                f"{int(invalid.sum())} oscillator(s)", recovered=False,
-                                sample=sample, oscillators=np.flatnonzero(invalid).tolist())
+        where = {} if phase is None else {"phase": phase}
+        for sample, (phases, invalid, status) in enumerate(rows):
+            state[sample] = phases
+            steps[sample] = status["steps"]
+            residual[sample] = status["residual"]
+            board_seconds += status["elapsed_us"] * 1e-6
+            settled = status["state"] == wire.RunState.SETTLED
+            converged[sample] = settled and not invalid.any()
+            if not settled:
+                self._fault("unsettled", "RUN", f"sample {sample} did not settle: residual "
+                            f"{status['residual']:.3g} after {status['steps']} steps",
+                            recovered=False, sample=sample, steps=int(status["steps"]),
+                            residual=float(status["residual"]), **where)
+            if invalid.any():
+                self._fault("invalid_readout", "READ_PHASES",
+                            f"sample {sample}: invalid phase readout of "
+                            f"{int(invalid.sum())} oscillator(s)", recovered=False,
+                            sample=sample, oscillators=np.flatnonzero(invalid).tolist(),
+                            **where)
         return Relaxation(state, converged, steps, residual, {"board_seconds": board_seconds})
+
+    def _checked_inputs(self, inputs: np.ndarray) -> np.ndarray:
+        x = np.asarray(inputs, dtype=self.dtype)
+        if x.ndim != 2 or x.shape[1] != self.model.input_size or not np.all(np.isfinite(x)):
+            raise ValueError(f"{self.instrument}: inputs must be finite, (batch, "
+                             f"{self.model.input_size}), got {x.shape}")
+        return x
+
+    def _checked_target(self, nudge: Nudge | None, batch: int) -> np.ndarray | None:
+        """The nudge's targets (None for no nudge or strength 0), checked."""
+        strength = 0.0 if nudge is None else float(nudge.strength)
+        if not math.isfinite(strength):
+            raise ValueError(f"{self.instrument}: nudge strength must be finite")
+        if strength == 0.0:
+            return None
+        assert nudge is not None
+        target = np.asarray(nudge.target, dtype=np.float64)
+        if target.shape != (batch, self.model.output_size) or not np.all(np.isfinite(target)):
+            raise ValueError(f"{self.instrument}: nudge target must be finite, ({batch}, "
+                             f"{self.model.output_size}), got {target.shape}")
+        return target
+
+    def _check_settle(self, settle: Settle) -> None:
+        if not (math.isfinite(settle.tolerance) and settle.tolerance > 0
+                and 1 <= settle.max_steps <= 2**32 - 1 and settle.readouts >= 1):
+            raise ValueError(f"{self.instrument}: settle needs tolerance > 0, 1 <= max_steps "
+                             f"< 2^32 and readouts >= 1, got {settle}")
 
     def _plan(self, inputs: np.ndarray, nudge: Nudge | None, start: np.ndarray | None,
               settle: Settle) -> list[_Group]:
         """The requests of every sample, after checking every argument; arrays in blocks of
         :meth:`_frame_count` elements."""
         model = self.model
-        x = np.asarray(inputs, dtype=self.dtype)
-        if x.ndim != 2 or x.shape[1] != model.input_size or not np.all(np.isfinite(x)):
-            raise ValueError(f"{self.instrument}: inputs must be finite, (batch, "
-                             f"{model.input_size}), got {x.shape}")
+        x = self._checked_inputs(inputs)
         batch = x.shape[0]
         clamp = model.input_phases(x)
         if start is not None:
@@ -1083,20 +1158,9 @@ class OIMBoard(BenchLifecycle):
                 raise ValueError(f"{self.instrument}: start must be finite, ({batch}, "
                                  f"{model.state_size}), got {start.shape}")
             start_codes = wire.phases_to_codes(start)
-        strength = 0.0 if nudge is None else float(nudge.strength)
-        target = None
-        if strength != 0.0:
-            assert nudge is not None
-            target = np.asarray(nudge.target, dtype=np.float64)
-            if target.shape != (batch, model.output_size) or not np.all(np.isfinite(target)):
-                raise ValueError(f"{self.instrument}: nudge target must be finite, ({batch}, "
-                                 f"{model.output_size}), got {target.shape}")
-        if not math.isfinite(strength):
-            raise ValueError(f"{self.instrument}: nudge strength must be finite")
-        if not (math.isfinite(settle.tolerance) and settle.tolerance > 0
-                and 1 <= settle.max_steps <= 2**32 - 1 and settle.readouts >= 1):
-            raise ValueError(f"{self.instrument}: settle needs tolerance > 0, 1 <= max_steps "
-                             f"< 2^32 and readouts >= 1, got {settle}")
+        target = self._checked_target(nudge, batch)
+        strength = 0.0 if target is None or nudge is None else float(nudge.strength)
+        self._check_settle(settle)
         status = (Command.STATUS, self._status_request())
         if self._batch_frames(settle, start is not None, target is not None):
             return self._plan_batches(clamp, None if start is None else start_codes, strength,
@@ -1154,6 +1218,64 @@ class OIMBoard(BenchLifecycle):
         # requests of a sample, re-sent selectively, waste less
         one = 2 * wire.OVERHEAD + head + reply_head + record + self._link.batch_record
         return self._clean_odds(one) >= _OPTIMISTIC_ODDS
+
+    def _step_frames(self, nudges: list[Nudge], free: Settle, nudged: Settle) -> bool:
+        """Whether a step goes out as RELAX_STEP frames (see :meth:`relax_step`)."""
+        assert self.board is not None
+        if (self.board.protocol < 3 or self.options.phase_requests != "batch"
+                or not 1 <= len(nudges) <= 2 or any(n.correction for n in nudges)
+                or free.readouts != 1 or nudged.readouts != 1 or free.samples
+                or nudged.samples):
+            return False
+        model = self.model
+        record = wire.step_request_dtype(model.input_size, model.output_size).itemsize
+        results = (1 + len(nudges)) * self._link.batch_record
+        head = wire.COMMANDS[Command.RELAX_STEP].request.head.size
+        if (wire.batch_capacity(record, head) < 1
+                or wire.batch_capacity(results, 3) < 1):
+            return False
+        one = 2 * wire.OVERHEAD + head + 3 + record + results
+        return self._clean_odds(one) >= _OPTIMISTIC_ODDS
+
+    def _plan_steps(self, clamp: np.ndarray, target: np.ndarray, strengths: list[float],
+                    free: Settle, nudged: Settle) -> list[_Group]:
+        """A step as RELAX_STEP frames, each with the records (input phases, targets) of as
+        many samples as fit a request and whose ``1 + nudges`` results each fit its reply,
+        fewer on a noisy link (:func:`best_payload`, as for RELAX_BATCH). A group counts
+        its result records (``batch``: samples x phases); READ_BATCH polls them."""
+        model = self.model
+        dtype = wire.step_request_dtype(model.input_size, model.output_size)
+        layout = wire.COMMANDS[Command.RELAX_STEP].request
+        read_layout = wire.COMMANDS[Command.READ_BATCH].request
+        phases = 1 + len(strengths)
+        results = phases * self._link.batch_record
+        largest = min(wire.batch_capacity(dtype.itemsize, layout.head.size),
+                      wire.batch_capacity(results, 3))
+        item = dtype.itemsize + results
+        overhead = 2 * wire.OVERHEAD + layout.head.size + 3
+        per_frame = max(1, min(largest, best_payload(self._link.quality.error_rate, overhead,
+                                                     largest * item, smallest=item) // item))
+        status = (Command.STATUS, self._status_request())
+        wait_ms = wire.COMMANDS[Command.STATUS].request.unpack(status[1])["wait_ms"]
+        betas = [*strengths, 0.0][:2]
+        plan = []
+        for first in range(0, len(clamp), per_frame):
+            rows = slice(first, min(len(clamp), first + per_frame))
+            count = rows.stop - rows.start
+            records = np.zeros(count, dtype=dtype)
+            records["phases"] = clamp[rows]
+            records["target"] = target[rows]
+            run = (Command.RELAX_STEP, layout.pack(
+                np.frombuffer(records.tobytes(), dtype=np.uint8), nudges=len(strengths),
+                batch=count, free_steps=int(free.max_steps),
+                free_tolerance=float(free.tolerance), nudged_steps=int(nudged.max_steps),
+                nudged_tolerance=float(nudged.tolerance), beta_1=betas[0], beta_2=betas[1],
+                wait_ms=wait_ms))
+            read = (Command.READ_BATCH, read_layout.pack(wait_ms=wait_ms, offset=0,
+                                                         count=count * phases))
+            plan.append(_Group([], frozenset(), run, status, [read], [(0, count * phases)],
+                               batch=count * phases))
+        return plan
 
     def _batch_record(self, start: bool, nudged: bool) -> np.dtype:
         model = self.model

@@ -171,7 +171,7 @@ def reply_allowance(command: int, payload: bytes, record: int = 0) -> int:
     """An upper bound of the reply's size in bytes (to size the timeout by the line rate):
     a read's reply, else an ERROR frame with its longest message."""
     if command in (wire.Command.READ_CODES, wire.Command.READ_PHASES, wire.Command.IDENTIFY,
-                   wire.Command.READ_BATCH, wire.Command.RELAX_BATCH):
+                   wire.Command.READ_BATCH, wire.Command.RELAX_BATCH, wire.Command.RELAX_STEP):
         return reply_size(command, payload, record)
     return wire.OVERHEAD + 202
 
@@ -186,6 +186,10 @@ def reply_size(command: int, payload: bytes, record: int = 0) -> int:
         batch = int.from_bytes(payload[1:3], "little")
         inline = record and batch <= wire.batch_capacity(record, 3)
         return wire.OVERHEAD + 3 + (record * batch if inline else 0)
+    if command == wire.Command.RELAX_STEP:  # batch x (1 + nudges) records, when they fit
+        records = int.from_bytes(payload[1:3], "little") * (1 + payload[0])
+        inline = record and records <= wire.batch_capacity(record, 3)
+        return wire.OVERHEAD + 3 + (record * records if inline else 0)
     if command == wire.Command.READ_CODES:
         return wire.OVERHEAD + 2 + 2 * int.from_bytes(payload[6:8], "little")
     if command == wire.Command.READ_PHASES:

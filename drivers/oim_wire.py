@@ -29,8 +29,9 @@ START = 0xA5
 #: the frame format's version byte (unchanged since the first boards)
 VERSION = 1
 #: the protocol versions a board reports in IDENTIFY: 1 (the single-sample commands), 2 (adds
-#: RELAX_BATCH and READ_BATCH: a whole phase in one request)
-PROTOCOLS = (1, 2)
+#: RELAX_BATCH and READ_BATCH: a whole phase in one request), 3 (adds RELAX_STEP: the free
+#: phase and its nudged phases in one request)
+PROTOCOLS = (1, 2, 3)
 PROTOCOL = PROTOCOLS[-1]
 #: start, version, length, command, sequence
 HEADER = struct.Struct("<BBHBB")
@@ -67,12 +68,24 @@ class Command(IntEnum):
     READ_PHASES = 0x25
     RELAX_BATCH = 0x26  # protocol 2
     READ_BATCH = 0x27  # protocol 2
+    RELAX_STEP = 0x28  # protocol 3
 
 
-#: the commands a protocol-1 board does not know
+#: the commands a board knows from protocol 2 on, and from protocol 3 on
 BATCH_COMMANDS = frozenset({Command.RELAX_BATCH, Command.READ_BATCH})
+STEP_COMMANDS = frozenset({Command.RELAX_STEP})
+
+
+def known_commands(protocol: int) -> frozenset[Command]:
+    """The commands a board of ``protocol`` serves (any other is UNKNOWN_COMMAND)."""
+    later = (BATCH_COMMANDS if protocol < 2 else frozenset()) | (
+        STEP_COMMANDS if protocol < 3 else frozenset())
+    return frozenset(Command) - later
+
+
 #: requests whose reply may wait ``wait_ms`` for a running relaxation to end
-WAITING_COMMANDS = frozenset({Command.STATUS, Command.RELAX_BATCH, Command.READ_BATCH})
+WAITING_COMMANDS = frozenset({Command.STATUS, Command.RELAX_BATCH, Command.READ_BATCH,
+                              Command.RELAX_STEP})
 #: requests a board serves while a relaxation runs (any other is BUSY)
 SERVED_WHILE_RUNNING = frozenset({Command.IDENTIFY, Command.RESET, Command.STATUS,
                                   Command.READ_BATCH})
@@ -99,6 +112,7 @@ class RunState(IntEnum):
     RUNNING = 1
     SETTLED = 2  # residual <= tolerance within max_steps
     UNSETTLED = 3  # max_steps reached with residual > tolerance
+    SKIPPED = 4  # (a RELAX_STEP result record) not relaxed: its free phase did not settle
 
 
 class Selector(IntEnum):
@@ -420,8 +434,16 @@ COMMANDS: dict[int, CommandSpec] = {spec.code: spec for spec in (
         "they ended (their results, if they fit) or wait_ms after, whichever first"),
     CommandSpec(Command.READ_BATCH, Layout((("wait_ms", "H"), ("offset", "H"), ("count", "H"))),
                 Layout((("state", "B"), ("count", "H")), array="u1"),
-                "results of samples [offset, offset + count) of the last RELAX_BATCH (records: "
-                "batch_result_dtype); waits up to wait_ms while it runs"),
+                "result records [offset, offset + count) of the last RELAX_BATCH or RELAX_STEP "
+                "(records: batch_result_dtype); waits up to wait_ms while it runs"),
+    CommandSpec(Command.RELAX_STEP, Layout(
+        (("nudges", "B"), ("batch", "H"), ("free_steps", "I"), ("free_tolerance", "d"),
+         ("nudged_steps", "I"), ("nudged_tolerance", "d"), ("beta_1", "d"), ("beta_2", "d"),
+         ("wait_ms", "H")), array="u1"),
+        Layout((("state", "B"), ("count", "H")), array="u1"),
+        "relax `batch` samples from rest (free phase), then each settled one nudged at beta_1 "
+        "(and beta_2) from its free phases (records: step_request_dtype); answers as "
+        "RELAX_BATCH with batch x (1 + nudges) result records, phase by phase"),
 )}
 
 
@@ -435,6 +457,11 @@ def batch_request_dtype(inputs: int, free: int, outputs: int, flags: int) -> np.
     if flags & BatchFlags.NUDGE:
         fields.append(("target", "<f8", (outputs,)))
     return np.dtype(fields)
+
+
+def step_request_dtype(inputs: int, outputs: int) -> np.dtype:
+    """One sample's record in a RELAX_STEP request: ``f64 phases[n_0], f64 target[n_L]``."""
+    return np.dtype([("phases", "<f8", (inputs,)), ("target", "<f8", (outputs,))])
 
 
 def batch_result_dtype(free: int) -> np.dtype:

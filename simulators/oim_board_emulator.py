@@ -76,9 +76,10 @@ class BoardConfig(BaseModel):
     seed: int = Field(0, ge=0, description="Device seed and every fault draw.")
     serial: str = Field("", max_length=16, description="Serial number (default from sizes "
                         "and seed).")
-    protocol: Literal[1, 2] = Field(
-        wire.PROTOCOL, description="The protocol version it speaks: 2 (RELAX_BATCH and "
-        "READ_BATCH), or 1 (a board of the first firmware: those are UNKNOWN_COMMAND).")
+    protocol: Literal[1, 2, 3] = Field(
+        wire.PROTOCOL, description="The protocol version it speaks: 3 (RELAX_STEP), 2 "
+        "(RELAX_BATCH and READ_BATCH, no RELAX_STEP), or 1 (a board of the first firmware: "
+        "none of those).")
 
     @field_validator("sizes")
     @classmethod
@@ -186,9 +187,9 @@ class EmulatedBoard:
             "E" + "-".join(str(n) for n in config.sizes) + f"s{config.seed}")[:16]
         self._rng = np.random.default_rng([config.seed, 2])
         #: command code -> (request layout, handler): the command table, bound to this board
+        known = wire.known_commands(config.protocol)
         self._handlers = {code: (spec.request, getattr(self, "_" + spec.name.lower()))
-                          for code, spec in wire.COMMANDS.items()
-                          if config.protocol >= 2 or code not in wire.BATCH_COMMANDS}
+                          for code, spec in wire.COMMANDS.items() if code in known}
         n_free = self.model.state_size
         self._result_dtype = wire.batch_result_dtype(n_free)
         self.physics_seconds = 0.0
@@ -233,7 +234,10 @@ class EmulatedBoard:
         self.pending: tuple[int, float] | None = None
         #: the relaxations of a RELAX_BATCH still to run: (inputs, start codes, targets)
         self.batch: tuple[np.ndarray, np.ndarray, np.ndarray | None] | None = None
-        #: the READ_BATCH records of the last completed RELAX_BATCH
+        #: a RELAX_STEP still to run: inputs, targets, the nudges' betas, (max_steps,
+        #: tolerance) of its nudged phases (its free phase's are ``pending``)
+        self.step: tuple[np.ndarray, np.ndarray, list[float], tuple[int, float]] | None = None
+        #: the READ_BATCH records of the last completed RELAX_BATCH or RELAX_STEP
         self.batch_result: np.ndarray | None = None
 
     def is_safe(self) -> bool:
@@ -423,6 +427,50 @@ class EmulatedBoard:
         fits = batch <= wire.batch_capacity(self._result_dtype.itemsize, 3)
         return self._batch_reply(slice(0, batch) if fits else None)
 
+    def _relax_step(self, request: wire.Payload) -> bytes:
+        if not self.configured:
+            raise _Refused(ErrorCode.NOT_CONFIGURED, "CONFIGURE since power-on is needed")
+        nudges, batch = request["nudges"], request["batch"]
+        betas = [request["beta_1"], request["beta_2"]][:nudges]
+        for steps, tolerance in ((request["free_steps"], request["free_tolerance"]),
+                                 (request["nudged_steps"], request["nudged_tolerance"])):
+            if steps < 1 or not (math.isfinite(tolerance) and tolerance > 0):
+                raise _Refused(ErrorCode.BAD_VALUE, "max_steps >= 1 and a finite tolerance > 0")
+        if not 1 <= nudges <= 2 or not all(math.isfinite(b) and b != 0.0 for b in betas) or (
+                nudges == 1 and request["beta_2"] != 0.0):
+            raise _Refused(ErrorCode.BAD_VALUE, "nudges 1 or 2, each beta finite and non-zero "
+                           "(beta_2 0 with one nudge)")
+        model = self.model
+        dtype = wire.step_request_dtype(model.input_size, model.output_size)
+        data = request.array
+        assert data is not None
+        if batch < 1 or data.size != batch * dtype.itemsize:
+            raise wire.WireFormatError(f"{batch} record(s) of {dtype.itemsize} bytes need "
+                                       f"{batch * dtype.itemsize} bytes, got {data.size}")
+        records = np.frombuffer(data.tobytes(), dtype=dtype)
+        if not (np.all(np.isfinite(records["phases"]))
+                and np.all(np.isfinite(records["target"]))):
+            raise _Refused(ErrorCode.BAD_VALUE, "input phases and targets must be finite")
+        inputs = records["phases"].astype(np.float64)
+        targets = records["target"].astype(np.float64)
+        rest = np.full((batch, model.state_size), REST_CODE, dtype=np.int64)
+        self.batch = (inputs, rest, None)
+        self.step = (inputs, targets, betas,
+                     (request["nudged_steps"], request["nudged_tolerance"]))
+        self.clamp = inputs[-1].copy()
+        self.clamped = True
+        self.beta = betas[-1]
+        self.target = targets[-1].copy()
+        self.pending = (request["free_steps"], request["free_tolerance"])
+        self.run_state = wire.RunState.RUNNING
+        self.batch_result = None
+        if not request["wait_ms"]:
+            return self._batch_reply(None)
+        self.integrate()
+        total = batch * (1 + nudges)
+        fits = total <= wire.batch_capacity(self._result_dtype.itemsize, 3)
+        return self._batch_reply(slice(0, total) if fits else None)
+
     def _read_batch(self, request: wire.Payload) -> bytes:
         if self.pending is not None and self.batch is not None:
             if not request["wait_ms"]:
@@ -488,41 +536,70 @@ class EmulatedBoard:
         """A RELAX_BATCH's relaxations, in one call of the simulator (each sample relaxes on
         its own, exactly as one RUN would), then its READ_BATCH records; STATUS then reports
         the batch: SETTLED if every sample settled, the steps summed, the largest residual,
-        the whole time (each record: its sample's share of it)."""
+        the whole time (each record: its sample's share of it). A RELAX_STEP's free phase is
+        such a batch from rest; then each nudge relaxes the settled samples from their free
+        phase codes (the others' records SKIPPED), its records after the free ones."""
         assert self.pending is not None and self.batch is not None
-        max_steps, tolerance = self.pending
         inputs, start, targets = self.batch
-        batch = len(inputs)
         started = time.perf_counter()
         nudge = None if targets is None else Nudge(self.beta, targets)
+        records = self._relax_records(inputs, nudge, start, *self.pending)
+        if self.step is not None:  # RELAX_STEP: each settled sample nudged from its phases
+            _, targets, betas, (max_steps, tolerance) = self.step
+            ok = records["state"] == wire.RunState.SETTLED
+            phases = [records]
+            for beta in betas:
+                nudged = np.zeros(len(inputs), dtype=self._result_dtype)
+                nudged["state"] = wire.RunState.SKIPPED
+                nudged["codes"] = 0xFFFF
+                nudged["invalid"] = np.packbits(np.ones(self.model.state_size, dtype=bool),
+                                                bitorder="little")
+                if ok.any():
+                    nudged[ok] = self._relax_records(
+                        inputs[ok], Nudge(beta, targets[ok]),
+                        records["codes"][ok].astype(np.int64), max_steps, tolerance)
+                phases.append(nudged)
+            records = np.concatenate(phases)
+            self.step = None
+        ran = records["state"] != wire.RunState.SKIPPED
+        elapsed = time.perf_counter() - started
+        self.physics_seconds += elapsed
+        self.runs += int(ran.sum())
+        records["elapsed_us"] = np.where(ran, min(round(elapsed * 1e6 / ran.sum()),
+                                                  2**32 - 1), 0)
+        self.batch_result = records
+        self.result = records["codes"][-1].astype(np.int64)
+        self.steps = int(min(records["steps"].astype(np.int64).sum(), 2**32 - 1))
+        self.residual = float(records["residual"].max())
+        self.elapsed_us = round(elapsed * 1e6)
+        self.run_state = (wire.RunState.SETTLED
+                          if np.all(records["state"][ran] == wire.RunState.SETTLED)
+                          else wire.RunState.UNSETTLED)
+        self.batch = None
+        self.pending = None
+
+    def _relax_records(self, inputs: np.ndarray, nudge: Nudge | None, start: np.ndarray,
+                       max_steps: int, tolerance: float) -> np.ndarray:
+        """Result records (no ``elapsed_us``) of relaxations of ``inputs`` from ``start``
+        codes, in one call of the simulator (each sample on its own, exactly as one RUN),
+        with the ``never_settle`` fault drawn per sample."""
         relaxation = self.sim.relax_phases(inputs, nudge, wire.codes_to_phases(start),
                                            Settle(tolerance, max_steps))
-        records = np.zeros(batch, dtype=self._result_dtype)
+        records = np.zeros(len(inputs), dtype=self._result_dtype)
         records["codes"] = wire.phases_to_codes(relaxation.state)
         settled = relaxation.converged.astype(bool).copy()
         steps = relaxation.steps.astype(np.int64).copy()
         residual = relaxation.residual.astype(np.float64).copy()
         if self.faults.never_settle:
-            for sample in range(batch):
+            for sample in range(len(inputs)):
                 if self._rng.random() < self.faults.never_settle:
                     settled[sample] = False
                     steps[sample] = max_steps
                     residual[sample] = max(residual[sample], 10.0 * tolerance)
-        elapsed = time.perf_counter() - started
-        self.physics_seconds += elapsed
-        self.runs += batch
         records["state"] = np.where(settled, wire.RunState.SETTLED, wire.RunState.UNSETTLED)
         records["steps"] = np.minimum(steps, 2**32 - 1)
         records["residual"] = residual
-        records["elapsed_us"] = min(round(elapsed * 1e6 / batch), 2**32 - 1)
-        self.batch_result = records
-        self.result = records["codes"][-1].astype(np.int64)
-        self.steps = int(min(steps.sum(), 2**32 - 1))
-        self.residual = float(residual.max())
-        self.elapsed_us = round(elapsed * 1e6)
-        self.run_state = wire.RunState.SETTLED if settled.all() else wire.RunState.UNSETTLED
-        self.batch = None
-        self.pending = None
+        return records
 
 
 @dataclass

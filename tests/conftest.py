@@ -112,14 +112,14 @@ def crash_and_resume(doc: dict[str, Any], path: Path, monkeypatch: pytest.Monkey
 @pytest.fixture
 def emulator_factory() -> Iterator[Callable[..., Any]]:
     """In-process OIM board emulators (a thread each), closed after the test:
-    ``start(sizes=(2, 4, 2), faults="", seed=3, **BoardEmulator options)``."""
+    ``start(sizes=(2, 4, 2), faults="", seed=3, protocol=3, **BoardEmulator options)``."""
     from labep.simulators.oim_board_emulator import BoardConfig, BoardEmulator, FaultSpec
 
     started: list[BoardEmulator] = []
 
     def start(sizes: tuple[int, ...] = (2, 4, 2), faults: str = "", seed: int = 3,
-              **options: Any) -> BoardEmulator:
-        emulator = BoardEmulator(BoardConfig(sizes=sizes, seed=seed),
+              protocol: int = 3, **options: Any) -> BoardEmulator:
+        emulator = BoardEmulator(BoardConfig(sizes=sizes, seed=seed, protocol=protocol),
                                  faults=FaultSpec.parse(faults), **options)
         emulator.start()
         started.append(emulator)

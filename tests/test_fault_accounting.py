@@ -19,7 +19,8 @@ OVERRIDES = ["training.epochs=3", "dataset.repeats=6", "evaluation.every_epochs=
 def independent_counts(events: list[dict]) -> dict[str, int]:
     """The left-out and evaluated-only counts, rebuilt from the board's per-sample fault
     events alone: a sample with an invalid readout is non-finite, one only reported
-    unsettled is unsettled; a nudged sample counts once over both nudged phases."""
+    unsettled is unsettled; a nudged sample counts once over both nudged phases (its index
+    is the one among the samples whose free phase settled)."""
     reports: dict[tuple, set[str]] = defaultdict(set)
     for event in events:
         detail = event["detail"] or {}
@@ -27,8 +28,11 @@ def independent_counts(events: list[dict]) -> dict[str, int]:
                                                                     "invalid_readout"):
             continue
         during = detail["during"]
-        where = ("free" if during == "free phase" else
-                 "evaluation" if during == "evaluation" else "nudged")
+        if during == "free and nudged phases":  # one RELAX_STEP: the fault names its phase
+            where = "free" if detail["phase"] == "free" else "nudged"
+        else:
+            where = ("free" if during == "free phase" else
+                     "evaluation" if during == "evaluation" else "nudged")
         reports[(where, event["step"], detail["sample"])].add(detail["fault"])
     counts: dict[str, int] = defaultdict(int)
     for (where, _, _), kinds in reports.items():

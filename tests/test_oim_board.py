@@ -191,6 +191,13 @@ def test_crc_and_the_documented_worked_examples() -> None:
         assert crc_reference(data[:-2]) == struct.unpack("<H", data[-2:])[0], text
         (decoded,) = wire.FrameDecoder().feed(data)
         assert wire.encode(decoded.command, decoded.seq, decoded.payload) == data
+    step = next(bytes.fromhex(t) for t in examples if t.startswith("a5 01 4d 00 28"))
+    (decoded,) = wire.FrameDecoder().feed(step)
+    request = wire.COMMANDS[wire.Command.RELAX_STEP].request.unpack(decoded.payload)
+    assert (request["nudges"], request["batch"], request["nudged_steps"]) == (1, 2, 500)
+    records = np.frombuffer(request.array.tobytes(), dtype=wire.step_request_dtype(1, 1))
+    assert records["phases"][:, 0].tolist() == [math.pi, 0.0]
+    assert records["target"][:, 0].tolist() == [1.0, -1.0]
     rng = np.random.default_rng(0)
     for _ in range(50):
         payload = rng.integers(0, 256, int(rng.integers(0, 300)), dtype=np.uint8).tobytes()
@@ -854,3 +861,89 @@ def test_a_pyserial_port_handed_in_is_the_boards_transport(emulator_factory) -> 
     board.close()
     with pytest.raises(ValueError, match="exactly one"):
         OIMBoard(LayeredOIM(list(sizes), shil=0.1), resource=emulator.url, transport=port)
+
+
+@pytest.mark.parametrize("protocol", [2, 3])
+def test_a_step_is_one_relax_step_request_with_the_phase_by_phase_states(
+        emulator_factory, protocol: int) -> None:
+    """On a protocol-3 board the free phase and both nudged phases of a step are one
+    RELAX_STEP request whose states, steps and residuals are the simulator's phase by phase,
+    bit for bit; a protocol-2 board declines (None: the engine relaxes phase by phase)."""
+    emulator = emulator_factory((2, 8, 2), protocol=protocol)
+    model = LayeredOIM([2, 8, 2], shil=0.1)
+    board = OIMBoard(model, resource=emulator.url)
+    board.open()
+    codes = board_codes(board)
+    board.write(codes)
+    target = model.encode_target(np.array([0, 1, 1, 0]))
+    nudges = [Nudge(0.3, target), Nudge(-0.3, target)]
+    before = board.link_quality()["frames"]
+    step = board.relax_step(XOR, nudges, SETTLE, SETTLE)
+    sent = board.link_quality()["frames"] - before
+    if protocol == 2:
+        assert step is None and sent == 0
+        board.close()
+        return
+    assert step is not None and sent == 1
+    free, nudged = step
+    sim = simulator((2, 8, 2), 0.1, codes)
+    reference = sim.relax(XOR, settle=SETTLE)
+    assert free.converged.all()
+    for ours, theirs in [(free, reference), *(
+            (got, sim.relax(XOR, nudge, start=reference.state, settle=SETTLE))
+            for got, nudge in zip(nudged, nudges, strict=True))]:
+        assert np.array_equal(ours.state, theirs.state)
+        assert np.array_equal(ours.steps, theirs.steps)
+        assert np.array_equal(ours.residual, theirs.residual)
+    board.close()
+
+
+def test_a_relax_step_nudges_only_the_samples_whose_free_phase_settled(
+        emulator_factory) -> None:
+    """A free phase cut short leaves some samples unsettled: RELAX_STEP nudges the others
+    (from their free phases, as the engine would) and reports the rest SKIPPED; the driver
+    returns nudged phases of the settled samples only, as relax() phase by phase would."""
+    emulator = emulator_factory((2, 8, 2))
+    model = LayeredOIM([2, 8, 2], shil=0.1)
+    board = OIMBoard(model, resource=emulator.url)
+    board.open()
+    codes = board_codes(board)
+    board.write(codes)
+    sim = simulator((2, 8, 2), 0.1, codes)
+    steps = np.sort(sim.relax(XOR, settle=SETTLE).steps)
+    assert steps[1] < steps[-1]  # these codes settle XOR's samples after different times
+    short = Settle(SETTLE.tolerance, int(steps[1]))
+    target = model.encode_target(np.array([0, 1, 1, 0]))
+    step = board.relax_step(XOR, [Nudge(0.3, target)], short, SETTLE)
+    assert step is not None
+    free, (nudged,) = step
+    reference = sim.relax(XOR, settle=short)
+    ok = reference.converged
+    assert np.array_equal(free.converged, ok) and 0 < ok.sum() < 4
+    expected = sim.relax(XOR[ok], Nudge(0.3, target[ok]), start=reference.state[ok],
+                         settle=SETTLE)
+    assert np.array_equal(nudged.state, expected.state) and nudged.converged.all()
+    assert emulator.board.batch_result is not None
+    skipped = emulator.board.batch_result["state"][4:] == wire.RunState.SKIPPED
+    assert np.array_equal(skipped, ~ok)
+    assert {f.kind for f in board.drain_faults()} == {"unsettled"}
+    board.close()
+
+
+def test_training_on_protocol_3_and_2_boards_ends_alike_with_fewer_requests(
+        tmp_path, emulator_factory) -> None:
+    """The engine hands a step to a protocol-3 board as RELAX_STEP frames: the same final
+    parameters as phase by phase on a protocol-2 board, with fewer request frames."""
+    runs = {}
+    for protocol in (3, 2):
+        emulator = emulator_factory((2, 8, 2), protocol=protocol, transport="tcp")
+        loaded = load_protocol(PROTOCOLS / "oim_board_xor.yaml", [
+            "training.epochs=1", "dataset.repeats=2", f"bench.resource={emulator.url}"])
+        with RunStore(tmp_path / "runs.db") as store:
+            result = Trainer(loaded, store, progress=False).run()
+            assert result.status == "completed"
+            runs[protocol] = (final_params(store, result.run_id),
+                              store.summary(result.run_id)["link"]["frames"])
+    (step_params, step_frames), (phase_params, phase_frames) = runs[3], runs[2]
+    assert all(np.array_equal(step_params[k], phase_params[k]) for k in phase_params)
+    assert step_frames < phase_frames

@@ -47,9 +47,9 @@ def emulate() -> None:
               help="Device seed and every injected fault.")
 @click.option("--latency-baud", type=click.FloatRange(min=0.0, min_open=True), default=None,
               help="Wire time model: 10 bits a byte at this rate, each request and reply.")
-@click.option("--protocol", "protocol_version", type=click.IntRange(1, 2), default=2,
-              show_default=True, help="Protocol version: 2 (RELAX_BATCH, READ_BATCH), or 1 "
-                                      "(a board of the first firmware).")
+@click.option("--protocol", "protocol_version", type=click.IntRange(1, 3), default=3,
+              show_default=True, help="Protocol version: 3 (RELAX_STEP), 2 (RELAX_BATCH, "
+                                      "READ_BATCH), or 1 (a board of the first firmware).")
 @click.option("--faults", "fault_spec", default="", metavar="SPEC",
               help="Injected faults, e.g. garble=0.01,drop=0.01,delay=0.01:0.5,"
                    "close_every=200,never_settle=0.0,nan=0.0 (see docs/oim-board-protocol.md).")

@@ -93,6 +93,23 @@ class LinkReporting(Protocol):
 
 
 @runtime_checkable
+class StepRelaxing(Protocol):
+    """A bench that relaxes a training step's free phase and its nudged phases in one go
+    (the OIM board of protocol 3: one RELAX_STEP request a step instead of one a phase, so a
+    run on a slow or unreliable link waits on a third as many replies)."""
+
+    def relax_step(self, inputs: np.ndarray, nudges: list[Nudge], free: Settle,
+                   nudged: Settle) -> tuple[Relaxation, list[Relaxation]] | None:
+        """The free phase of ``inputs`` from rest and, for the samples whose free phase
+        converged, each nudged phase (``nudges``: targets of the whole batch) started from
+        that free state: exactly the Relaxations of ``relax(inputs)`` and then
+        ``relax(inputs[ok], Nudge(beta, target[ok]), start=free.state[ok])`` for each
+        nudge (none if no sample converged). None when it cannot for these arguments: the
+        engine then runs the phases one by one."""
+        ...
+
+
+@runtime_checkable
 class ShotCounting(Protocol):
     """A bench that measures with shots (a quantum processor); the engine records the count
     with every epoch (``shots_total``)."""

@@ -21,7 +21,7 @@ import numpy as np
 
 from labep.ep.estimators import Estimator
 from labep.ep.optimizers import Optimizer
-from labep.hardware.bench import Bench, Nudge, Relaxation, Settle
+from labep.hardware.bench import Bench, Nudge, Relaxation, Settle, StepRelaxing
 from labep.hardware.faults import FaultPolicy, SkipBatch
 from labep.hardware.write_path import WritePath
 from labep.models import Model, Params
@@ -139,7 +139,7 @@ class StepPhases:
             ) -> tuple[dict[str, float], float, int]:
         """The step's metrics, summed cost and correct predictions (0, 0 for a batch the
         fault policy gave up on). ``events`` collects what the step records."""
-        faults, writes, bench, model = self.faults, self.writes, self.bench, self.model
+        faults, writes, model = self.faults, self.writes, self.model
         estimator = self.estimator
         target = model.encode_target(labels)
         strengths = estimator.strengths(self.protocol.estimator.beta, signs)
@@ -151,15 +151,8 @@ class StepPhases:
                 events.append(("resynced", "after a failed write: re-read the bench and wrote "
                                "what differed from the shadow",
                                {"changed": report.changed}))
-            free = faults.call("free phase", bench.relax, x, settle=self.free_settle)
-            # a sample whose free phase did not settle is left out of the update, so it is
-            # not nudged either: its nudge, computed from a state that is not steady, could be
-            # anything (a dark readout's is unbounded)
+            free, nudged = self._phases(x, target, strengths, correction)
             free_ok = settled_mask([free])
-            nudged = ([faults.call(f"nudged phase (beta {s:+g})", bench.relax, x[free_ok],
-                                   Nudge(s, target[free_ok], correction),
-                                   start=free.state[free_ok], settle=self.nudged_settle)
-                       for s in strengths] if free_ok.any() else [])
             ok = free_ok.copy()
             if nudged:
                 ok[free_ok] = settled_mask(nudged)
@@ -213,6 +206,29 @@ class StepPhases:
             "unsettled": int(np.count_nonzero(~ok)),
         })
         return metrics, float(cost.sum()), hits
+
+    def _phases(self, x: np.ndarray, target: np.ndarray, strengths: list[float],
+                correction: bool) -> tuple[Relaxation, list[Relaxation]]:
+        """The free phase, then the nudged phases of the samples whose free phase settled.
+
+        A sample whose free phase did not settle is left out of the update, so it is not
+        nudged either: its nudge, computed from a state that is not steady, could be
+        anything (a dark readout's is unbounded). A :class:`StepRelaxing` bench runs them
+        all in one call (the same Relaxations)."""
+        bench, faults = self.bench, self.faults
+        if strengths and isinstance(bench, StepRelaxing):
+            nudges = [Nudge(s, target, correction) for s in strengths]
+            both = faults.call("free and nudged phases", bench.relax_step, x, nudges,
+                               self.free_settle, self.nudged_settle)
+            if both is not None:
+                return both
+        free = faults.call("free phase", bench.relax, x, settle=self.free_settle)
+        free_ok = settled_mask([free])
+        nudged = ([faults.call(f"nudged phase (beta {s:+g})", bench.relax, x[free_ok],
+                               Nudge(s, target[free_ok], correction),
+                               start=free.state[free_ok], settle=self.nudged_settle)
+                   for s in strengths] if free_ok.any() else [])
+        return free, nudged
 
     def _update(self, gradient: Params, scale: float, events: list[Event]) -> dict[str, float]:
         """theta <- theta - lr * estimate through the optimizer and the write path. A write
