@@ -167,6 +167,9 @@ def _downgrade(store: Path, version: int) -> None:
     """Turn a current store into the layout of an older schema version (what that labep
     wrote), keeping its rows."""
     db = sqlite3.connect(store)
+    if version <= 4:
+        db.execute("DROP TABLE sweep_trials")
+        db.execute("DROP TABLE sweeps")
     if version <= 3:
         db.execute("DROP TABLE resume_points")
         db.execute("ALTER TABLE runs DROP COLUMN owner")
@@ -181,7 +184,7 @@ def _downgrade(store: Path, version: int) -> None:
     db.close()
 
 
-@pytest.mark.parametrize("version", [1, 2, 3])
+@pytest.mark.parametrize("version", [1, 2, 3, 4])
 def test_older_store_is_upgraded_after_a_backup(tmp_path: Path, store: Path,
                                                 version: int) -> None:
     path = write_protocol(tmp_path / "xor.yaml", tiny_xor())

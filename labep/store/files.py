@@ -20,6 +20,9 @@ Tables (schema version in ``meta``):
   own state where it has one); its arrays are in ``arrays`` under kind ``resume``.
   ``runs.owner`` (host:pid) is the process writing a run: a second writer is refused while
   that process lives; a dead owner's run is resumable.
+- ``sweeps`` and ``sweep_trials``: a sweep (``labep sweep``) and its trials, one row per
+  (sweep_id, trial) with the trial's axis values, its protocol document, and the one run it
+  has (``run_id``, set in the transaction that creates that run: a trial never gets two).
 
 An older store is upgraded on open by forward migrations, after a backup copy
 (``NAME.vN.bak``) of the file as it was.
@@ -47,7 +50,7 @@ import numpy as np
 if TYPE_CHECKING:
     pass
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 #: a running run refreshes ``runs.heartbeat`` at most this often (with its step commits)
 HEARTBEAT_SECONDS = 1.0
 
@@ -136,7 +139,27 @@ CREATE TABLE IF NOT EXISTS resume_points (
 );
 """
 
-_SCHEMA += _CALIBRATION_TABLES + _RESUME_TABLE
+_SWEEP_TABLES = """
+CREATE TABLE IF NOT EXISTS sweeps (
+    id TEXT PRIMARY KEY,
+    name TEXT NOT NULL,
+    created TEXT NOT NULL,
+    source TEXT NOT NULL,
+    spec TEXT NOT NULL,
+    axes TEXT NOT NULL,
+    trials INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS sweep_trials (
+    sweep_id TEXT NOT NULL REFERENCES sweeps(id),
+    trial INTEGER NOT NULL,
+    axes TEXT NOT NULL,
+    protocol TEXT NOT NULL,
+    run_id TEXT UNIQUE REFERENCES runs(id),
+    PRIMARY KEY (sweep_id, trial)
+);
+"""
+
+_SCHEMA += _CALIBRATION_TABLES + _RESUME_TABLE + _SWEEP_TABLES
 
 #: forward migrations: MIGRATIONS[v] takes a store from schema version v to v + 1
 MIGRATIONS: dict[int, str] = {
@@ -145,6 +168,7 @@ MIGRATIONS: dict[int, str] = {
     # commit; series are read by scanning the run's rows in primary-key order instead
     2: "DROP INDEX IF EXISTS metrics_by_name",
     3: "ALTER TABLE runs ADD COLUMN owner TEXT;\n" + _RESUME_TABLE,
+    4: _SWEEP_TABLES,
 }
 
 

@@ -35,9 +35,10 @@ from labep.store.files import (
     to_npy,
 )
 from labep.store.queries import RunQueries
+from labep.store.sweeps import SweepShelf
 
 
-class RunStore(RunQueries, CalibrationShelf):
+class RunStore(RunQueries, CalibrationShelf, SweepShelf):
     """A SQLite run store. One connection per process; one transaction per committed step."""
 
     def __init__(self, path: str | Path, *, create: bool = True,
@@ -160,7 +161,9 @@ class RunStore(RunQueries, CalibrationShelf):
     # -- writing ----------------------------------------------------------------------------
 
     def create_run(self, name: str, protocol: dict[str, Any], bench_name: str, seed: int,
-                   labep_version: str) -> str:
+                   labep_version: str, trial: tuple[str, int] | None = None) -> str:
+        """A new run, ``running``; with ``trial`` (sweep id, trial index) the run becomes
+        that trial's run in the same transaction, refused if the trial has one already."""
         run_id = time.strftime("%Y%m%d-%H%M%S") + "-" + secrets.token_hex(3)
         now = _now()
         with self.transaction() as db:
@@ -170,6 +173,12 @@ class RunStore(RunQueries, CalibrationShelf):
                 (run_id, name, now, now, labep_version, bench_name, seed,
                  json.dumps(protocol, sort_keys=False), _owner()),
             )
+            if trial is not None:
+                linked = db.execute("UPDATE sweep_trials SET run_id = ? WHERE sweep_id = ? AND "
+                                    "trial = ? AND run_id IS NULL", (run_id, *trial)).rowcount
+                if linked != 1:
+                    raise StoreError(f"trial {trial[1]} of sweep {trial[0]} has a run already "
+                                     "(or does not exist): refused (one run per trial)")
         return run_id
 
     def claim(self, run_id: str) -> dict[str, Any]:
