@@ -26,6 +26,7 @@ from labep.store.files import (
     MIGRATIONS,
     SCHEMA_VERSION,
     SQLITE_MAGIC,
+    FileHold,
     StoreError,
     _alive,
     _check_report,
@@ -55,11 +56,19 @@ class RunStore(RunQueries, CalibrationShelf, SweepShelf):
         if not parent.is_dir():
             raise StoreError(f"cannot create the run store {self.path}: {parent} is not a folder")
         new = create and (not self.path.exists() or self.path.stat().st_size == 0)
+        #: this process's descriptor of the file (raw reads only through it; see FileHold)
+        self._hold: FileHold | None = None
         if not new:
-            self._check_header()
+            self._hold_file()
+            try:
+                self._check_header()
+            except BaseException:
+                self._release()
+                raise
         try:
             self.db = sqlite3.connect(self.path, timeout=30.0, isolation_level=None)
         except sqlite3.Error as err:
+            self._release()
             raise store_error(self.path, err, "open") from err
         try:
             if new:
@@ -68,24 +77,37 @@ class RunStore(RunQueries, CalibrationShelf, SweepShelf):
                 self.db.executescript(
                     "BEGIN IMMEDIATE;\n" + _SCHEMA + "INSERT OR IGNORE INTO meta (key, value) "
                     f"VALUES ('schema_version', '{SCHEMA_VERSION}');\nCOMMIT;")
+                self._hold_file()
             self.schema_version = self._verify(create if check_pages is None else check_pages)
             # only now may the file change: WAL (a no-op on a store labep wrote)
             self.db.execute("PRAGMA journal_mode=WAL")
             self.db.execute("PRAGMA synchronous=NORMAL")
             self.db.execute("PRAGMA foreign_keys=ON")
         except BaseException as err:
-            self.db.close()
+            self.close()
             if isinstance(err, sqlite3.Error | UnicodeDecodeError):
                 raise store_error(self.path, err, "open") from err
             raise
         if self.schema_version < SCHEMA_VERSION:
             self._migrate()
 
-    def _check_header(self) -> None:
-        """Refuse a file that does not start like an SQLite database (reading 100 bytes)."""
+    def _hold_file(self) -> None:
         try:
-            with self.path.open("rb") as file:
-                header = file.read(100)
+            self._hold = FileHold(self.path)
+        except OSError as err:
+            raise StoreError(f"cannot read the run store {self.path}: {err.strerror}") from err
+
+    def _release(self) -> None:
+        if self._hold is not None:
+            self._hold.release()
+
+    def _check_header(self) -> None:
+        """Refuse a file that does not start like an SQLite database (reading 100 bytes
+        through the process's held descriptor: never an open and close of the file that
+        would drop another connection's locks)."""
+        assert self._hold is not None
+        try:
+            header = self._hold.read(100)
         except OSError as err:
             raise StoreError(f"cannot read the run store {self.path}: {err.strerror}") from err
         if not header:
@@ -140,7 +162,11 @@ class RunStore(RunQueries, CalibrationShelf, SweepShelf):
         self.schema_version = SCHEMA_VERSION
 
     def close(self) -> None:
-        self.db.close()
+        """Close the connection, then let go of the file (in that order: see FileHold)."""
+        try:
+            self.db.close()
+        finally:
+            self._release()
 
     def __enter__(self) -> RunStore:
         return self
