@@ -32,6 +32,15 @@ def sweep_file(tmp_path: Path, protocol: dict[str, Any] | None = None, **fields:
     return path
 
 
+def assert_sound(store: Path) -> None:
+    """Every page of the store checks (SQLite's full integrity check)."""
+    db = sqlite3.connect(store)
+    try:
+        assert db.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
+    finally:
+        db.close()
+
+
 def runs_of(store: Path) -> list[tuple[Any, ...]]:
     db = sqlite3.connect(store)
     try:
@@ -120,10 +129,12 @@ def test_sweep_on_a_local_cluster_of_two_workers(tmp_path: Path) -> None:
         assert run["protocol"]["estimator"]["beta"] == trial["axes"]["estimator.beta"]
         assert run["protocol"]["seed"] == run["seed"] == trial["axes"]["seed"]
         assert run["protocol"]["training"]["epochs"] == 1
+    assert_sound(store)
+    db = sqlite3.connect(store)
     with pytest.raises(sqlite3.IntegrityError):  # the store itself refuses a second run
-        db = sqlite3.connect(store)
         db.execute("INSERT INTO sweep_trials (sweep_id, trial, axes, protocol) VALUES "
                    "(?, 0, '{}', '{}')", (shown["id"],))
+    db.close()
 
 
 def test_a_worker_killed_mid_sweep_loses_and_duplicates_no_trial(tmp_path: Path) -> None:
@@ -167,6 +178,7 @@ def test_a_worker_killed_mid_sweep_loses_and_duplicates_no_trial(tmp_path: Path)
         (steps,) = store.db.execute("SELECT COUNT(*) FROM steps WHERE run_id = ?",
                                     (killed[0],)).fetchone()
         assert steps == 150 * 8  # every step once
+    assert_sound(path)
 
 
 def test_resume_runs_only_what_did_not_complete(tmp_path: Path,
@@ -272,3 +284,46 @@ def test_scheduler_option_sends_the_trials_to_an_existing_cluster(tmp_path: Path
             (sweep,) = opened.sweeps()
             assert sweep["spec"]["scheduler"] == cluster.scheduler_address
             assert [t["status"] for t in opened.sweep_trials(sweep["id"])] == ["completed"] * 2
+
+
+
+_WITHOUT_DASK = """
+import sys
+
+class NoDask:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in {"dask", "distributed", "tenacity"}:
+            raise ModuleNotFoundError(f"No module named {name!r}")
+        return None
+
+sys.meta_path.insert(0, NoDask())
+from labep.cli.main import main
+try:
+    main(sys.argv[1:])
+except SystemExit as end:
+    loaded = sorted(m for m in sys.modules if m.split(".")[0] in {"dask", "distributed"})
+    print("loaded:", loaded, file=sys.stderr)
+    raise
+"""
+
+
+def test_runs_and_serial_sweeps_need_no_dask(tmp_path: Path) -> None:
+    """Without the dask extra, `labep run` works and imports no dask; `labep sweep` on dask
+    is refused before anything is created; `labep sweep --serial` runs."""
+    import subprocess
+    import sys
+
+    def labep(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-c", _WITHOUT_DASK, *args], cwd=tmp_path,
+                              capture_output=True, text=True, timeout=300)
+
+    path = sweep_file(tmp_path, set={"training.epochs": 1}, grid={"seed": [0, 1]})
+    ran = labep("run", str(tmp_path / "xor.yaml"), "--store", "run.db", "--no-progress")
+    assert ran.returncode == 0, ran.stderr
+    assert "loaded: []" in ran.stderr
+    refused = labep("sweep", str(path), "--store", "sweep.db", "--no-progress")
+    assert refused.returncode == 2 and "pip install 'labep[dask]'" in refused.stderr
+    assert not (tmp_path / "sweep.db").exists()
+    serial = labep("sweep", str(path), "--store", "sweep.db", "--serial", "--no-progress")
+    assert serial.returncode == 0, serial.stderr
+    assert "2 of 2 trial(s) completed" in serial.stdout and "loaded: []" in serial.stderr

@@ -78,7 +78,15 @@ def _execute(store_path: Path, sweep_id: str, trials: list[int], scheduler: str 
 def run_sweep(sweep_file: str, scheduler: str | None, workers: int | None,
               store_path: str | None, serial: bool, progress: bool) -> None:
     """Validate every trial of SWEEP.yaml, then run them (one labep run each)."""
+    from labep.sweep.execute import DaskMissingError, require_dask
     from labep.sweep.spec import SweepError, load_sweep
+
+    if not serial:
+        try:
+            require_dask()
+        except DaskMissingError as err:  # before anything is created
+            click.echo(f"error: {err} (or use --serial)", err=True)
+            sys.exit(EXIT_INVALID)
 
     try:
         loaded = load_sweep(sweep_file)

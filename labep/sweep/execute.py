@@ -42,6 +42,16 @@ class DaskMissingError(RuntimeError):
     """dask.distributed or tenacity is not installed."""
 
 
+def require_dask() -> None:
+    """Raise :class:`DaskMissingError` unless dask.distributed and tenacity import."""
+    try:
+        import distributed  # noqa: F401
+        import tenacity  # noqa: F401
+    except ImportError as err:
+        raise DaskMissingError("sweeps on dask need the dask extra: "
+                               "pip install 'labep[dask]'") from err
+
+
 def _locked(err: BaseException) -> bool:
     text = str(err)
     return isinstance(err, sqlite3.OperationalError | StoreError) and (
@@ -117,9 +127,11 @@ def holding(resource: str | None) -> Iterator[None]:
 
 
 def run_trial(store_path: str, sweep_id: str, trial: int,
-              numba_threads: int | None = None) -> dict[str, Any]:
+              numba_threads: int | None = None, *, shared: bool = True) -> dict[str, Any]:
     """Run (or continue) one trial of a sweep; never raises for a failed run (it is recorded
-    failed and the result says so). Returns trial, run_id, status, action, error."""
+    failed and the result says so). ``shared``: other processes write the store at the same
+    time (a dask task: writes retried, needs tenacity); a serial sweep opens it plainly.
+    Returns trial, run_id, status, action, error."""
     from labep.run.engine import Trainer
     from labep.run.validate import load_protocol
 
@@ -127,7 +139,8 @@ def run_trial(store_path: str, sweep_id: str, trial: int,
         import numba
 
         numba.set_num_threads(max(1, min(numba_threads, numba.config.NUMBA_NUM_THREADS)))
-    store = open_shared(store_path)
+    store = (open_shared(store_path) if shared
+             else RunStore(store_path, create=False, check_pages=False))
     try:
         row = store.sweep_trial(sweep_id, trial)
         out: dict[str, Any] = {"trial": trial, "run_id": row["run_id"], "error": None}
@@ -208,7 +221,7 @@ def run_serial(store_path: str | Path, sweep_id: str, trials: list[int], *,
     bar = Progress(sweep_id, total, _counts(store_path, sweep_id)["completed"], progress)
     results = []
     for trial in trials:
-        results.append(run_trial(str(store_path), sweep_id, trial))
+        results.append(run_trial(str(store_path), sweep_id, trial, shared=False))
         bar.update(_counts(store_path, sweep_id))
     bar.close()
     return results
