@@ -287,6 +287,26 @@ def test_scheduler_option_sends_the_trials_to_an_existing_cluster(tmp_path: Path
 
 
 
+SWEEPS = Path(__file__).resolve().parents[1] / "protocols" / "sweeps"
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in SWEEPS.glob("*.yaml")))
+def test_shipped_sweep_files_validate(name: str) -> None:
+    """Every shipped sweep file loads, each of its trials validated as a protocol."""
+    sweep = load_sweep(SWEEPS / name)
+    assert sweep.trials and len(sweep.trials) == sweep.spec.size()
+    assert sweep.base.is_file() and sweep.base.parent == SWEEPS.parent
+
+
+def test_no_sweep_file_among_the_protocols() -> None:
+    """The protocol tests glob protocols/*.yaml: no sweep file may sit there (a sweep file
+    names a base ``protocol``, which no protocol has), and the quickstart sweep is shipped."""
+    assert (SWEEPS / "quickstart.yaml").is_file()
+    for path in SWEEPS.parent.glob("*.yaml"):
+        doc = yaml.safe_load(path.read_text())
+        assert "protocol" not in doc and "grid" not in doc, f"{path} is a sweep file"
+
+
 _WITHOUT_DASK = """
 import sys
 
