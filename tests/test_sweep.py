@@ -265,6 +265,40 @@ def test_hardware_trials_are_named_by_their_resource() -> None:
         pass
 
 
+def test_trials_on_one_resource_never_overlap_on_two_workers() -> None:
+    """On a LocalCluster of two workers, tasks holding the same bench resource run one at a
+    time; tasks on different resources (or simulators) run at once."""
+    import logging
+
+    from distributed import Client, LocalCluster, wait
+
+    from labep.sweep.execute import holding
+
+    def hold(resource: str | None, index: int) -> tuple[float, float]:
+        import time as clock
+
+        with holding(resource):
+            start = clock.time()
+            clock.sleep(1.5)
+            return start, clock.time()
+
+    def spans(resources: list[str | None]) -> list[tuple[float, float]]:
+        futures = [client.submit(hold, resource, index, pure=False)
+                   for index, resource in enumerate(resources)]
+        wait(futures)
+        return sorted(future.result() for future in futures)
+
+    with LocalCluster(n_workers=2, threads_per_worker=1, dashboard_address=None,
+                      silence_logs=logging.ERROR) as cluster, Client(cluster) as client:
+        client.wait_for_workers(2)
+        (a, b) = spans(["labep-bench:oim_board:/dev/ttyUSB0"] * 2)
+        assert b[0] >= a[1]  # the second started after the first let go
+        (c, d) = spans(["labep-bench:oim_board:/dev/ttyUSB0", "labep-bench:oim_board:COM3"])
+        assert d[0] < c[1]  # two instruments: at once
+        (e, f) = spans([None, None])
+        assert f[0] < e[1]
+
+
 def test_scheduler_option_sends_the_trials_to_an_existing_cluster(tmp_path: Path) -> None:
     """--scheduler tcp://HOST:PORT: the same tasks on a cluster started elsewhere (here one
     worker process); the sweep file's `scheduler` is the default for it."""
