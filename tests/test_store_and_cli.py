@@ -167,6 +167,9 @@ def _downgrade(store: Path, version: int) -> None:
     """Turn a current store into the layout of an older schema version (what that labep
     wrote), keeping its rows."""
     db = sqlite3.connect(store)
+    if version <= 4:
+        db.execute("DROP TABLE sweep_trials")
+        db.execute("DROP TABLE sweeps")
     if version <= 3:
         db.execute("DROP TABLE resume_points")
         db.execute("ALTER TABLE runs DROP COLUMN owner")
@@ -181,7 +184,7 @@ def _downgrade(store: Path, version: int) -> None:
     db.close()
 
 
-@pytest.mark.parametrize("version", [1, 2, 3])
+@pytest.mark.parametrize("version", [1, 2, 3, 4])
 def test_older_store_is_upgraded_after_a_backup(tmp_path: Path, store: Path,
                                                 version: int) -> None:
     path = write_protocol(tmp_path / "xor.yaml", tiny_xor())
@@ -226,3 +229,41 @@ def test_report_draws_the_curves(tmp_path: Path, store: Path) -> None:
     assert image.shape[0] > 400 and image.shape[1] > 600
     assert image[..., :3].std() > 0.05, "a blank figure"
     assert cli("report", "nope", "--store", str(store)).exit_code == 1
+
+
+_WRITER = """
+import sys
+from labep.store.runs import RunStore
+with RunStore(sys.argv[1], create=False, check_pages=False) as store:
+    for seed in range(40):
+        store.create_run("writer", {"padding": "x" * 3000}, "hopfield", seed, "0")
+"""
+
+
+@pytest.mark.parametrize("held", ["RunStore", "StoreView"])
+def test_a_second_store_opened_and_closed_keeps_the_process_locks(store: Path,
+                                                                  held: str) -> None:
+    """POSIX drops every lock a process holds on a file when it closes any descriptor of it.
+    A store opened and closed while another connection of the same process stays open must
+    not do that: otherwise a writer in another process takes itself for the last connection,
+    checkpoints and deletes the WAL and its index under the open one, and this process then
+    reads a "database disk image is malformed" (what a sweep's progress poll, opening the
+    store next to the command's own connection, met with two workers writing)."""
+    from labep.store.watch import StoreView
+
+    RunStore(store).close()
+    first = RunStore(store, create=False) if held == "RunStore" else StoreView(store)
+    try:
+        for round_ in range(1, 4):
+            with RunStore(store, create=False, check_pages=False) as second:
+                second.runs()
+            for _ in range(2):  # each writer closes last of the writers
+                subprocess.run([sys.executable, "-c", _WRITER, str(store)], check=True)
+            with RunStore(store, create=False, check_pages=False) as third:
+                assert len(third.runs()) == 80 * round_
+            assert len(first.runs()) == 80 * round_
+    finally:
+        first.close()
+    db = sqlite3.connect(store)
+    assert db.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
+    db.close()

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import click
 
-from labep.cli import benches, emulate, listing, runs
+from labep.cli import benches, emulate, listing, runs, sweeps
 from labep.cli.common import Commands
 
 
@@ -24,7 +24,7 @@ def main() -> None:
 for command in (runs.run, runs.resume, runs.runs, runs.show, runs.report, runs.export, runs.watch,
                 benches.calibrate,
                 benches.calibrations, benches.gradcheck, emulate.emulate, listing.benches,
-                listing.models, listing.estimators, listing.datasets):
+                listing.models, listing.estimators, listing.datasets, sweeps.sweep):
     main.add_command(command)
 
 if __name__ == "__main__":  # pragma: no cover

@@ -167,10 +167,21 @@ def _sample_lines(samples: dict[str, Any]) -> list[str]:
 @store_option
 @click.option("--out", type=click.Path(dir_okay=False), help="Figure file (default RUN.png).")
 def report(run_id: str, store_path: str | None, out: str | None) -> None:
-    """Draw a run's curves (cost, accuracy, settling, parameter histograms) to a figure."""
+    """Draw a run's curves (cost, accuracy, settling, parameter histograms) to a figure; a
+    sweep id (sw-...) draws the sweep's report (labep sweep report)."""
     from labep.store.report import draw_report
 
     store = open_store(store_path, create=False)
+    if run_id.startswith("sw-"):
+        from labep.sweep.results import draw_sweep_report
+
+        try:
+            resolved = store.resolve_sweep(run_id)
+        except StoreError as err:
+            click.echo(f"error: {err}", err=True)
+            sys.exit(EXIT_FAILED)
+        click.echo(f"wrote {draw_sweep_report(store, resolved, Path(out or f'{resolved}.png'))}")
+        return
     try:
         resolved = store.resolve(run_id)
     except StoreError as err:

@@ -79,11 +79,12 @@ class Trainer:
         self.progress = progress
         self.on_epoch = on_epoch
 
-    def run(self) -> RunResult:
-        """A new run of the protocol."""
+    def run(self, *, trial: tuple[str, int] | None = None) -> RunResult:
+        """A new run of the protocol; ``trial`` (sweep id, index): as that sweep trial's one
+        run (refused if it has one)."""
         protocol = self.protocol
         run_id = self.store.create_run(protocol.name, self.loaded.document, protocol.bench.name,
-                                       protocol.seed, labep.__version__)
+                                       protocol.seed, labep.__version__, trial=trial)
         return self._execute(run_id, None)
 
     @classmethod
@@ -109,6 +110,16 @@ class Trainer:
         trainer = cls(load_protocol(claimed["protocol"]), store, progress=progress,
                       on_epoch=on_epoch)
         return trainer._execute(run_id, (step, state))
+
+    @classmethod
+    def restart(cls, store: RunStore, run_id: str, *, progress: bool = True) -> RunResult:
+        """Run again from its start a run that stopped before its first resume point (killed
+        while opening its bench), under the same run id: what it had written is removed
+        (except the ``run_ended`` events). Refused like :meth:`resume`."""
+        claimed = store.claim(run_id)
+        store.truncate_after(claimed["id"], -1)
+        trainer = cls(load_protocol(claimed["protocol"]), store, progress=progress)
+        return trainer._execute(claimed["id"], None)
 
     def _execute(self, run_id: str, point: tuple[int, dict[str, Any]] | None) -> RunResult:
         #: the step in progress's events, and the fault policy: committed whatever ends a run

@@ -20,6 +20,9 @@ Tables (schema version in ``meta``):
   own state where it has one); its arrays are in ``arrays`` under kind ``resume``.
   ``runs.owner`` (host:pid) is the process writing a run: a second writer is refused while
   that process lives; a dead owner's run is resumable.
+- ``sweeps`` and ``sweep_trials``: a sweep (``labep sweep``) and its trials, one row per
+  (sweep_id, trial) with the trial's axis values, its protocol document, and the one run it
+  has (``run_id``, set in the transaction that creates that run: a trial never gets two).
 
 An older store is upgraded on open by forward migrations, after a backup copy
 (``NAME.vN.bak``) of the file as it was.
@@ -38,6 +41,7 @@ import json
 import os
 import socket
 import sqlite3
+import threading
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -47,7 +51,7 @@ import numpy as np
 if TYPE_CHECKING:
     pass
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 #: a running run refreshes ``runs.heartbeat`` at most this often (with its step commits)
 HEARTBEAT_SECONDS = 1.0
 
@@ -136,7 +140,27 @@ CREATE TABLE IF NOT EXISTS resume_points (
 );
 """
 
-_SCHEMA += _CALIBRATION_TABLES + _RESUME_TABLE
+_SWEEP_TABLES = """
+CREATE TABLE IF NOT EXISTS sweeps (
+    id TEXT PRIMARY KEY,
+    name TEXT NOT NULL,
+    created TEXT NOT NULL,
+    source TEXT NOT NULL,
+    spec TEXT NOT NULL,
+    axes TEXT NOT NULL,
+    trials INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS sweep_trials (
+    sweep_id TEXT NOT NULL REFERENCES sweeps(id),
+    trial INTEGER NOT NULL,
+    axes TEXT NOT NULL,
+    protocol TEXT NOT NULL,
+    run_id TEXT UNIQUE REFERENCES runs(id),
+    PRIMARY KEY (sweep_id, trial)
+);
+"""
+
+_SCHEMA += _CALIBRATION_TABLES + _RESUME_TABLE + _SWEEP_TABLES
 
 #: forward migrations: MIGRATIONS[v] takes a store from schema version v to v + 1
 MIGRATIONS: dict[int, str] = {
@@ -145,6 +169,7 @@ MIGRATIONS: dict[int, str] = {
     # commit; series are read by scanning the run's rows in primary-key order instead
     2: "DROP INDEX IF EXISTS metrics_by_name",
     3: "ALTER TABLE runs ADD COLUMN owner TEXT;\n" + _RESUME_TABLE,
+    4: _SWEEP_TABLES,
 }
 
 
@@ -215,6 +240,81 @@ def find_damage(path: str | Path) -> str | None:
         return str(err)
     finally:
         db.close()
+
+
+#: this process's own descriptors of store files, by (st_dev, st_ino): [fd, holders]
+_HELD: dict[tuple[int, int], list[int]] = {}
+_HELD_LOCK = threading.Lock()
+
+
+class FileHold:
+    """This process's descriptor of a store file, shared by every labep connection to that
+    file in the process and closed only when the last of them has closed.
+
+    SQLite locks a database with POSIX advisory locks, and POSIX drops *every* lock a process
+    holds on a file as soon as the process closes *any* descriptor of that file. Opening the
+    store with ``open()`` to read its header, then closing it, while another connection of
+    the same process is open silently releases that connection's SHARED lock: a writer in
+    another process then takes the database for its last connection, checkpoints and
+    deletes the WAL and its index under it, and the connection left behind reads (and
+    checkpoints) through a stale WAL index: "database disk image is malformed"
+    (https://sqlite.org/howtocorrupt.html, section 2.2). So labep reads the raw bytes of a
+    store only through this one descriptor, which stays open as long as any
+    :class:`labep.store.runs.RunStore` or :class:`labep.store.watch.StoreView` of the
+    process has the file open, and is closed after their SQLite connections are.
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        """Hold ``path`` (an existing file); raises OSError like ``open``."""
+        with _HELD_LOCK:
+            try:
+                info = os.stat(path)
+                key = (info.st_dev, info.st_ino)
+            except OSError:
+                key = None
+            if key is not None and key in _HELD:
+                _HELD[key][1] += 1
+            else:
+                fd = os.open(path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
+                info = os.fstat(fd)
+                key = (info.st_dev, info.st_ino)
+                if key in _HELD:
+                    # the path changed files between stat and open, to one already held:
+                    # closing this descriptor would drop the held connections' locks
+                    _HELD[key][1] += 1
+                    _orphans.append(fd)
+                else:
+                    _HELD[key] = [fd, 1]
+            self.key: tuple[int, int] | None = key
+
+    def read(self, size: int) -> bytes:
+        """The file's first ``size`` bytes."""
+        if self.key is None:
+            raise ValueError("the hold was released")
+        with _HELD_LOCK:
+            fd = _HELD[self.key][0]
+            if hasattr(os, "pread"):
+                return os.pread(fd, size, 0)
+            os.lseek(fd, 0, os.SEEK_SET)  # pragma: no cover - Windows
+            return os.read(fd, size)  # pragma: no cover
+
+    def release(self) -> None:
+        """Let go (after the holder's SQLite connection closed); the last one closes the
+        descriptor. Releasing twice does nothing."""
+        with _HELD_LOCK:
+            if self.key is None:
+                return
+            entry = _HELD[self.key]
+            entry[1] -= 1
+            if entry[1] == 0:
+                del _HELD[self.key]
+                os.close(entry[0])
+            self.key = None
+
+
+#: descriptors that could not be closed without dropping a live connection's locks (a file
+#: replaced under its path while held); kept open until the process ends
+_orphans: list[int] = []
 
 
 def _owner() -> str:

@@ -26,6 +26,7 @@ from labep.store.files import (
     MIGRATIONS,
     SCHEMA_VERSION,
     SQLITE_MAGIC,
+    FileHold,
     StoreError,
     _alive,
     _check_report,
@@ -35,9 +36,10 @@ from labep.store.files import (
     to_npy,
 )
 from labep.store.queries import RunQueries
+from labep.store.sweeps import SweepShelf
 
 
-class RunStore(RunQueries, CalibrationShelf):
+class RunStore(RunQueries, CalibrationShelf, SweepShelf):
     """A SQLite run store. One connection per process; one transaction per committed step."""
 
     def __init__(self, path: str | Path, *, create: bool = True,
@@ -54,11 +56,19 @@ class RunStore(RunQueries, CalibrationShelf):
         if not parent.is_dir():
             raise StoreError(f"cannot create the run store {self.path}: {parent} is not a folder")
         new = create and (not self.path.exists() or self.path.stat().st_size == 0)
+        #: this process's descriptor of the file (raw reads only through it; see FileHold)
+        self._hold: FileHold | None = None
         if not new:
-            self._check_header()
+            self._hold_file()
+            try:
+                self._check_header()
+            except BaseException:
+                self._release()
+                raise
         try:
             self.db = sqlite3.connect(self.path, timeout=30.0, isolation_level=None)
         except sqlite3.Error as err:
+            self._release()
             raise store_error(self.path, err, "open") from err
         try:
             if new:
@@ -67,24 +77,37 @@ class RunStore(RunQueries, CalibrationShelf):
                 self.db.executescript(
                     "BEGIN IMMEDIATE;\n" + _SCHEMA + "INSERT OR IGNORE INTO meta (key, value) "
                     f"VALUES ('schema_version', '{SCHEMA_VERSION}');\nCOMMIT;")
+                self._hold_file()
             self.schema_version = self._verify(create if check_pages is None else check_pages)
             # only now may the file change: WAL (a no-op on a store labep wrote)
             self.db.execute("PRAGMA journal_mode=WAL")
             self.db.execute("PRAGMA synchronous=NORMAL")
             self.db.execute("PRAGMA foreign_keys=ON")
         except BaseException as err:
-            self.db.close()
+            self.close()
             if isinstance(err, sqlite3.Error | UnicodeDecodeError):
                 raise store_error(self.path, err, "open") from err
             raise
         if self.schema_version < SCHEMA_VERSION:
             self._migrate()
 
-    def _check_header(self) -> None:
-        """Refuse a file that does not start like an SQLite database (reading 100 bytes)."""
+    def _hold_file(self) -> None:
         try:
-            with self.path.open("rb") as file:
-                header = file.read(100)
+            self._hold = FileHold(self.path)
+        except OSError as err:
+            raise StoreError(f"cannot read the run store {self.path}: {err.strerror}") from err
+
+    def _release(self) -> None:
+        if self._hold is not None:
+            self._hold.release()
+
+    def _check_header(self) -> None:
+        """Refuse a file that does not start like an SQLite database (reading 100 bytes
+        through the process's held descriptor: never an open and close of the file that
+        would drop another connection's locks)."""
+        assert self._hold is not None
+        try:
+            header = self._hold.read(100)
         except OSError as err:
             raise StoreError(f"cannot read the run store {self.path}: {err.strerror}") from err
         if not header:
@@ -139,7 +162,11 @@ class RunStore(RunQueries, CalibrationShelf):
         self.schema_version = SCHEMA_VERSION
 
     def close(self) -> None:
-        self.db.close()
+        """Close the connection, then let go of the file (in that order: see FileHold)."""
+        try:
+            self.db.close()
+        finally:
+            self._release()
 
     def __enter__(self) -> RunStore:
         return self
@@ -160,7 +187,9 @@ class RunStore(RunQueries, CalibrationShelf):
     # -- writing ----------------------------------------------------------------------------
 
     def create_run(self, name: str, protocol: dict[str, Any], bench_name: str, seed: int,
-                   labep_version: str) -> str:
+                   labep_version: str, trial: tuple[str, int] | None = None) -> str:
+        """A new run, ``running``; with ``trial`` (sweep id, trial index) the run becomes
+        that trial's run in the same transaction, refused if the trial has one already."""
         run_id = time.strftime("%Y%m%d-%H%M%S") + "-" + secrets.token_hex(3)
         now = _now()
         with self.transaction() as db:
@@ -170,6 +199,12 @@ class RunStore(RunQueries, CalibrationShelf):
                 (run_id, name, now, now, labep_version, bench_name, seed,
                  json.dumps(protocol, sort_keys=False), _owner()),
             )
+            if trial is not None:
+                linked = db.execute("UPDATE sweep_trials SET run_id = ? WHERE sweep_id = ? AND "
+                                    "trial = ? AND run_id IS NULL", (run_id, *trial)).rowcount
+                if linked != 1:
+                    raise StoreError(f"trial {trial[1]} of sweep {trial[0]} has a run already "
+                                     "(or does not exist): refused (one run per trial)")
         return run_id
 
     def claim(self, run_id: str) -> dict[str, Any]:

@@ -21,7 +21,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from labep.store.files import SCHEMA_VERSION, StoreError, store_error
+from labep.store.files import SCHEMA_VERSION, FileHold, StoreError, store_error
 from labep.store.queries import RunQueries
 
 
@@ -34,20 +34,37 @@ class StoreView(RunQueries):
         if not self.path.is_file():
             raise StoreError(f"no run store at {self.path}")
         try:
+            # counted with the process's other connections to the file (see FileHold)
+            self._hold: FileHold | None = FileHold(self.path)
+        except OSError as err:
+            raise StoreError(f"cannot read the run store {self.path}: {err.strerror}") from err
+        try:
             self.db = sqlite3.connect(f"{self.path.resolve().as_uri()}?mode=ro", uri=True,
                                       timeout=5.0, isolation_level=None)
+        except sqlite3.Error as err:
+            self._hold.release()
+            raise store_error(self.path, err, "open") from err
+        try:
             row = self.db.execute(
                 "SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
-        except (sqlite3.Error, UnicodeDecodeError) as err:
-            raise store_error(self.path, err, "open") from err
-        if row is None or not str(row[0]).isdigit():
-            raise StoreError(f"{self.path}: not a labep run store (no schema version)")
-        if int(row[0]) != SCHEMA_VERSION:
-            raise StoreError(f"{self.path}: schema version {row[0]}, this labep reads "
-                             f"{SCHEMA_VERSION}; watch it with the labep that writes it")
+            if row is None or not str(row[0]).isdigit():
+                raise StoreError(f"{self.path}: not a labep run store (no schema version)")
+            if int(row[0]) != SCHEMA_VERSION:
+                raise StoreError(f"{self.path}: schema version {row[0]}, this labep reads "
+                                 f"{SCHEMA_VERSION}; watch it with the labep that writes it")
+        except BaseException as err:
+            self.close()
+            if isinstance(err, sqlite3.Error | UnicodeDecodeError):
+                raise store_error(self.path, err, "open") from err
+            raise
 
     def close(self) -> None:
-        self.db.close()
+        """Close the connection, then let go of the file (see FileHold)."""
+        try:
+            self.db.close()
+        finally:
+            if self._hold is not None:
+                self._hold.release()
 
 
 def follow(view: RunQueries, run_id: str, draw: Callable[[], bool], *,
