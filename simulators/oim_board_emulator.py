@@ -397,17 +397,8 @@ class EmulatedBoard:
         if not math.isfinite(beta) or (not nudged and beta != 0.0):
             raise _Refused(ErrorCode.BAD_VALUE, "beta must be finite, and 0 without targets")
         model = self.model
-        dtype = wire.batch_request_dtype(model.input_size, model.state_size,
-                                         model.output_size, flags)
-        data = request.array
-        assert data is not None
-        if batch < 1 or data.size != batch * dtype.itemsize:
-            raise wire.WireFormatError(f"{batch} record(s) of {dtype.itemsize} bytes need "
-                                       f"{batch * dtype.itemsize} bytes, got {data.size}")
-        records = np.frombuffer(data.tobytes(), dtype=dtype)
-        if not np.all(np.isfinite(records["phases"])) or (
-                nudged and not np.all(np.isfinite(records["target"]))):
-            raise _Refused(ErrorCode.BAD_VALUE, "input phases and targets must be finite")
+        records = _records(request, batch, wire.batch_request_dtype(
+            model.input_size, model.state_size, model.output_size, flags))
         start = (records["start"].astype(np.int64) if flags & wire.BatchFlags.START
                  else np.full((batch, model.state_size), REST_CODE, dtype=np.int64))
         targets = records["target"].astype(np.float64) if nudged else None
@@ -441,16 +432,8 @@ class EmulatedBoard:
             raise _Refused(ErrorCode.BAD_VALUE, "nudges 1 or 2, each beta finite and non-zero "
                            "(beta_2 0 with one nudge)")
         model = self.model
-        dtype = wire.step_request_dtype(model.input_size, model.output_size)
-        data = request.array
-        assert data is not None
-        if batch < 1 or data.size != batch * dtype.itemsize:
-            raise wire.WireFormatError(f"{batch} record(s) of {dtype.itemsize} bytes need "
-                                       f"{batch * dtype.itemsize} bytes, got {data.size}")
-        records = np.frombuffer(data.tobytes(), dtype=dtype)
-        if not (np.all(np.isfinite(records["phases"]))
-                and np.all(np.isfinite(records["target"]))):
-            raise _Refused(ErrorCode.BAD_VALUE, "input phases and targets must be finite")
+        records = _records(request, batch,
+                           wire.step_request_dtype(model.input_size, model.output_size))
         inputs = records["phases"].astype(np.float64)
         targets = records["target"].astype(np.float64)
         rest = np.full((batch, model.state_size), REST_CODE, dtype=np.int64)
@@ -600,6 +583,21 @@ class EmulatedBoard:
         records["steps"] = np.minimum(steps, 2**32 - 1)
         records["residual"] = residual
         return records
+
+
+def _records(request: wire.Payload, batch: int, dtype: np.dtype) -> np.ndarray:
+    """The ``batch`` records of a RELAX_BATCH or RELAX_STEP request, their input phases and
+    targets (where present) finite."""
+    data = request.array
+    assert data is not None
+    if batch < 1 or data.size != batch * dtype.itemsize:
+        raise wire.WireFormatError(f"{batch} record(s) of {dtype.itemsize} bytes need "
+                                   f"{batch * dtype.itemsize} bytes, got {data.size}")
+    records = np.frombuffer(data.tobytes(), dtype=dtype)
+    names = [name for name in ("phases", "target") if name in (dtype.names or ())]
+    if not all(np.all(np.isfinite(records[name])) for name in names):
+        raise _Refused(ErrorCode.BAD_VALUE, "input phases and targets must be finite")
+    return records
 
 
 @dataclass

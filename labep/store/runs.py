@@ -174,9 +174,13 @@ class RunStore(RunQueries, CalibrationShelf, SweepShelf):
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    def _begin(self) -> None:
+        """Take the write lock (a store shared by many writers retries it)."""
+        self.db.execute("BEGIN IMMEDIATE")
+
     @contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:
-        self.db.execute("BEGIN IMMEDIATE")
+        self._begin()
         try:
             yield self.db
         except BaseException:

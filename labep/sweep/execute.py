@@ -76,17 +76,10 @@ class SharedStore(RunStore):
     """A run store written by many processes at once: every write transaction waits its
     turn (BEGIN IMMEDIATE retried while another process holds the write lock)."""
 
-    @contextmanager
-    def transaction(self) -> Iterator[sqlite3.Connection]:
+    def _begin(self) -> None:
         for attempt in _retrying():
             with attempt:
-                self.db.execute("BEGIN IMMEDIATE")
-        try:
-            yield self.db
-        except BaseException:
-            self.db.execute("ROLLBACK")
-            raise
-        self.db.execute("COMMIT")
+                super()._begin()
 
 
 def open_shared(path: str | Path) -> SharedStore:
