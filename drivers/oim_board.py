@@ -217,25 +217,35 @@ _BLOCKS = {Command.WRITE_COUPLINGS: _block(Command.WRITE_COUPLINGS, False),
 
 
 def best_payload(error_rate: float, overhead: int, largest: int,
-                 smallest: int = _MIN_PAYLOAD) -> int:
+                 smallest: int = _MIN_PAYLOAD, frame_cost: float = 0.0) -> int:
     """The array bytes per frame that maximise the expected goodput of a block transfer.
 
-    A frame pair with L payload bytes and ``overhead`` fixed bytes (both frames' headers and
-    CRCs and the fixed fields) comes back whole with probability (1 - p)^(L + o) at byte
-    error rate p, and only a failed frame is sent again, so the goodput is
-    L (1 - p)^(L + o) / (L + o). Setting its derivative to zero gives
-    L^2 + o L = o / q with q = -ln(1 - p), so L = (sqrt(o^2 + 4 o / q) - o) / 2 (about
-    sqrt(o / p) for small p), the better of the two whole numbers around it, clamped to
-    [``smallest``, ``largest``]; p = 0 gives ``largest``."""
+    A frame pair with L payload bytes and ``overhead`` fixed bytes o (both frames' headers
+    and CRCs and the fixed fields) comes back whole with probability (1 - p)^(L + o) at byte
+    error rate p, and only a failed frame is sent again. Each attempt costs its L + o bytes
+    on the line plus ``frame_cost`` c, the link's fixed cost of a round trip expressed in
+    byte times (:meth:`~labep.drivers.oim_link.SerialLink.frame_cost`: the turnaround over
+    the time of one byte; infinite where bytes cost nothing next to a round trip), so the
+    goodput is L (1 - p)^(L + o) / (L + o + c). Setting its derivative to zero gives
+    q L^2 + q k L - k = 0 with k = o + c and q = -ln(1 - p), so
+    L = (2 / q) / (1 + sqrt(1 + 4 / (k q))): about sqrt(o / p) for c = 0 and small p, and
+    1 / q as c grows without bound. A request's attempts are bounded, so L never goes past
+    the size whose frame pair is whole with odds 1/2, ln 2 / q - o (it binds only where c is
+    large: a frame whole with odds 1/e would run out of attempts). The better of the two
+    whole numbers around it, clamped to [``smallest``, ``largest``]; p = 0 gives
+    ``largest``."""
     if error_rate <= 0.0:
         return largest
     q = -math.log1p(-min(error_rate, 0.5))
-    best = (math.sqrt(overhead * overhead + 4.0 * overhead / q) - overhead) / 2.0
+    fixed = overhead + max(frame_cost, 0.0)
+    even_odds = math.log(2.0) / q - overhead
+    best = min((2.0 / q) / (1.0 + math.sqrt(1.0 + 4.0 / (fixed * q))), even_odds)
     low = int(min(max(best, smallest), largest))
-    high = min(low + 1, largest)
+    high = low if low + 1 > max(even_odds, smallest) else min(low + 1, largest)
 
     def log_goodput(size: int) -> float:
-        return math.log(size) - (size + overhead) * q - math.log(size + overhead)
+        cost = math.log(size + fixed) if math.isfinite(fixed) else 0.0
+        return math.log(size) - (size + overhead) * q - cost
 
     return high if log_goodput(high) > log_goodput(low) else low
 
@@ -597,13 +607,17 @@ class OIMBoard(BenchLifecycle):
         :class:`~labep.drivers.oim_link.LinkQuality`)."""
         return self._link.quality.reply_timeout(self.options.timeout)
 
-    def _frame_count(self, command: Command) -> int:
+    def _frame_count(self, command: Command, resend: bool = False) -> int:
         """Array elements per frame of a block command at the measured byte error rate
-        (:func:`best_payload`; the wire maximum on a clean link)."""
+        (:func:`best_payload` with the link's frame cost; the wire maximum on a clean link).
+        ``resend``: for a request that already failed, sized as if frames cost nothing
+        beyond their bytes (smaller: the estimate lags a link that just got worse, and a
+        failed frame counts as one bad byte however many it had)."""
         block = _BLOCKS[command]
         largest = block.largest
         payload = best_payload(self._link.quality.error_rate, block.overhead,
-                               int(largest * block.item_bytes))
+                               int(largest * block.item_bytes),
+                               frame_cost=0.0 if resend else self._link.frame_cost())
         return max(1, min(largest, int(payload / block.item_bytes)))
 
     def _clean_odds(self, nbytes: int) -> float:
@@ -807,16 +821,16 @@ class OIMBoard(BenchLifecycle):
 
     def _split(self, part: _Part) -> list[_Part]:
         """A block request not yet answered whose count is above what the measured error
-        rate now wants per frame (:meth:`_frame_count`) as several smaller ones (the same
-        elements, each inheriting the request's record so its attempts stay bounded); any
-        other part as it is."""
+        rate now wants per frame (:meth:`_frame_count` for a re-send) as several smaller
+        ones (the same elements, each inheriting the request's record so its attempts stay
+        bounded); any other part as it is."""
         command, payload = part.request
         if part.done or command not in (Command.WRITE_COUPLINGS, Command.WRITE_BIASES,
                                         Command.READ_CODES):
             return [part]
         layout = wire.COMMANDS[command].request
         decoded = layout.unpack(payload)
-        count, chunk = decoded["count"], self._frame_count(Command(command))
+        count, chunk = decoded["count"], self._frame_count(Command(command), resend=True)
         if count <= chunk:
             return [part]
         fields = {name: value for name, value in decoded.fields.items() if name != "count"}
@@ -1254,7 +1268,9 @@ class OIMBoard(BenchLifecycle):
         item = dtype.itemsize + results
         overhead = 2 * wire.OVERHEAD + layout.head.size + 3
         per_frame = max(1, min(largest, best_payload(self._link.quality.error_rate, overhead,
-                                                     largest * item, smallest=item) // item))
+                                                     largest * item, smallest=item,
+                                                     frame_cost=self._link.frame_cost())
+                                        // item))
         status = (Command.STATUS, self._status_request())
         wait_ms = wire.COMMANDS[Command.STATUS].request.unpack(status[1])["wait_ms"]
         betas = [*strengths, 0.0][:2]
@@ -1302,7 +1318,9 @@ class OIMBoard(BenchLifecycle):
         item = dtype.itemsize + result
         overhead = 2 * wire.OVERHEAD + relax_layout.head.size + reply_head
         per_frame = max(1, min(largest, best_payload(self._link.quality.error_rate, overhead,
-                                                     largest * item, smallest=item) // item))
+                                                     largest * item, smallest=item,
+                                                     frame_cost=self._link.frame_cost())
+                                        // item))
         flags = (wire.BatchFlags.START if start_codes is not None else 0) | (
             wire.BatchFlags.NUDGE if target is not None else 0)
         wait_ms = wire.COMMANDS[Command.STATUS].request.unpack(status[1])["wait_ms"]

@@ -18,6 +18,7 @@ pyserial handler (``socket://``, ``spy://``, ...) is used through its own API.
 
 from __future__ import annotations
 
+import math
 import os
 import select
 import time
@@ -97,11 +98,11 @@ class LinkQuality:
 
     **Byte error rate**: every window of an exchange adds the bytes it moved (both ways) and
     the frame errors it met (a reply failing its CRC, a mismatched or lost reply, a reply
-    that stopped short, a BAD_CRC refusal: each is at least one bad byte, and for small rates
-    about one); the estimate is errors / (bytes + ``prior_bytes``), both sums decayed with a
-    half-life of ``half_life`` bytes, so it starts at 0 (the prior: a clean link) and follows
-    a link whose quality changes. Timeouts are not counted: a silent board is not a noisy
-    line.
+    that stopped short, a BAD_CRC refusal: each is at least one bad byte, counted as its
+    expected number given that the pair failed, :meth:`note_traffic`); the estimate is
+    errors / (bytes + ``prior_bytes``), both sums decayed with a half-life of ``half_life``
+    bytes, so it starts at 0 (the prior: a clean link) and follows a link whose quality
+    changes. Timeouts are not counted: a silent board is not a noisy line.
 
     **Reply timeout** (RFC 6298): each reply that came yields a latency sample, the time since
     the later of its window's write and the previous reply (the driver's deadline moves with
@@ -120,6 +121,9 @@ class LinkQuality:
         self._errors = 0.0
         self.srtt: float | None = None
         self.rttvar = 0.0
+        #: the smallest reply latency seen (s): the link's turnaround, what a frame costs
+        #: beyond its bytes (:meth:`SerialLink.frame_cost`)
+        self.min_rtt: float | None = None
         self.backoff = 0
         #: cumulative counts: frame errors (as above) and reply deadlines that passed
         self.corrupt = 0
@@ -130,18 +134,29 @@ class LinkQuality:
         """The current estimate of the probability that a byte is corrupt or lost."""
         return self._errors / (self._bytes + self.prior_bytes)
 
-    def note_traffic(self, nbytes: int, errors: int) -> None:
-        """``nbytes`` moved on the line, ``errors`` frame errors among them."""
+    def note_traffic(self, nbytes: int, errors: int, frames: int = 0) -> None:
+        """``nbytes`` moved on the line in ``frames`` frame pairs, ``errors`` frame errors
+        among them. With ``frames`` given, a failed pair of the window's mean size n counts
+        n p / (1 - (1 - p)^n) bad bytes at the current estimate p: its expected count given
+        that it failed (about 1 where n p is small), so on a link that fails most large
+        frames the estimate still converges to the rate (an EM step) instead of to 1 / n."""
         if nbytes <= 0 and errors <= 0:
             return
+        self.corrupt += errors
+        rate = self.error_rate
+        weighted = float(errors)
+        if errors > 0 and frames > 0 and nbytes > 0 and 0.0 < rate < 1.0:
+            size = nbytes / frames
+            failed = -math.expm1(size * math.log1p(-rate))
+            weighted *= max(1.0, size * rate / failed)
         decay = 0.5 ** (max(nbytes, 0) / self.half_life)
         self._bytes = self._bytes * decay + max(nbytes, 0)
-        self._errors = self._errors * decay + errors
-        self.corrupt += errors
+        self._errors = self._errors * decay + weighted
 
     def note_latency(self, seconds: float) -> None:
         """A reply latency sample (s)."""
         seconds = max(seconds, 0.0)
+        self.min_rtt = seconds if self.min_rtt is None else min(self.min_rtt, seconds)
         if self.srtt is None:
             self.srtt, self.rttvar = seconds, seconds / 2.0
         else:
@@ -231,6 +246,28 @@ class SerialLink:
         self._poll: Any = None
 
     # -- transport --------------------------------------------------------------------------
+
+    @property
+    def byte_seconds(self) -> float:
+        """The time one byte takes on the line: 10 bits at ``baudrate`` on a serial device (or
+        pty, or an RFC 2217 port), 0 where no line rate applies (``socket://``, ``loop://``:
+        bytes cost nothing next to a round trip)."""
+        port = self.port if self.port is not None else self.transport
+        handler = type(port).__module__ if port is not None else ""
+        if handler.endswith((".protocol_socket", ".protocol_loop")) or (
+                port is None and self.resource.startswith(("socket://", "loop://"))):
+            return 0.0
+        return 10.0 / self.baudrate
+
+    def frame_cost(self) -> float:
+        """What one more frame pair costs beyond its bytes, in byte times: the turnaround
+        (the smallest reply latency :class:`LinkQuality` saw, 0 before the first) over
+        :attr:`byte_seconds`; infinite where bytes take no line time. Sizes block frames
+        with :func:`~labep.drivers.oim_board.best_payload`."""
+        seconds = self.byte_seconds
+        if seconds <= 0.0:
+            return math.inf
+        return (self.quality.min_rtt or 0.0) / seconds
 
     @property
     def is_open(self) -> bool:
@@ -532,5 +569,5 @@ class SerialLink:
             for i in unresolved:
                 missing[i] = observation
             quality.note_timeout()
-        quality.note_traffic(len(data) + self.stats.bytes_in - bytes_in, errors)
+        quality.note_traffic(len(data) + self.stats.bytes_in - bytes_in, errors, stop - first)
         return timed_out, short

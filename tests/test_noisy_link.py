@@ -17,7 +17,7 @@ from labep.drivers import oim_board
 from labep.drivers import oim_wire as wire
 from labep.drivers.oim_board import OIMBoard, OIMBoardOptions, best_payload
 from labep.drivers.oim_link import TIMEOUT_FLOOR, LinkQuality
-from labep.hardware.bench import LinkReporting, Nudge
+from labep.hardware.bench import LinkReporting, Nudge, Settle
 from labep.models.oim import LayeredOIM
 from labep.simulators.oim_board_emulator import BoardEmulator
 
@@ -70,23 +70,35 @@ def sleeps(monkeypatch: pytest.MonkeyPatch) -> Sleeps:
 
 def test_best_payload_maximises_the_goodput_and_is_the_wire_maximum_on_a_clean_link() -> None:
     overhead, largest = 23, 4088
-    assert best_payload(0.0, overhead, largest) == largest
-    previous = largest
-    for rate in (1e-7, 1e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 0.1):
-        chosen = best_payload(rate, overhead, largest)
-        assert 16 <= chosen <= previous  # shrinks as the error rate rises
-        previous = chosen
+    for cost in (0.0, 100.0, math.inf):
+        assert best_payload(0.0, overhead, largest, frame_cost=cost) == largest
+        previous = largest
+        for rate in (1e-7, 1e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 0.1):
+            chosen = best_payload(rate, overhead, largest, frame_cost=cost)
+            assert 16 <= chosen <= previous  # shrinks as the error rate rises
+            previous = chosen
+            # never past even odds of the frame pair coming back whole
+            even = math.log(2) / -math.log1p(-rate) - overhead
+            assert chosen <= max(16, even)
 
-        def goodput(size: int, rate: float = rate) -> float:
-            return size * (1 - rate) ** (size + overhead) / (size + overhead)
+            def goodput(size: int, rate: float = rate, cost: float = cost) -> float:
+                whole = (1 - rate) ** (size + overhead)
+                return size * whole / (size + overhead + cost) if math.isfinite(cost) else (
+                    size * whole)
 
-        best = max(range(16, largest + 1), key=goodput)  # brute force over every size
-        assert goodput(chosen) >= goodput(best) * (1 - 1e-6)
-        if 16 < best < largest:
-            assert abs(chosen - best) <= 1
+            sizes = range(16, int(min(largest, max(16, even))) + 1)
+            best = max(sizes, key=goodput)  # brute force over every allowed size
+            assert goodput(chosen) >= goodput(best) * (1 - 1e-6)
+            if 16 < best < sizes[-1]:
+                assert abs(chosen - best) <= 1
     assert best_payload(1e-4, overhead, largest) == pytest.approx(math.sqrt(overhead / 1e-4),
                                                                   rel=0.1)
     assert best_payload(0.3, overhead, largest) == 16  # clamped at the minimum
+    # a round trip that costs more than bytes: larger frames, up to about 1 / p
+    assert best_payload(3e-4, overhead, largest, frame_cost=math.inf) > 2000
+    sizes = [best_payload(3e-4, overhead, largest, frame_cost=cost)
+             for cost in (0.0, 100.0, math.inf)]
+    assert sizes == sorted(sizes) and len(set(sizes)) == 3
 
 
 def test_frame_codes_follow_the_measured_error_rate() -> None:
@@ -105,6 +117,45 @@ def test_frame_codes_follow_the_measured_error_rate() -> None:
     for _ in range(200):  # then clean again: the estimate decays, the frames grow back
         quality.note_traffic(20000, 0)
     assert board.link_quality()["frame_codes"] > 1000
+
+
+def test_the_error_rate_estimate_is_not_capped_by_the_frame_size() -> None:
+    """On a link with 1% of bytes bad, 500-byte frame pairs fail 99% of the time: counted as
+    one bad byte each the estimate would stay near 1 / 500; counted as their expected number
+    given that they failed it converges to the rate."""
+    rate, size, frames = 0.01, 500, 1000
+    failures = round(frames * (1 - (1 - rate) ** size))
+    naive, quality = LinkQuality(), LinkQuality()
+    for _ in range(200):
+        naive.note_traffic(frames * size, failures)
+        quality.note_traffic(frames * size, failures, frames)
+    assert naive.error_rate < 0.003
+    assert quality.error_rate == pytest.approx(rate, rel=0.1)
+    assert quality.corrupt == naive.corrupt == 200 * failures  # the count stays in frames
+
+
+def test_a_step_stays_one_frame_where_round_trips_cost_more_than_bytes() -> None:
+    """At about 3e-4 per byte (1% of frames) a 2-8-2 training step of four samples fits one
+    RELAX_STEP frame pair over a socket (bytes take no line time: a round trip is what
+    costs), while on a serial line with a negligible turnaround the goodput rule alone
+    splits it; at 1% per byte the step is split on either."""
+    model = LayeredOIM([2, 8, 2], shil=0.1)
+    clamp, target = np.zeros((4, 2)), np.zeros((4, 2))
+    settle = Settle(1e-4, 2000)
+    plans = {}
+    for resource in ("socket://127.0.0.1:1", "/dev/null"):
+        board = OIMBoard(model, resource=resource)
+        board._link.batch_record = wire.batch_result_dtype(model.state_size).itemsize
+        board._link.quality.note_latency(1e-6)  # a turnaround of one microsecond
+        board._link.quality.note_traffic(100_000, 30)
+        assert 2e-4 < board._link.quality.error_rate < 4e-4
+        plans[resource] = len(board._plan_steps(clamp, target, [0.1, -0.1], settle, settle))
+        for _ in range(10):
+            board._link.quality.note_traffic(10_000, 100)
+        assert board._link.quality.error_rate > 5e-3
+        assert len(board._plan_steps(clamp, target, [0.1, -0.1], settle, settle)) > 1
+    assert board._link.frame_cost() == pytest.approx(1e-6 / 1e-5)  # 1 Mbaud: 10 us a byte
+    assert plans == {"socket://127.0.0.1:1": 1, "/dev/null": 2}
 
 
 def test_a_noisy_link_writes_smaller_blocks(emulator_factory) -> None:
