@@ -10,6 +10,9 @@ first) and turns the read-back steady states into a gradient estimate of the cos
   the exact gradient of (F_beta - F_0) / beta at any finite beta;
 - ``thermal_covariance`` (Massar and Mognetti): -(1/T) Cov(C, dE/dtheta) + <dC/dtheta> over
   free-phase samples only: no nudged phase.
+- ``low_temperature`` (Massar and Mognetti's low-temperature expansion): the gradient of
+  (F_beta - F_0) / beta to order 0 or 1 in T from the deterministic fixed points and the
+  model's Hessian (:mod:`labep.ep.low_temperature`).
 
 The update is minus the learning rate times the estimate. Samples whose phases did not settle
 are left out (``weights``); the estimate reports how many samples it rests on.
@@ -19,10 +22,12 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 import numpy as np
+from pydantic import Field, field_validator
 
+from labep.ep.low_temperature import low_temperature_gradient, missing_methods
 from labep.ep.thermal import block_stderr, finite_nudge, relative_stderr, thermal_covariance
 from labep.hardware.bench import Relaxation
 from labep.models import Model, Params
@@ -77,6 +82,32 @@ class ThermalCovarianceConfig(EstimatorSection):
     name: Literal["thermal_covariance"]
 
 
+class LowTemperatureConfig(EstimatorSection):
+    """``low_temperature``: deterministic free and nudged fixed points (a bench at T = 0) and
+    the model's Hessian; the expansion's temperature is ``temperature``."""
+
+    name: Literal["low_temperature"]
+    order: int = Field(1, description="0: deterministic EP (the T -> 0 limit); 1: plus the "
+                       "O(T) Hessian term (T/2) d/dtheta [log det H_beta - log det H_0] / beta.")
+    temperature: float = Field(description="T of the thermal free energy being expanded "
+                               "(>= 0; at 0 order 1 is order 0).")
+
+    @field_validator("order")
+    @classmethod
+    def _order(cls, order: int) -> int:
+        if order not in (0, 1):
+            raise ValueError(f"the expansion is implemented to order 0 or 1 in T, not {order}")
+        return order
+
+    @field_validator("temperature")
+    @classmethod
+    def _temperature(cls, temperature: float) -> float:
+        if not 0.0 <= temperature <= 1e6:
+            raise ValueError(f"the temperature T of the expansion must be >= 0 (and at most "
+                             f"1e6), got {temperature}")
+        return temperature
+
+
 class Estimator(ABC):
     """Base: ``strengths(beta, rng)`` lists the nudged phases, ``estimate`` combines them.
 
@@ -93,6 +124,17 @@ class Estimator(ABC):
     #: whether it estimates from deterministic steady states, so that the non-conservative
     #: correction (``estimator.correction``) applies to its nudged phases
     deterministic: ClassVar[bool] = False
+    #: whether it differentiates the model beyond dE/dtheta (Hessians): the engine then also
+    #: passes ``target=`` and ``params=`` (the parameters the host wrote) to ``estimate``
+    needs_params: ClassVar[bool] = False
+
+    @classmethod
+    def check_protocol(cls, protocol: Any, model_class: Any, bench_options: Any
+                       ) -> list[tuple[tuple[Any, ...], str]]:
+        """Problems (location, message) of a protocol for this estimator that its section
+        alone cannot show: the model (``model_class``) or the bench (its validated options,
+        None if they did not validate). Called at protocol validation, before a bench opens."""
+        return []
 
     @classmethod
     def from_config(cls, config: EstimatorSection) -> Estimator:
@@ -220,6 +262,70 @@ class ThermalCovariance(Estimator):
         gradient = estimate(slice(None))
         stderr = block_stderr(estimate, samples.shape[0])
         return Estimate(gradient, int(np.count_nonzero(weights)), samples.shape[0], stderr)
+
+
+class LowTemperature(NudgesOnce):
+    """The low-temperature expansion of thermal EP (Massar and Mognetti, "EP: the quantum and
+    the thermal cases"): the gradient of (F_beta - F_0) / beta, F_beta = -T log Z_beta, to
+    ``order`` 0 or 1 in T, from the deterministic fixed points s*_0 (free) and s*_beta
+    (nudged at beta) and the Hessian H_beta = d^2(E + beta C)/ds^2:
+
+        order 0: (dE/dtheta(s*_beta) - dE/dtheta(s*_0)) / beta (deterministic EP),
+        order 1: + (T / 2) [Tr(H_beta^-1 dH_beta/dtheta) - Tr(H_0^-1 dH_0/dtheta)] / beta
+                 (+ the saturated units' term, below),
+
+    dH/dtheta the total derivative along s*(theta). Saturated units (at a wall of [0, 1],
+    clipped by rho) are treated as clamped at the wall and left out of H; each contributes
+    T log |dE_beta/ds_i| to F_beta (its density decays as exp(-|g_i| delta / T) away from the
+    wall), differentiated along s* too (:mod:`labep.ep.low_temperature`). Order 1 is exact
+    to O(T^2) where the interior units sit O(sqrt T) or more inside the box; for the layered
+    Hopfield energy (quadratic in s) its error is then exponentially small. It needs a bench
+    that settles deterministically (T = 0: the states are the fixed points) and a model with
+    the Hessian methods (``state_gradient``, ``hessian``, ``hessian_gradient``,
+    ``field_gradient``: the layered Hopfield network); ``temperature`` is the T of the
+    thermal free energy it approximates."""
+
+    name = "low_temperature"
+    config_model = LowTemperatureConfig
+    deterministic = True
+    needs_params = True
+
+    @classmethod
+    def from_config(cls, config: EstimatorSection) -> Estimator:
+        return cls(config.temperature, config.order, config.random_sign)
+
+    def __init__(self, temperature: float, order: int = 1, random_sign: bool = False) -> None:
+        super().__init__(random_sign)
+        LowTemperatureConfig(name="low_temperature", temperature=temperature, order=order)
+        self.temperature, self.order = float(temperature), int(order)
+
+    @classmethod
+    def check_protocol(cls, protocol, model_class, bench_options):
+        problems = []
+        if model_class is not None and missing_methods(model_class):
+            problems.append((("model", "kind"), f"low_temperature needs the model's Hessian "
+                             f"and its derivatives; {protocol.model.kind} has no "
+                             f"{', '.join(missing_methods(model_class))}"))
+        bench_temperature = float(getattr(bench_options, "sampling_temperature", 0.0) or 0.0)
+        if bench_temperature > 0.0:
+            problems.append((("bench", "options"), "low_temperature expands around the "
+                             "deterministic fixed points; bench "
+                             f"{protocol.bench.name!r} is at T = {bench_temperature:g} and "
+                             "returns Boltzmann samples: run it at temperature 0 and give "
+                             f"the expansion's T as estimator.temperature ({bench_temperature:g}"
+                             " here)"))
+        return problems
+
+    def estimate(self, model, inputs, free, nudged, strengths, weights, target=None,
+                 params=None):
+        if target is None or params is None:
+            raise ValueError("low_temperature needs the batch's targets and the parameters "
+                             "(target=, params=)")
+        (beta,) = strengths
+        gradient = low_temperature_gradient(model, inputs, free.state, nudged[0].state,
+                                            params, target, beta, self.temperature,
+                                            self.order, weights)
+        return Estimate(gradient, int(np.count_nonzero(weights)))
 
 
 def _samples(name: str, phase: Relaxation) -> np.ndarray:

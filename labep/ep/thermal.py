@@ -138,6 +138,28 @@ def binary_states(size: int) -> np.ndarray:
     return np.array(list(product((0.0, 1.0), repeat=size)))
 
 
+def boltzmann_table(model: Model, params: Params, inputs: np.ndarray, target: np.ndarray,
+                    beta: float, temperature: float, states: np.ndarray,
+                    log_measure: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """The Boltzmann probabilities p_beta(s | x_b) of a table of ``states`` (m, n) per input,
+    and F_beta(x_b) = -T log sum_s mu(s) exp(-(E + beta C)(s) / T), mu the measure of each
+    state (``log_measure``, default 1: a sum over discrete states; quadrature weights turn
+    it into the integral). Returns (probabilities (batch, m), F (batch,)), float64."""
+    params = {k: np.asarray(v, dtype=np.float64) for k, v in params.items()}
+    energy = np.stack([
+        model.energy(np.repeat(x[None], len(states), axis=0), states, params)
+        + beta * model.cost(states, np.repeat(y[None], len(states), axis=0))
+        for x, y in zip(np.asarray(inputs, dtype=np.float64), target, strict=True)])
+    scaled = -energy / temperature
+    if log_measure is not None:
+        scaled = scaled + log_measure
+    top = scaled.max(axis=1, keepdims=True)
+    weights = np.exp(scaled - top)
+    z = weights.sum(axis=1, keepdims=True)
+    free_energy = -temperature * (np.log(z[:, 0]) + top[:, 0])
+    return weights / z, free_energy
+
+
 def enumerate_binary(model: Model, params: Params, inputs: np.ndarray, target: np.ndarray,
                      beta: float, temperature: float) -> tuple[np.ndarray, np.ndarray,
                                                               np.ndarray]:
@@ -145,17 +167,56 @@ def enumerate_binary(model: Model, params: Params, inputs: np.ndarray, target: n
     energy F_beta(x_b) = -T log Z_beta: (states (m, n), probabilities (batch, m), F (batch,)).
     Energies from the model's ``energy`` and ``cost``, float64."""
     states = binary_states(model.state_size)
-    params = {k: np.asarray(v, dtype=np.float64) for k, v in params.items()}
-    energy = np.stack([
-        model.energy(np.repeat(x[None], len(states), axis=0), states, params)
-        + beta * model.cost(states, np.repeat(y[None], len(states), axis=0))
-        for x, y in zip(np.asarray(inputs, dtype=np.float64), target, strict=True)])
-    scaled = -energy / temperature
-    top = scaled.max(axis=1, keepdims=True)
-    weights = np.exp(scaled - top)
-    z = weights.sum(axis=1, keepdims=True)
-    free_energy = -temperature * (np.log(z[:, 0]) + top[:, 0])
-    return states, weights / z, free_energy
+    return (states, *boltzmann_table(model, params, inputs, target, beta, temperature, states))
+
+
+def box_grid(size: int, points: int) -> tuple[np.ndarray, np.ndarray]:
+    """The trapezoid rule on the box [0, 1]^size with ``points`` nodes a side: the nodes
+    (points^size, size) and the log of their weights. Refuses more than 2^24 nodes."""
+    if points ** size > 2**24:
+        raise ValueError(f"a grid of {points}^{size} nodes is refused (at most 2^24)")
+    axis = np.linspace(0.0, 1.0, points)
+    weight = np.full(points, 1.0 / (points - 1))
+    weight[[0, -1]] *= 0.5
+    grids = np.meshgrid(*([axis] * size), indexing="ij")
+    logs = np.meshgrid(*([np.log(weight)] * size), indexing="ij")
+    return (np.stack([g.ravel() for g in grids], axis=1),
+            np.sum([g.ravel() for g in logs], axis=0))
+
+
+def quadrature_box(model: Model, params: Params, inputs: np.ndarray, target: np.ndarray,
+                   beta: float, temperature: float, points: int
+                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """As :func:`enumerate_binary` for continuous units in [0, 1]: the Boltzmann density on
+    a trapezoid grid (:func:`box_grid`) and F_beta = -T log of its integral; (nodes,
+    probabilities (batch, m) including the quadrature weights, F (batch,))."""
+    states, log_measure = box_grid(model.state_size, points)
+    return (states, *boltzmann_table(model, params, inputs, target, beta, temperature, states,
+                                     log_measure))
+
+
+def table_mean_gradient(model: Model, inputs: np.ndarray, states: np.ndarray,
+                        probs: np.ndarray, reference: np.ndarray) -> Params:
+    """The batch mean of sum_s p(s | x_b) dE/dtheta(s) - dE/dtheta(``reference``) over a
+    table of ``states`` with probabilities ``probs`` (batch, m)."""
+    batch, m = probs.shape
+    x = np.repeat(np.asarray(inputs, dtype=np.float64), m, axis=0)
+    return weighted_sum(model, x, np.tile(states, (batch, 1)),
+                        np.repeat(reference[None], batch * m, axis=0), probs.ravel() / batch)
+
+
+def table_cost_gradient(model: Model, inputs: np.ndarray, states: np.ndarray,
+                        probs: np.ndarray, target: np.ndarray, temperature: float) -> Params:
+    """d<C>_0/dtheta = -(1/T) Cov_0(C, dE/dtheta) exactly over a table of free-phase
+    ``states`` with probabilities ``probs`` (batch, m), batch mean (C does not depend on
+    theta): the quantity the thermal covariance estimate targets."""
+    batch, m = probs.shape
+    costs = np.stack([model.cost(states, np.repeat(y[None], m, axis=0)) for y in target])
+    centered = probs * (costs - np.sum(probs * costs, axis=1, keepdims=True))
+    x = np.repeat(np.asarray(inputs, dtype=np.float64), m, axis=0)
+    tiled = np.tile(states, (batch, 1))
+    return weighted_sum(model, x, tiled, np.zeros_like(tiled),
+                        centered.ravel() * (-1.0 / (temperature * batch)))
 
 
 def enumerated_mean_gradient(model: Model, params: Params, inputs: np.ndarray,
@@ -163,10 +224,7 @@ def enumerated_mean_gradient(model: Model, params: Params, inputs: np.ndarray,
                              reference: np.ndarray) -> Params:
     """The batch mean of <dE/dtheta>_beta - dE/dtheta(``reference``) by enumeration."""
     states, probs, _ = enumerate_binary(model, params, inputs, target, beta, temperature)
-    batch, m = probs.shape
-    x = np.repeat(np.asarray(inputs, dtype=np.float64), m, axis=0)
-    return weighted_sum(model, x, np.tile(states, (batch, 1)),
-                        np.repeat(reference[None], batch * m, axis=0), probs.ravel() / batch)
+    return table_mean_gradient(model, inputs, states, probs, reference)
 
 
 def numeric_gradient(function: Callable[[Params], float], params: Params,

@@ -253,42 +253,25 @@ class LayeredHopfield(SquaredErrorReadout):
                 - (self.layer(state_b, low) * w).T @ self.layer(state_b, high))
         return grads
 
-    def exact_gradient(
-        self, inputs: np.ndarray, state: np.ndarray, target: np.ndarray, params: Params
-    ) -> Params:
-        """d(mean C)/dtheta at the free fixed point s* = rho(h(s*)), by implicit differentiation.
-
-        With D = diag(rho'(h)) and A = dh/ds (symmetric, the inter-layer couplings W and the
-        skips S), the adjoint lambda solves (I - A D) lambda = dC/ds; with mu = D lambda,
-        dC/dW_l[i, j] = s_{l-1,i} mu_{l,j} + mu_{l-1,i} s_{l,j}, dC/db_l = mu_l (mu_0 = 0) and
-        dC/dS_{l,m}[i, j] = s_{l,i} mu_{m,j} + mu_{l,i} s_{m,j}.
-        Computed in float64, one dense solve per sample.
-        """
-        inputs = np.asarray(inputs, dtype=np.float64)
-        state = np.asarray(state, dtype=np.float64)
-        params = {k: np.asarray(v, dtype=np.float64) for k, v in params.items()}
+    def couplings(self, params: Params) -> np.ndarray:
+        """A = dh/ds, (n, n) float64 and symmetric: the inter-layer couplings W_l (l >= 2) and
+        the skips S, so that h(s) = A s + d(x) with d_1 = W_1^T x + b_1, d_l = b_l."""
         n = self.state_size
         coupling = np.zeros((n, n))
-        for index in range(2, self.n_layers + 1):
-            lo_a, hi_a = self.layer_slices[index - 1]
-            lo_b, hi_b = self.layer_slices[index]
-            coupling[lo_a:hi_a, lo_b:hi_b] = params[f"W{index}"]
-            coupling[lo_b:hi_b, lo_a:hi_a] = params[f"W{index}"].T
-        for low, high in self.skips:
+        blocks = [(index - 1, index, f"W{index}") for index in range(2, self.n_layers + 1)]
+        blocks += [(low, high, self.skip_name(low, high)) for low, high in self.skips]
+        for low, high, name in blocks:
             lo_a, hi_a = self.layer_slices[low]
             lo_b, hi_b = self.layer_slices[high]
-            coupling[lo_a:hi_a, lo_b:hi_b] = params[self.skip_name(low, high)]
-            coupling[lo_b:hi_b, lo_a:hi_a] = params[self.skip_name(low, high)].T
-        slope = self.rho_prime(self.local_fields(inputs, state, params))
-        dcost = np.zeros_like(state)
-        lo, hi = self.output_slice
-        dcost[:, lo:hi] = state[:, lo:hi] - target
-        mu = np.empty_like(state)
-        eye = np.eye(n)
-        for sample in range(state.shape[0]):
-            adjoint = np.linalg.solve(eye - coupling * slope[sample][None, :], dcost[sample])
-            mu[sample] = slope[sample] * adjoint
-        batch = state.shape[0]
+            coupling[lo_a:hi_a, lo_b:hi_b] = params[name]
+            coupling[lo_b:hi_b, lo_a:hi_a] = np.asarray(params[name]).T
+        return coupling
+
+    def field_gradient(self, inputs: np.ndarray, state: np.ndarray, mu: np.ndarray) -> Params:
+        """sum over samples and units of mu_i dh_i/dtheta at fixed s (h the local fields),
+        ``mu`` (batch, n): dW_l[i, j] = s_{l-1,i} mu_{l,j} + mu_{l-1,i} s_{l,j} (mu_0 = 0),
+        db_l = mu_l, dS_{l,m}[i, j] = s_{l,i} mu_{m,j} + mu_{l,i} s_{m,j}. Since
+        dE/ds = s - h, this is minus sum_i mu_i d^2E/(ds_i dtheta)."""
         grads: Params = {}
         for index in range(1, self.n_layers + 1):
             here_mu = self.layer(mu, index)
@@ -296,10 +279,80 @@ class LayeredHopfield(SquaredErrorReadout):
             grad = below.T @ here_mu
             if index > 1:
                 grad += self.layer(mu, index - 1).T @ self.layer(state, index)
-            grads[f"W{index}"] = grad / batch
-            grads[f"b{index}"] = here_mu.sum(axis=0) / batch
-        for low, high in self.skips:  # dC/dS_{l,m}[i, j] = s_{l,i} mu_{m,j} + mu_{l,i} s_{m,j}
+            grads[f"W{index}"] = grad
+            grads[f"b{index}"] = here_mu.sum(axis=0)
+        for low, high in self.skips:
             grads[self.skip_name(low, high)] = (
                 self.layer(state, low).T @ self.layer(mu, high)
-                + self.layer(mu, low).T @ self.layer(state, high)) / batch
+                + self.layer(mu, low).T @ self.layer(state, high))
         return grads
+
+    # -- second derivatives (the low-temperature expansion, labep.ep.low_temperature) -------
+
+    def state_gradient(self, inputs: np.ndarray, state: np.ndarray, params: Params,
+                       strength: float = 0.0, target: np.ndarray | None = None) -> np.ndarray:
+        """dE_beta/ds = s - h(s) + beta (s_L - y) on the outputs, (batch, n) float64."""
+        state = np.asarray(state, dtype=np.float64)
+        gradient = state - self.local_fields(np.asarray(inputs, dtype=np.float64), state,
+                                             _float64(params))
+        if strength != 0.0:
+            lo, hi = self.output_slice
+            gradient[:, lo:hi] += strength * (state[:, lo:hi] - target)
+        return gradient
+
+    def hessian(self, inputs: np.ndarray, state: np.ndarray, params: Params,
+                strength: float = 0.0) -> np.ndarray:
+        """H_beta = d^2(E + beta C)/ds^2 = I - A + beta P_L (P_L: the output units), one
+        (n, n) matrix per sample, float64. E is quadratic in s: H does not depend on s."""
+        hessian = np.eye(self.state_size) - self.couplings(_float64(params))
+        lo, hi = self.output_slice
+        hessian[np.arange(lo, hi), np.arange(lo, hi)] += strength
+        return np.broadcast_to(hessian, (len(state), *hessian.shape))
+
+    def hessian_gradient(self, inputs: np.ndarray, state: np.ndarray, params: Params,
+                         matrix: np.ndarray) -> Params:
+        """sum over samples of sum_ij M_ij dH_ij/dtheta, ``matrix`` M (batch, n, n), H the
+        Hessian of E + beta C. Only A depends on theta (dH/dW_l = -dA/dW_l for l >= 2,
+        dH/dS = -dA/dS; W_1, b and beta do not enter H), and H does not depend on s, so
+        this is the total derivative along the fixed point too (no third derivatives)."""
+        total = np.sum(matrix, axis=0)
+        total = total + total.T  # A_ij and A_ji are the same parameter entry
+        grads: Params = {name: np.zeros(shape) for name, shape in self.parameter_shapes().items()}
+        blocks = [(index - 1, index, f"W{index}") for index in range(2, self.n_layers + 1)]
+        blocks += [(low, high, self.skip_name(low, high)) for low, high in self.skips]
+        for low, high, name in blocks:
+            lo_a, hi_a = self.layer_slices[low]
+            lo_b, hi_b = self.layer_slices[high]
+            grads[name] = -total[lo_a:hi_a, lo_b:hi_b]
+        return grads
+
+    def exact_gradient(
+        self, inputs: np.ndarray, state: np.ndarray, target: np.ndarray, params: Params
+    ) -> Params:
+        """d(mean C)/dtheta at the free fixed point s* = rho(h(s*)), by implicit differentiation.
+
+        With D = diag(rho'(h)) and A = dh/ds (symmetric, the inter-layer couplings W and the
+        skips S, :meth:`couplings`), the adjoint lambda solves (I - A D) lambda = dC/ds; with
+        mu = D lambda, dC/dtheta = sum_i mu_i dh_i/dtheta (:meth:`field_gradient`).
+        Computed in float64, one dense solve per sample.
+        """
+        inputs = np.asarray(inputs, dtype=np.float64)
+        state = np.asarray(state, dtype=np.float64)
+        params = _float64(params)
+        coupling = self.couplings(params)
+        slope = self.rho_prime(self.local_fields(inputs, state, params))
+        dcost = np.zeros_like(state)
+        lo, hi = self.output_slice
+        dcost[:, lo:hi] = state[:, lo:hi] - target
+        mu = np.empty_like(state)
+        eye = np.eye(self.state_size)
+        for sample in range(state.shape[0]):
+            adjoint = np.linalg.solve(eye - coupling * slope[sample][None, :], dcost[sample])
+            mu[sample] = slope[sample] * adjoint
+        batch = state.shape[0]
+        return {name: grad / batch
+                for name, grad in self.field_gradient(inputs, state, mu).items()}
+
+
+def _float64(params: Params) -> Params:
+    return {k: np.asarray(v, dtype=np.float64) for k, v in params.items()}

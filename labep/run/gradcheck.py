@@ -132,7 +132,9 @@ def gradcheck(
                 raise GradcheckError(
                     f"nudged phase (beta={strength:g}) did not settle: residual "
                     f"{phase.residual.max():.3g} > {tolerance:.3g}; refusing to compare")
-        estimate = est.estimate(model, x, free, nudged, strengths, np.ones(count)).gradient
+        extra = {"target": target, "params": params} if est.needs_params else {}
+        estimate = est.estimate(model, x, free, nudged, strengths, np.ones(count),
+                                **extra).gradient
     exact = model.exact_gradient(x, free.state, target, params)
     names = list(exact)
     overall = compare(np.concatenate([estimate[k].ravel() for k in names]),

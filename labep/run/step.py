@@ -173,7 +173,9 @@ class StepPhases:
                 used = (x, free, nudged) if ok.all() else (
                     x[ok], free.rows(ok), [p.rows(ok[free_ok]) for p in nudged])
                 extra = ({"target": target if ok.all() else target[ok]}
-                         if estimator.samples else {})
+                         if estimator.samples or estimator.needs_params else {})
+                if estimator.needs_params:
+                    extra["params"] = writes.shadow
                 estimate = estimator.estimate(model, *used, strengths,
                                               np.ones(int(ok.sum())), **extra)
                 metrics.update(estimate.metrics())

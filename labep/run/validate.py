@@ -203,6 +203,7 @@ def cross_check(protocol: Protocol | BenchDocument) -> Found:
     problems += check_training(protocol)
     problems += check_correction(protocol)
     problems += check_samples(protocol)
+    problems += check_estimator(protocol)
     return problems
 
 
@@ -303,6 +304,24 @@ def check_correction(protocol: Protocol) -> Found:
     return [(("estimator", "correction"),
              f"bench {protocol.bench.name!r} cannot apply the non-conservative correction "
              f"(J^T - J)(s - s0) to its nudged phases; benches that can: {able or '(none)'}")]
+
+
+def check_estimator(protocol: Protocol) -> Found:
+    """The estimator's own checks of the model and the bench (its class's
+    ``check_protocol``), e.g. a model with the derivatives it takes."""
+    cls = registry.load("estimator", protocol.estimator.name)
+    try:
+        model_class = registry.model_class(protocol.model.kind)
+    except registry.RegistryError:
+        model_class = None
+    bench = _bench_class(protocol)
+    options = None
+    if bench is not None:
+        try:
+            options = bench.options_model.model_validate(protocol.bench.options)
+        except ValidationError:
+            options = None  # check_bench reports it
+    return cls.check_protocol(protocol, model_class, options)
 
 
 #: largest sample set an estimator over sample sets may keep per phase (bytes)
