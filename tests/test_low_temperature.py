@@ -209,3 +209,18 @@ def test_validation_refuses_nonsense() -> None:
     message = refused(doc)
     assert "model.kind" in message and "Hessian" in message
     assert load_protocol(tiny_xor(estimator=low(temperature=0.0, order=0)))
+
+
+def test_gradcheck_keeps_the_protocol_estimators_settings() -> None:
+    """`labep gradcheck` on a low_temperature protocol runs its estimator with the protocol's
+    temperature and order (--beta alone replaced): order 0 is deterministic EP, which meets
+    the exact gradient as beta -> 0; order 1 adds a term that grows with T."""
+    from labep.run.gradcheck import gradcheck
+
+    reports = {}
+    for order, temperature in ((0, 0.01), (1, 1e-6), (1, 1e-4)):
+        loaded = load_protocol(tiny_xor(estimator=low(temperature=temperature, order=order)))
+        reports[order, temperature] = gradcheck(loaded.protocol, beta=1e-3, samples=4)
+    assert reports[0, 0.01]["estimator"] == "low_temperature"
+    assert reports[0, 0.01]["cosine"] > 0.9999
+    assert reports[1, 1e-6]["relative_error"] < reports[1, 1e-4]["relative_error"]

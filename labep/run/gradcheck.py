@@ -87,7 +87,10 @@ def gradcheck(
     seed = protocol.seed if seed is None else seed
     beta = protocol.estimator.beta if beta is None else beta
     name = estimator or protocol.estimator.name
-    section = registry.load("estimator", name).config_model(name=name, beta=beta)
+    # the protocol's own estimator keeps its other settings (e.g. low_temperature's T)
+    given = protocol.estimator.model_dump() if name == protocol.estimator.name else {}
+    section = registry.load("estimator", name).config_model(**{**given, "name": name,
+                                                               "beta": beta})
     cls = registry.bench_class(protocol.bench.kind, protocol.bench.name)
     # exact numerics: float64 on a bench with a precision option (a bench without one is
     # taken at its own arithmetic), and whatever else the bench names (e.g. no shot noise)
