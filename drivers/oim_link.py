@@ -21,6 +21,7 @@ from __future__ import annotations
 import math
 import os
 import select
+import socket
 import time
 from collections.abc import Sequence
 from contextlib import suppress
@@ -297,9 +298,22 @@ class SerialLink:
 
     def close(self) -> None:
         port, self.port, self._fd, self._poll = self.port, None, None, None
-        if port is not None:
-            with suppress(*PORT_ERRORS):
-                port.close()
+        if port is None:
+            return
+        sock = getattr(port, "_socket", None)
+        if type(port).__module__.endswith(".protocol_socket") and sock is not None:
+            # pyserial's socket:// handler sleeps 0.3 s in close() (time for a server to take
+            # a quick reconnect): a dropped link would cost that on every reconnect. Closed
+            # here instead; a server not ready yet refuses the next open, which the driver
+            # retries after its back-off.
+            with suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+            with suppress(OSError):
+                sock.close()
+            port._socket, port.is_open = None, False
+            return
+        with suppress(*PORT_ERRORS):
+            port.close()
 
     def discard_input(self) -> None:
         """Drop everything received and not yet decoded (before a re-send)."""
