@@ -35,6 +35,13 @@ Randomness: the uniform u of each draw z = [u < p] comes from a counter-based ge
 (a key drawn per phase from the bench's seeded generator, sample, step, unit)
 (:func:`labep.simulators.thermal._uniform`): deterministic for a seed whatever the number of
 threads, and resumable (the key generator is in the bench's ``save_state``).
+``common_noise`` (simulator-only, the thermal options' field): the nudged phases reuse the last
+free phase's key, so every phase of an update sees the same u for each (sample, step, unit) and
+two nudged phases' spikes differ only where u falls between their two probabilities: the
+contrast s(+beta) - s(-beta) keeps the nudge's response and loses most of the spike noise (on
+MNIST, ``protocols/stochep_mnist.yaml``, independent draws leave the first layer's estimate
+mostly noise; ``benchmarks/stochep_diagnose.py``). It assumes a replayable (seeded) spike
+generator.
 """
 
 from __future__ import annotations

@@ -71,7 +71,8 @@ class ThermalOptions(SamplingOptions):
     common_noise: bool = Field(
         False, description="Simulator-only variance reduction: every nudged phase starts from "
         "the rest state and replays the noise of the last free phase (common random numbers), "
-        "so <dE/dtheta>_beta - <dE/dtheta>_0 is measured on coupled chains.")
+        "so <dE/dtheta>_beta - <dE/dtheta>_0 is measured on coupled chains. With spiking "
+        "neurons: the nudged phases (from the free rates) replay the free phase's spike draws.")
 
     @property
     def sampling_temperature(self) -> float:
