@@ -33,7 +33,8 @@ from labep.simulators.layered import (
     LayeredSimulatorOptions,
     coupling_block,
 )
-from labep.simulators.settle_loop import integrate
+from labep.simulators.settle_loop import integrate, max_abs
+from labep.simulators.sincos import sincos
 from labep.simulators.thermal import SamplingOptions, sample_oim
 
 TWO_PI = 2.0 * math.pi
@@ -61,13 +62,11 @@ def _gauss(key, step, unit):
 def _forces(sizes, offsets, weights, weight_offsets, transposed, biases, drive_a, drive_b,
             phases, cos, sin, field_a, field_b, shil, strength, target, out, stiffness):
     """-dE/dphi - beta dC/dphi for every free unit of one sample into ``out``, and each unit's
-    local stiffness |A + iB| + 2 K_s + |beta| into ``stiffness``; returns the largest force
-    magnitude (the residual)."""
+    local stiffness |A + iB| + 2 K_s + |beta| into ``stiffness`` (the adaptive integrator's;
+    an empty array skips it); returns the largest force magnitude (the residual)."""
     n_layers = sizes.shape[0] - 1
     for unit in range(phases.shape[0]):
-        cos[unit] = math.cos(phases[unit])
-        sin[unit] = math.sin(phases[unit])
-    worst = 0.0
+        cos[unit], sin[unit] = sincos(phases[unit])
     for layer in range(1, n_layers + 1):
         n_here = sizes[layer]
         here = offsets[layer - 1]
@@ -109,7 +108,15 @@ def _forces(sizes, offsets, weights, weight_offsets, transposed, biases, drive_a
             sin_above = sin[offsets[layer]:offsets[layer] + n_above]
             if transposed[layer]:
                 block = coupling_block(weights, weight_offsets[layer], n_above, n_here)
-                for k in range(n_above):
+                pairs = n_above - n_above % 2
+                for k in range(0, pairs, 2):  # two rows a pass: half the loads and stores
+                    c_k, c_l = cos_above[k], cos_above[k + 1]
+                    s_k, s_l = sin_above[k], sin_above[k + 1]
+                    row_k, row_l = block[k], block[k + 1]
+                    for i in range(n_here):
+                        a_here[i] += c_k * row_k[i] + c_l * row_l[i]
+                        b_here[i] += s_k * row_k[i] + s_l * row_l[i]
+                for k in range(pairs, n_above):
                     c_k = cos_above[k]
                     s_k = sin_above[k]
                     coupling = block[k]
@@ -127,19 +134,30 @@ def _forces(sizes, offsets, weights, weight_offsets, transposed, biases, drive_a
                         acc_b += coupling[k] * sin_above[k]
                     a_here[i] += acc_a
                     b_here[i] += acc_b
+        # a few arrays a loop, each a view from zero: loops over many arrays do not vectorize
+        # (numba cannot tell LLVM they do not overlap, and it gives up on the checks)
         quadrature = phases.shape[0] + here  # h_l lies like the state, then g_l
+        h_here = biases[here:here + n_here]
+        g_here = biases[quadrature:quadrature + n_here]
         for j in range(n_here):
-            c = cos[here + j]
-            s = sin[here + j]
-            a = field_a[j] + biases[here + j]
-            b = field_b[j] + biases[quadrature + j]
-            force = c * b - s * a - 2.0 * shil * s * c
-            if layer == n_layers and strength != 0.0:
-                force += strength * (c - target[j]) * s
-            out[here + j] = force
-            stiffness[here + j] = math.sqrt(a * a + b * b) + 2.0 * shil + abs(strength)
-            worst = max(worst, abs(force))
-    return worst
+            a_here[j] += h_here[j]
+            b_here[j] += g_here[j]
+        cos_here = cos[here:here + n_here]
+        sin_here = sin[here:here + n_here]
+        out_here = out[here:here + n_here]
+        for j in range(n_here):
+            c = cos_here[j]
+            s = sin_here[j]
+            out_here[j] = c * b_here[j] - s * a_here[j] - 2.0 * shil * s * c
+        if layer == n_layers and strength != 0.0:
+            for j in range(n_here):
+                out_here[j] += strength * (cos_here[j] - target[j]) * sin_here[j]
+        if stiffness.shape[0]:  # the adaptive integrator's step sizes
+            stiff_here = stiffness[here:here + n_here]
+            for j in range(n_here):
+                stiff_here[j] = (math.sqrt(a_here[j] * a_here[j] + b_here[j] * b_here[j])
+                                 + 2.0 * shil + abs(strength))
+    return max_abs(out)
 
 
 @numba.njit(cache=True, fastmath={"reassoc"})
@@ -152,11 +170,9 @@ def _dense_forces(sizes, offsets, weights, weight_offsets, transposed, biases, d
     outputs are the last n_out oscillators. Same signature, so one settle loop runs both."""
     n = phases.shape[0]
     for unit in range(n):
-        cos[unit] = math.cos(phases[unit])
-        sin[unit] = math.sin(phases[unit])
+        cos[unit], sin[unit] = sincos(phases[unit])
     block = coupling_block(weights, weight_offsets[1], n, n)
     first_output = n - sizes[sizes.shape[0] - 1]
-    worst = 0.0
     for i in range(n):
         coupling = block[i]
         acc_a = 0.0
@@ -173,9 +189,9 @@ def _dense_forces(sizes, offsets, weights, weight_offsets, transposed, biases, d
         if i >= first_output and strength != 0.0:
             force += strength * (c - target[i - first_output]) * s
         out[i] = force
-        stiffness[i] = math.sqrt(a * a + b * b) + 2.0 * shil + abs(strength)
-        worst = max(worst, abs(force))
-    return worst
+        if stiffness.shape[0]:
+            stiffness[i] = math.sqrt(a * a + b * b) + 2.0 * shil + abs(strength)
+    return max_abs(out)
 
 
 @numba.njit(cache=True, inline="always")
@@ -258,7 +274,8 @@ def settle_oim(sizes, weights, weight_offsets, transposed, biases, drive_a, driv
                 drive_a[sample], drive_b[sample], phases, np.empty(n_state),
                 np.empty(n_state), np.empty(width), np.empty(width), shil, strength,
                 target[sample], np.empty(n_state), np.empty(n_state), np.empty(n_state),
-                np.empty(n_state), method, dt, kick, noise_key * 1000003 + sample)
+                np.empty(n_state if method == 2 else 0), method, dt, kick,
+                noise_key * 1000003 + sample)
         steps, residual = integrate(_oim_step, _oim_measure, work, tolerance, max_steps, 1)
         for u in range(n_state):
             phases[u] = phases[u] % TWO_PI

@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 
 import numba
+import numpy as np
 
 
 @numba.njit(cache=True, inline="always")
@@ -33,3 +34,22 @@ def integrate(step, measure, work, tolerance, max_steps, check_every):
         steps += block
         residual = measure(work)
     return steps, residual
+
+
+@numba.njit(cache=True)
+def _as_double(bits):
+    return np.uint64(bits).view(np.float64)
+
+
+@numba.njit(cache=True)
+def max_abs(values):
+    """max |v| over a float64 array, NaN if any entry is NaN (then the loop above ends the
+    relaxation as diverged), by the IEEE 754 bit patterns: for non-negative doubles (the sign
+    bit cleared) they order like the values, +inf above every finite value and NaN above
+    +inf. An integer max vectorizes where a float max with NaN semantics does not."""
+    bits = values.view(np.uint64)
+    magnitude = np.uint64(0x7FFFFFFFFFFFFFFF)
+    top = np.uint64(0)
+    for u in range(bits.shape[0]):
+        top = max(top, bits[u] & magnitude)
+    return _as_double(top)

@@ -169,3 +169,45 @@ def test_oim_mnist_reaches_95_percent(tmp_path) -> None:
     loaded = load_protocol(PROTOCOLS / "oim_mnist.yaml", [f"dataset.path={MNIST}"])
     with RunStore(tmp_path / "runs.db") as store:
         assert Trainer(loaded, store, progress=False).run().test_accuracy >= 0.95
+
+
+def test_branch_free_sincos_matches_libm_to_an_ulp() -> None:
+    """The kernels' cos and sin (simulators/sincos.py) agree with numpy's to within an ulp
+    everywhere a relaxation's phases go, at the quadrant edges too, for float32 and float64
+    phases; a NaN phase gives NaN."""
+    import numba
+
+    from labep.simulators.sincos import sincos
+
+    @numba.njit
+    def both(x):
+        c, s = np.empty(x.shape[0]), np.empty(x.shape[0])
+        for u in range(x.shape[0]):
+            c[u], s[u] = sincos(x[u])
+        return c, s
+
+    edges = np.arange(-400, 401) * (math.pi / 4)
+    x = np.concatenate([np.random.default_rng(0).uniform(-1e4, 1e4, 20_000), edges,
+                        np.nextafter(edges, np.inf), np.nextafter(edges, -np.inf), [0.0]])
+    for phases in (x, x.astype(np.float32)):
+        exact = phases.astype(np.float64)
+        c, s = both(phases)
+        assert np.abs(c - np.cos(exact)).max() <= 2.3e-16
+        assert np.abs(s - np.sin(exact)).max() <= 2.3e-16
+    assert np.isnan(both(np.array([np.nan]))[0]).all()
+
+
+def test_the_residual_is_nan_when_any_force_is() -> None:
+    """max |force| as the kernels take it (settle_loop.max_abs): NaN wherever a NaN is, so a
+    diverged sample ends its relaxation unsettled; inf above every finite value."""
+    from labep.simulators.settle_loop import max_abs
+
+    values = np.random.default_rng(1).normal(size=37)
+    assert max_abs(values) == np.abs(values).max()
+    for where in (0, 17, 36):
+        bad = values.copy()
+        bad[where] = np.nan
+        assert math.isnan(max_abs(bad))
+        bad[where] = -np.inf
+        assert max_abs(bad) == np.inf
+    assert max_abs(np.zeros(0)) == 0.0
