@@ -92,7 +92,7 @@ class Figures:
 
 
 def start_emulator(baud: float) -> tuple[subprocess.Popen[str], str]:
-    command = [sys.executable, "-m", "labep.cli", "emulate", "oim-board", "--pty",
+    command = [sys.executable, "-m", "labep.cli.main", "emulate", "oim-board", "--pty",
                "--sizes", "2-8-2", "--bits", "8"]
     if baud:
         command += ["--latency-baud", f"{baud:g}"]
