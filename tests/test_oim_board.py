@@ -947,3 +947,17 @@ def test_training_on_protocol_3_and_2_boards_ends_alike_with_fewer_requests(
     (step_params, step_frames), (phase_params, phase_frames) = runs[3], runs[2]
     assert all(np.array_equal(step_params[k], phase_params[k]) for k in phase_params)
     assert step_frames < phase_frames
+
+
+def test_the_loop_overhead_benchmark_runs_against_its_emulator() -> None:
+    """benchmarks/loop_overhead.py starts the emulator and times phases (a smoke run: it once
+    could not start the emulator); no timing is asserted."""
+    import json
+
+    done = subprocess.run([sys.executable, str(PROTOCOLS.parent / "benchmarks" /
+                                               "loop_overhead.py"), "--phases", "3",
+                           "--warmup", "1", "--bauds", "0", "--json"],
+                          capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 0, done.stderr
+    (row,) = json.loads(done.stdout)["rows"]
+    assert row["frames_per_phase"] == 1.0 and row["unsettled"] == 0
