@@ -15,7 +15,14 @@ from labep.run.engine import Trainer, final_params
 from labep.run.gradcheck import gradcheck
 from labep.run.validate import load_protocol
 from labep.simulators.device import DeviceOptions
-from labep.simulators.polariton import PolaritonSimulator, PolaritonSimulatorOptions
+from labep.simulators.polariton import (
+    PolaritonSimulator,
+    PolaritonSimulatorOptions,
+    _bordered_solve,
+    _derivative,
+    _implicit_system,
+    band_layout,
+)
 from labep.store.runs import RunStore
 
 from .conftest import MNIST, PROTOCOLS, cli_json, needs_mnist
@@ -232,6 +239,110 @@ def test_kernel_settles_where_the_model_residual_vanishes(relaxation: float) -> 
     np.testing.assert_allclose(model.residual(XOR, free.state, params), free.residual,
                                rtol=1e-3, atol=1e-13)
     assert np.all(model.intensities(free.state) > 1e-3)  # a condensate, not the vacuum
+
+
+def aligned_distance(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """|a e^{i phi} - b| / |b| per row, phi the global phase that aligns a on b."""
+    phase = np.angle(np.sum(np.conj(a) * b, axis=1))
+    return np.linalg.norm(a * np.exp(1j * phase)[:, None] - b, axis=1) / np.linalg.norm(b, axis=1)
+
+
+def test_implicit_system_is_the_backward_euler_step_with_mu_and_the_gauge() -> None:
+    """The banded matrix is I / h - df/dx (f = d(psi)/dt, by finite differences of the RK4
+    kernel's derivative), its border -df/dmu and the gauge row Im(psi^dagger dpsi); the
+    bordered band solve agrees with a dense solve."""
+    model = PolaritonLattice([3, 5], 2, [0, 14], [[2, 3], [11, 12]], energy_relaxation=0.4,
+                             interaction=0.7)
+    sim = PolaritonSimulator(model)
+    params = model.init_params(np.random.default_rng(1))
+    sim.write(params)
+    x = np.array([[0.3, 0.7]])
+    rng = np.random.default_rng(0)
+    psi = rng.standard_normal(15) + 1j * rng.standard_normal(15)
+    potential, pump = sim.display(model.input_potentials(x))[0], sim.pumps(x)[0]
+    order, slots, width = band_layout(model.neighbours, model.lattice)
+    assert width == 7  # 3 rows: column by column, neighbours 3 positions apart
+    constants = (model.hopping, model.interaction, model.loss, model.saturation,
+                 model.energy_relaxation)
+    frame, step, n, m = 0.37, 2.0, 15, 30
+
+    def flow(vector: np.ndarray, mu: float = frame) -> np.ndarray:
+        re, im = np.zeros(n), np.zeros(n)
+        re[order], im[order] = vector[0::2], vector[1::2]
+        out_re, out_im = np.zeros(n), np.zeros(n)
+        _derivative(re, im, model.neighbours, potential, mu, pump, *constants, out_re, out_im)
+        out = np.zeros(m)
+        out[0::2], out[1::2] = out_re[order], out_im[order]
+        return out
+
+    band = np.zeros((m, 3 * width + 1))
+    column, row, rhs = np.zeros(m), np.zeros(m), np.zeros(m + 1)
+    flow_re, flow_im = np.zeros(n), np.zeros(n)
+    _derivative(psi.real.copy(), psi.imag.copy(), model.neighbours, potential, frame, pump,
+                *constants, flow_re, flow_im)
+    _implicit_system(psi.real.copy(), psi.imag.copy(), order, slots, potential, frame, pump,
+                     *constants, step, flow_re, flow_im, width, width, band, column, row, rhs)
+    dense = np.zeros((m + 1, m + 1))
+    for j in range(m):
+        for i in range(max(0, j - 2 * width), min(m, j + width + 1)):
+            dense[i, j] = band[j, 2 * width + i - j]
+    dense[:m, m], dense[m, :m] = column, row
+    vector = np.zeros(m)
+    vector[0::2], vector[1::2] = psi.real[order], psi.imag[order]
+    eps = 1e-6
+    jacobian = np.stack([(flow(vector + eps * e) - flow(vector - eps * e)) / (2 * eps)
+                         for e in np.eye(m)], axis=1)
+    np.testing.assert_allclose(dense[:m, :m], np.eye(m) / step - jacobian, atol=1e-7)
+    np.testing.assert_allclose(column, -(flow(vector, frame + eps) - flow(vector, frame - eps))
+                               / (2 * eps), atol=1e-7)
+    np.testing.assert_allclose(row, np.stack([-vector[1::2], vector[0::2]], axis=1).ravel())
+    np.testing.assert_allclose(rhs[:m], flow(vector))
+    want = np.linalg.solve(dense, rhs)
+    assert _bordered_solve(band, column, row, 0.0, rhs, width, width, m)
+    np.testing.assert_allclose(rhs, want, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize(("lattice", "inputs", "outputs", "relaxation"), [
+    ([6], [0, 5], [2, 3], 0.0), ([6], [0, 5], [2, 3], 0.4),
+    ([3, 5], [0, 14], [[2, 3], [11, 12]], 0.5), ([5, 3], [0, 14], [[1, 4], [10, 13]], 0.5)])
+def test_implicit_steady_state_is_the_fixed_point_rk4_settles_to(
+        lattice: list[int], inputs: list[int], outputs: list, relaxation: float) -> None:
+    """steady_state implicit lands on the state RK4 settles to (same residual criterion),
+    uses the solver (no fallback), is deterministic, and so are nudged phases from it."""
+    model = PolaritonLattice(lattice, 2, inputs, outputs, energy_relaxation=relaxation)
+    params = model.init_params(np.random.default_rng(3))
+    benches = {}
+    for kind in ("rk4", "implicit"):
+        benches[kind] = PolaritonSimulator(model, PolaritonSimulatorOptions(steady_state=kind))
+        benches[kind].write(params)
+    settle = Settle(1e-10, 400_000)
+    rk4 = benches["rk4"].relax(XOR, settle=settle)
+    implicit = benches["implicit"].relax(XOR, settle=settle)
+    assert rk4.all_converged and implicit.all_converged
+    assert np.all(benches["implicit"].last_implicit > 0)
+    assert np.all(implicit.steps < rk4.steps)
+    np.testing.assert_allclose(model.residual(XOR, implicit.state, params), implicit.residual,
+                               rtol=1e-3, atol=1e-13)
+    distance = aligned_distance(model.field(implicit.state), model.field(rk4.state))
+    assert distance.max() < 1e-7
+    again = benches["implicit"].relax(XOR, settle=settle)
+    np.testing.assert_array_equal(again.state, implicit.state)
+    target = model.encode_target(XOR_LABELS)
+    nudged = [benches[kind].relax(XOR, Nudge(0.05, target), start=free.state, settle=settle)
+              for kind, free in (("rk4", rk4), ("implicit", implicit))]
+    assert aligned_distance(model.field(nudged[1].state), model.field(nudged[0].state)).max() < 1e-7
+
+
+def test_the_implicit_solver_keeps_the_gradcheck_cosine() -> None:
+    """EP through the implicit steady state: the same cosine with the exact gradient as
+    through RK4 (protocols/polariton_xor.yaml, beta 1e-3)."""
+    cosines = {}
+    for kind in ("rk4", "implicit"):
+        protocol = load_protocol(PROTOCOLS / "polariton_xor.yaml",
+                                 [f"bench.options.steady_state={kind}"]).protocol
+        cosines[kind] = gradcheck(protocol, beta=1e-3, samples=4, seed=0)["cosine"]
+    assert cosines["implicit"] > 0.9999
+    assert abs(cosines["implicit"] - cosines["rk4"]) < 1e-6
 
 
 def test_two_dimensional_grid_settles() -> None:
