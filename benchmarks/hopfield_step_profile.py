@@ -15,7 +15,8 @@ with a wall-clock timer (time.perf_counter) around each part of a step:
 ``  optimizer``      the optimizer's step (-lr times the estimate)
 ``  write``          the write path's ``apply``, of which ``bench write`` is the bench's
 ``                   write`` (range check and storage)
-``commit``           the run store's ``commit_step`` (metrics, events, checkpoints)
+``commit``           the run store's ``commit_step`` (metrics, events, checkpoints), of which
+``  at checkpoints`` the commits of the steps with a parameter snapshot and resume point
 ``checkpoint state`` the engine gathering a resume point (every ``checkpoint_every`` steps)
 ``engine``           the rest of ``Trainer._epoch`` (its loop, metrics, progress)
 
@@ -36,22 +37,22 @@ import os
 
 os.environ.setdefault("NUMBA_NUM_THREADS", "2")
 
-import argparse  # noqa: E402
-import json  # noqa: E402
-import statistics  # noqa: E402
-import sys  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
-from collections import defaultdict  # noqa: E402
-from pathlib import Path  # noqa: E402
-from typing import Any  # noqa: E402
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
 
-from machine import load_average, log  # noqa: E402
+from machine import load_average, log
 
-import labep  # noqa: E402
-from labep.run.engine import Trainer  # noqa: E402
-from labep.run.validate import load_protocol  # noqa: E402
-from labep.store.runs import RunStore  # noqa: E402
+import labep
+from labep.run.engine import Trainer
+from labep.run.validate import load_protocol
+from labep.store.runs import RunStore
 
 #: the timer: wall time, or with ``--clock cpu`` the calling thread's CPU time
 clock = time.perf_counter
@@ -72,6 +73,7 @@ ROWS = [
     ("  write", "write", "step"),
     ("    bench write", "bench_write", "write"),
     ("commit", "commit", "epoch"),
+    ("  at checkpoints", "commit.checkpoint", "commit"),
     ("checkpoint state", "checkpoint", "epoch"),
 ]
 
@@ -131,7 +133,20 @@ def instrument(timers: Timers) -> None:
     timers.wrap(optimizers.Sgd, "step", "optimizer")
     timers.wrap(write_path.WritePath, "apply", "write")
     timers.wrap(layered.LayeredSimulator, "write", "bench_write")
-    timers.wrap(RunStore, "commit_step", "commit")
+    commit = RunStore.commit_step
+
+    def commit_step(self: Any, *args: Any, **kwargs: Any) -> Any:
+        began = clock()
+        try:
+            return commit(self, *args, **kwargs)
+        finally:
+            if timers.active:
+                spent = clock() - began
+                timers.total["commit"] += spent
+                if kwargs.get("arrays") is not None:
+                    timers.total["commit.checkpoint"] += spent
+
+    RunStore.commit_step = commit_step
     timers.wrap(engine.Trainer, "_resume_state", "checkpoint")
     epoch = engine.Trainer._epoch
 
@@ -172,7 +187,7 @@ def table(figures: dict[str, float]) -> list[str]:
     for _, key, parent in ROWS:
         if parent is not None and key in figures:
             children[parent] += figures[key]
-    for label, key, parent in ROWS:
+    for label, key, _ in ROWS:
         if key not in figures:
             continue
         value = figures[key]

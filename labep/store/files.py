@@ -54,6 +54,9 @@ if TYPE_CHECKING:
 SCHEMA_VERSION = 5
 #: a running run refreshes ``runs.heartbeat`` at most this often (with its step commits)
 HEARTBEAT_SECONDS = 1.0
+#: a step the engine lets the store hold back is committed at most this long after the last
+#: transaction (so ``labep watch`` and ``labep show`` see a running run's steps within it)
+HOLD_SECONDS = 0.5
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
