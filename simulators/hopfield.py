@@ -10,7 +10,8 @@ because it updates the layers of one parity one after another, in place.
 Each sample stops as soon as its residual max|rho(h(s)) - s| is at or below tolerance.
 
 The clamped input's drive x W_1 + b_1 is constant during a phase: it is computed once per
-clamp (one BLAS product per batch), and reused by every phase with the same inputs.
+clamp (one numba kernel per batch, over the inputs that are not zero: :func:`input_drive`),
+and reused by every phase with the same inputs.
 
 Imperfections (``device``, see :mod:`labep.simulators.device`) are off by default: then
 parameters are stored exactly and states are read back exactly (averaging ``Settle.readouts``
@@ -31,7 +32,12 @@ from pydantic import Field
 from labep.hardware.bench import Nudge, Relaxation, Settle
 from labep.models.hopfield import LayeredHopfield
 from labep.simulators.device import read_out
-from labep.simulators.hopfield_fields import _layer_field, _output_update, _skip_field
+from labep.simulators.hopfield_fields import (
+    _layer_field,
+    _output_update,
+    _skip_field,
+    input_drive,
+)
 from labep.simulators.layered import LayeredSimulator, LayeredSimulatorOptions
 from labep.simulators.spiking import SpikingOptions, spike_phase
 from labep.simulators.thermal import ThermalOptions, sample_hopfield
@@ -167,8 +173,7 @@ class HopfieldSimulator(LayeredSimulator):
             return sample_hopfield(self, inputs, nudge, start, settle)
         inputs, state, strength, target = self._prepare(inputs, nudge, start)
         # x W_1 + b_1: constant during a phase, computed once per clamp
-        drive = self._clamped(inputs, lambda x: np.ascontiguousarray(
-            x @ self._views["W1"] + self._views["b1"]))
+        drive = self._clamped(inputs, self._input_drive)
         if self.options.neurons == "spiking":  # StochEP (labep.simulators.spiking)
             return spike_phase(self, drive, state, strength, target, nudge is not None, settle)
         batch = inputs.shape[0]
@@ -181,6 +186,12 @@ class HopfieldSimulator(LayeredSimulator):
                        steps, residual, self._skip_offsets, self._skip_lower, self._skip_upper)
         state = read_out(state, self.options.device, self._readout_rng, settle.readouts)
         return Relaxation(state, residual <= settle.tolerance, steps, residual)
+
+    def _input_drive(self, inputs: np.ndarray) -> np.ndarray:
+        """x W_1 + b_1 (batch, n_1) in the bench's dtype (W_1 is stored row-major)."""
+        drive = np.empty((inputs.shape[0], self.model.sizes[1]), dtype=self.dtype)
+        input_drive(inputs, self._views["W1"], self._views["b1"], drive)
+        return drive
 
     def mean_field_overrides(self) -> dict[str, Any] | None:
         """The option values of this bench's deterministic mean-field twin (what a spiking

@@ -2,8 +2,8 @@
 (:mod:`labep.simulators.hopfield`) and its stochastic spiking phases
 (:mod:`labep.simulators.spiking`).
 
-h_l = b_l + W_l^T s_{l-1} + W_{l+1} s_{l+1} (+ skip terms), and the output unit's exact block
-update under the nudged energy E + beta C.
+h_l = b_l + W_l^T s_{l-1} + W_{l+1} s_{l+1} (+ skip terms), the clamped input's drive
+x W_1 + b_1, and the output unit's exact block update under the nudged energy E + beta C.
 """
 
 from __future__ import annotations
@@ -11,6 +11,28 @@ from __future__ import annotations
 import numba
 
 from labep.simulators.layered import coupling_block
+
+
+@numba.njit(cache=True, parallel=True, fastmath={"reassoc"})
+def input_drive(inputs, coupling, bias, out):
+    """out = x W_1 + b_1 for a batch of clamped inputs x (batch, n_0), W_1 row-major
+    (n_0, n_1): per sample (in parallel, on numba's threads), b_1 plus the rows of W_1 of the
+    inputs that are not zero, each scaled by its input (pixels of MNIST are 81% zero: a fifth
+    of the dense product's work, and no BLAS pool next to numba's). The sum runs over the
+    inputs in order (float32 in a float32 bench)."""
+    n_inputs = inputs.shape[1]
+    n_here = bias.shape[0]
+    for sample in numba.prange(inputs.shape[0]):
+        row = inputs[sample]
+        acc = out[sample]
+        for j in range(n_here):
+            acc[j] = bias[j]
+        for i in range(n_inputs):
+            value = row[i]
+            if value != 0.0:
+                weights = coupling[i]
+                for j in range(n_here):
+                    acc[j] += value * weights[j]
 
 
 @numba.njit(cache=True, inline="always")
