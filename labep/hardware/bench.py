@@ -9,6 +9,7 @@ those read-back states through the bench's *model* (see :mod:`labep.models`).
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol, runtime_checkable
@@ -272,6 +273,11 @@ class Relaxation:
     @property
     def all_converged(self) -> bool:
         return bool(np.all(self.converged))
+
+    @functools.cached_property
+    def finite(self) -> np.ndarray:
+        """Per sample: whether every unit of its state read back finite (computed once)."""
+        return np.all(np.isfinite(self.state), axis=1)
 
     def rows(self, mask: np.ndarray) -> Relaxation:
         """The samples selected by a boolean ``mask`` (e.g. the settled ones)."""
