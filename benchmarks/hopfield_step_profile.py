@@ -11,6 +11,8 @@ with a wall-clock timer (time.perf_counter) around each part of a step:
 ``    drive``        the clamped input drive x W_1 + b_1 (computed, or found in the cache)
 ``    kernel``       the numba settle kernel
 ``  nudged relax``   both nudged phases, with their own ``drive`` and ``kernel``
+``  free + nudged``  a bench that relaxes a step's phases in one call (``relax_step``): all
+``                   of them, with their ``drive`` and ``kernel``
 ``  estimate``       the estimator (the contrast dE/dtheta(s+) - dE/dtheta(s-))
 ``  optimizer``      the optimizer's step (-lr times the estimate)
 ``  write``          the write path's ``apply``, of which ``bench write`` is the bench's
@@ -68,6 +70,9 @@ ROWS = [
     ("  nudged relax (both)", "relax.nudged", "step"),
     ("    drive", "drive.nudged", "relax.nudged"),
     ("    kernel", "kernel.nudged", "relax.nudged"),
+    ("  free + nudged (one call)", "relax.step", "step"),
+    ("    drive", "drive.step", "relax.step"),
+    ("    kernel", "kernel.step", "relax.step"),
     ("  estimate", "estimate", "step"),
     ("  optimizer", "optimizer", "step"),
     ("  write", "write", "step"),
@@ -125,8 +130,20 @@ def instrument(timers: Timers) -> None:
                 timers.total[f"relax.{timers.phase}"] += clock() - began
 
     hopfield.HopfieldSimulator.relax = relax_phase
+    relax_step = getattr(hopfield.HopfieldSimulator, "relax_step", None)
+    if relax_step is not None:
+        def relax_whole_step(self: Any, *args: Any, **kwargs: Any) -> Any:
+            timers.phase = "step"
+            began = clock()
+            try:
+                return relax_step(self, *args, **kwargs)
+            finally:
+                if timers.active:
+                    timers.total["relax.step"] += clock() - began
+
+        hopfield.HopfieldSimulator.relax_step = relax_whole_step
     timers.wrap(layered.LayeredSimulator, "_clamped", "drive", phased=True)
-    for kernel in ("settle_layered", "settle_phase"):
+    for kernel in ("settle_layered", "settle_step"):
         timers.wrap(hopfield, kernel, "kernel", phased=True)
     timers.wrap(step.StepPhases, "run", "step")
     timers.wrap(estimators.Symmetric, "estimate", "estimate")

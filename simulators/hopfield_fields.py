@@ -13,26 +13,28 @@ import numba
 from labep.simulators.layered import coupling_block
 
 
-@numba.njit(cache=True, parallel=True, fastmath={"reassoc"})
-def input_drive(inputs, coupling, bias, out):
-    """out = x W_1 + b_1 for a batch of clamped inputs x (batch, n_0), W_1 row-major
-    (n_0, n_1): per sample (in parallel, on numba's threads), b_1 plus the rows of W_1 of the
-    inputs that are not zero, each scaled by its input (pixels of MNIST are 81% zero: a fifth
-    of the dense product's work, and no BLAS pool next to numba's). The sum runs over the
-    inputs in order (float32 in a float32 bench)."""
-    n_inputs = inputs.shape[1]
+@numba.njit(cache=True, fastmath={"reassoc"})
+def drive_row(inputs_row, coupling, bias, out):
+    """out = x W_1 + b_1 for one sample: b_1 plus the rows of W_1 of the inputs that are not
+    zero, each scaled by its input, summed over the inputs in order (W_1 row-major
+    (n_0, n_1); MNIST's pixels are 81% zero: a fifth of the dense product's work)."""
     n_here = bias.shape[0]
+    for j in range(n_here):
+        out[j] = bias[j]
+    for i in range(inputs_row.shape[0]):
+        value = inputs_row[i]
+        if value != 0.0:
+            weights = coupling[i]
+            for j in range(n_here):
+                out[j] += value * weights[j]
+
+
+@numba.njit(cache=True, parallel=True)
+def input_drive(inputs, coupling, bias, out):
+    """out = x W_1 + b_1 for a batch of clamped inputs x (batch, n_0): :func:`drive_row` per
+    sample, in parallel on numba's threads (no BLAS pool next to numba's)."""
     for sample in numba.prange(inputs.shape[0]):
-        row = inputs[sample]
-        acc = out[sample]
-        for j in range(n_here):
-            acc[j] = bias[j]
-        for i in range(n_inputs):
-            value = row[i]
-            if value != 0.0:
-                weights = coupling[i]
-                for j in range(n_here):
-                    acc[j] += value * weights[j]
+        drive_row(inputs[sample], coupling, bias, out[sample])
 
 
 @numba.njit(cache=True, inline="always")

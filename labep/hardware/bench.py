@@ -97,7 +97,8 @@ class LinkReporting(Protocol):
 class StepRelaxing(Protocol):
     """A bench that relaxes a training step's free phase and its nudged phases in one go
     (the OIM board of protocol 3: one RELAX_STEP request a step instead of one a phase, so a
-    run on a slow or unreliable link waits on a third as many replies)."""
+    run on a slow or unreliable link waits on a third as many replies; the Hopfield
+    simulator: one kernel call and one parallel loop a step instead of three)."""
 
     def relax_step(self, inputs: np.ndarray, nudges: list[Nudge], free: Settle,
                    nudged: Settle) -> tuple[Relaxation, list[Relaxation]] | None:
