@@ -43,31 +43,48 @@ from labep.simulators.layered import LayeredSimulator, LayeredSimulatorOptions
 from labep.simulators.spiking import SpikingOptions, spike_phase
 from labep.simulators.thermal import ThermalOptions, sample_hopfield
 
+#: the bits of +inf (float64): a non-negative float64 above it is a NaN
+_INF_BITS = 0x7FF0000000000000
+
 
 @numba.njit(cache=True)
-def _update(units, field, output, target, strength, damping):
+def _update(units, field, output, target, strength, damping, scratch):
     """s <- s + a (rho(h) - s) for one layer's ``units`` (a view), hard sigmoid or, for the
-    output layer, the nudged block update; returns max |rho(h) - s| before the move."""
+    output layer, the nudged block update; returns max |rho(h) - s| before the move (a NaN
+    change does not count, as with ``max``).
+
+    The hidden layers' loop vectorizes: |rho(h) - s| goes to ``scratch`` (float64, one more
+    entry than the layer), and its maximum is taken over the bits as integers (for
+    non-negative float64 the same order; NaNs, above +inf, are left out), a reduction the
+    compiler vectorizes where a float maximum (NaN-aware) stays one element at a time."""
     residual = 0.0
     if output:
         for j in range(units.shape[0]):
             change = _output_update(field[j], target[j], strength) - units[j]
             residual = max(residual, abs(change))
             units[j] += damping * change
-    else:
-        for j in range(units.shape[0]):
-            change = min(max(field[j], 0.0), 1.0) - units[j]
-            residual = max(residual, abs(change))
-            units[j] += damping * change
-    return residual
+        return residual
+    n = units.shape[0]
+    for j in range(n):
+        change = min(max(field[j], 0.0), 1.0) - units[j]
+        scratch[j] = abs(change)
+        units[j] += damping * change
+    bits = scratch.view(np.int64)
+    largest = 0
+    for j in range(n):
+        value = bits[j]
+        largest = max(largest, value if value <= _INF_BITS else 0)
+    bits[n] = largest
+    return scratch[n]
 
 
 @numba.njit(cache=True)
 def _settle_sample(sizes, weights, weight_offsets, transposed, biases, bias_offsets, state_offsets,
                    drive_row, row, target_row, strength, tolerance, max_steps, damping,
-                   asynchronous, skip_offsets, skip_lower, skip_upper, field, fields):
+                   asynchronous, skip_offsets, skip_lower, skip_upper, field, fields, scratch):
     """Relax one sample's state ``row`` in place; returns (steps used, final residual).
-    ``field`` and ``fields`` are scratch buffers (the widest layer, the whole state)."""
+    ``field`` and ``fields`` are scratch buffers (the widest layer, the whole state),
+    ``scratch`` float64 of the widest layer plus one (see :func:`_update`)."""
     n_layers = sizes.shape[0] - 1
     has_skips = skip_lower.shape[0] > 0
     residual = np.inf
@@ -88,7 +105,7 @@ def _settle_sample(sizes, weights, weight_offsets, transposed, biases, bias_offs
                     units = row[state_offsets[layer - 1]:
                                 state_offsets[layer - 1] + sizes[layer]]
                     residual = max(residual, _update(units, field, layer == n_layers,
-                                                     target_row, strength, damping))
+                                                     target_row, strength, damping, scratch))
         else:
             for layer in range(1, n_layers + 1):
                 s0 = state_offsets[layer - 1]
@@ -103,7 +120,7 @@ def _settle_sample(sizes, weights, weight_offsets, transposed, biases, bias_offs
                 residual = max(residual, _update(row[s0:s0 + sizes[layer]],
                                                  fields[s0:s0 + sizes[layer]],
                                                  layer == n_layers, target_row,
-                                                 strength, damping))
+                                                 strength, damping, scratch))
         steps += 1
         if residual <= tolerance:
             break
@@ -141,10 +158,11 @@ def settle_layered(sizes, weights, weight_offsets, transposed, biases, bias_offs
     for sample in numba.prange(state.shape[0]):
         field = np.empty(width, dtype=state.dtype)
         fields = np.empty(state.shape[1], dtype=state.dtype)
+        scratch = np.empty(width + 1, dtype=np.float64)
         steps_out[sample], residual_out[sample] = _settle_sample(
             sizes, weights, weight_offsets, transposed, biases, bias_offsets, state_offsets,
             drive[sample], state[sample], target[sample], strength, tolerance, max_steps,
-            damping, asynchronous, skip_offsets, skip_lower, skip_upper, field, fields)
+            damping, asynchronous, skip_offsets, skip_lower, skip_upper, field, fields, scratch)
 
 
 @numba.njit(cache=True, parallel=True)
@@ -163,13 +181,14 @@ def settle_step(sizes, weights, weight_offsets, transposed, biases, bias_offsets
     for sample in numba.prange(state.shape[0]):
         field = np.empty(width, dtype=state.dtype)
         fields = np.empty(state.shape[1], dtype=state.dtype)
+        scratch = np.empty(width + 1, dtype=np.float64)
         drive = np.empty(input_bias.shape[0], dtype=state.dtype)
         drive_row(inputs[sample], input_coupling, input_bias, drive)
         row = state[sample]
         steps_out[0, sample], residual_out[0, sample] = _settle_sample(
             sizes, weights, weight_offsets, transposed, biases, bias_offsets, state_offsets,
             drive, row, targets[0, sample], 0.0, free_tolerance, free_max_steps,
-            damping, asynchronous, skip_offsets, skip_lower, skip_upper, field, fields)
+            damping, asynchronous, skip_offsets, skip_lower, skip_upper, field, fields, scratch)
         settled = residual_out[0, sample] <= free_tolerance
         for phase in range(strengths.shape[0]):
             steps_out[1 + phase, sample] = 0
@@ -181,7 +200,8 @@ def settle_step(sizes, weights, weight_offsets, transposed, biases, bias_offsets
                     sizes, weights, weight_offsets, transposed, biases, bias_offsets,
                     state_offsets, drive, nudged_row, targets[phase, sample],
                     strengths[phase], nudged_tolerance, nudged_max_steps, damping,
-                    asynchronous, skip_offsets, skip_lower, skip_upper, field, fields)
+                    asynchronous, skip_offsets, skip_lower, skip_upper, field, fields,
+                    scratch)
 
 
 class HopfieldSimulatorOptions(LayeredSimulatorOptions, ThermalOptions, SpikingOptions):
