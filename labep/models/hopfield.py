@@ -50,12 +50,30 @@ def _input_contrast(inputs, weights, difference, out):  # pragma: no cover - com
         row = out[i]
         for j in range(n_here):
             row[j] = 0.0
+        # the samples whose input i is not zero, in order; four of them a pass over the row
+        values = np.empty(n_samples, dtype=difference.dtype)
+        which = np.empty(n_samples, dtype=np.int64)
+        count = 0
         for sample in range(n_samples):
             value = inputs[sample, i] * weights[sample]
             if value != 0.0:
-                change = difference[sample]
-                for j in range(n_here):
-                    row[j] -= value * change[j]
+                values[count] = value
+                which[count] = sample
+                count += 1
+        k = 0
+        while k + 4 <= count:
+            v0, v1, v2, v3 = values[k], values[k + 1], values[k + 2], values[k + 3]
+            c0, c1 = difference[which[k]], difference[which[k + 1]]
+            c2, c3 = difference[which[k + 2]], difference[which[k + 3]]
+            for j in range(n_here):
+                row[j] = (((row[j] - v0 * c0[j]) - v1 * c1[j]) - v2 * c2[j]) - v3 * c3[j]
+            k += 4
+        while k < count:
+            value = values[k]
+            change = difference[which[k]]
+            for j in range(n_here):
+                row[j] -= value * change[j]
+            k += 1
 
 
 def input_contrast(inputs: np.ndarray, weights: np.ndarray, difference: np.ndarray
