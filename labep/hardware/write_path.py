@@ -283,7 +283,9 @@ class WritePath:
         report = WriteReport(written=True)
         payload: dict[str, np.ndarray] = {}
         residues = {name: r.copy() for name, r in self.residue.items()}
-        rng_state = self.rng.bit_generator.state
+        # only stochastic rounding draws from the generator
+        rng_state = (self.rng.bit_generator.state if self.policy.rounding == "stochastic"
+                     else None)
         try:
             for name in names:
                 payload[name], clipped = self.encode(name, self.shadow[name])
@@ -310,7 +312,9 @@ class WritePath:
                 self.bench.write(payload)
         except BaseException:
             # the bench may hold part of the block: encode the same again on the next try
-            self.residue, self.rng.bit_generator.state = residues, rng_state
+            self.residue = residues
+            if rng_state is not None:
+                self.rng.bit_generator.state = rng_state
             self.unsynced.update(names)
             raise
         self.unsynced.difference_update(names)
