@@ -233,8 +233,17 @@ def main(argv: list[str] | None = None) -> int:
                         help="wall: time.perf_counter; cpu: the main thread's CPU time "
                         "(time.thread_time), the work itself whatever else loads the cores, "
                         "meaningful with --threads 1 (then every part runs on that thread)")
+    parser.add_argument("--blas-threads", type=int, default=None, metavar="N",
+                        help="let numpy's BLAS use N threads during the run (the engine pins "
+                        "it to 1 beside numba's pool): how a BLAS product fares next to numba")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
+    if args.blas_threads is not None:
+        from threadpoolctl import threadpool_limits
+
+        from labep.run import engine
+        count = args.blas_threads
+        engine.threadpool_limits = lambda **_: threadpool_limits(limits=count, user_api="blas")
     global clock
     clock = time.thread_time if args.clock == "cpu" else time.perf_counter
     import numba
@@ -264,7 +273,8 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(report, indent=2))
         return 0
     print(f"labep from {report['labep']}; {int(figures['steps'])} steps; median of "
-          f"{args.repeats} run(s); {args.clock} clock, {args.threads} numba thread(s)")
+          f"{args.repeats} run(s); {args.clock} clock, {args.threads} numba thread(s), BLAS "
+          f"{args.blas_threads or 1} thread(s)")
     print("\n".join(table(figures)))
     print(f"samples/s (engine's train_seconds): {figures['samples_per_second']:.0f}; "
           f"test accuracy {figures['test_accuracy']:.4f}")

@@ -147,9 +147,9 @@ class ParameterSpec:
         if self.low == -math.inf and self.high == math.inf and np.isfinite(np.sum(values)):
             return  # unbounded: a finite sum means every value is finite (one pass)
         lo, hi = float(values.min()), float(values.max())
-        if not (self.low <= lo and hi <= self.high):  # False for NaN too
-            if not (np.isfinite(lo) and np.isfinite(hi)):
-                raise OutOfRangeError(f"{bench}: write {self.name}: non-finite value refused")
+        if not (np.isfinite(lo) and np.isfinite(hi)):  # NaN, or +-inf even in an open range
+            raise OutOfRangeError(f"{bench}: write {self.name}: non-finite value refused")
+        if not (self.low <= lo and hi <= self.high):
             raise OutOfRangeError(
                 f"{bench}: write {self.name}: values span [{lo:.6g}, {hi:.6g}] {self.unit}, "
                 f"outside the physical range [{self.low:.6g}, {self.high:.6g}] {self.unit}; "
