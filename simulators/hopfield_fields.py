@@ -2,15 +2,57 @@
 (:mod:`labep.simulators.hopfield`) and its stochastic spiking phases
 (:mod:`labep.simulators.spiking`).
 
-h_l = b_l + W_l^T s_{l-1} + W_{l+1} s_{l+1} (+ skip terms), and the output unit's exact block
-update under the nudged energy E + beta C.
+h_l = b_l + W_l^T s_{l-1} + W_{l+1} s_{l+1} (+ skip terms), the clamped input's drive
+x W_1 + b_1, and the output unit's exact block update under the nudged energy E + beta C.
 """
 
 from __future__ import annotations
 
 import numba
+import numpy as np
 
 from labep.simulators.layered import coupling_block
+
+
+@numba.njit(cache=True)
+def drive_row(inputs_row, coupling, bias, out):
+    """out = x W_1 + b_1 for one sample: b_1 plus the rows of W_1 of the inputs that are not
+    zero, each scaled by its input, added one input after another in order (W_1 row-major
+    (n_0, n_1); MNIST's pixels are 81% zero: a fifth of the dense product's work). Four
+    inputs' rows go into one pass over ``out`` (the same sums, in the same order, with a
+    quarter of the loads and stores of ``out``)."""
+    n_here = bias.shape[0]
+    for j in range(n_here):
+        out[j] = bias[j]
+    which = np.empty(inputs_row.shape[0], dtype=np.int64)
+    count = 0
+    for i in range(inputs_row.shape[0]):
+        if inputs_row[i] != 0.0:
+            which[count] = i
+            count += 1
+    k = 0
+    while k + 4 <= count:
+        v0, v1 = inputs_row[which[k]], inputs_row[which[k + 1]]
+        v2, v3 = inputs_row[which[k + 2]], inputs_row[which[k + 3]]
+        w0, w1 = coupling[which[k]], coupling[which[k + 1]]
+        w2, w3 = coupling[which[k + 2]], coupling[which[k + 3]]
+        for j in range(n_here):
+            out[j] = (((out[j] + v0 * w0[j]) + v1 * w1[j]) + v2 * w2[j]) + v3 * w3[j]
+        k += 4
+    while k < count:
+        value = inputs_row[which[k]]
+        weights = coupling[which[k]]
+        for j in range(n_here):
+            out[j] += value * weights[j]
+        k += 1
+
+
+@numba.njit(cache=True, parallel=True)
+def input_drive(inputs, coupling, bias, out):
+    """out = x W_1 + b_1 for a batch of clamped inputs x (batch, n_0): :func:`drive_row` per
+    sample, in parallel on numba's threads (no BLAS pool next to numba's)."""
+    for sample in numba.prange(inputs.shape[0]):
+        drive_row(inputs[sample], coupling, bias, out[sample])
 
 
 @numba.njit(cache=True, inline="always")

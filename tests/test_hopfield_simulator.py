@@ -114,6 +114,30 @@ def test_out_of_range_write_is_refused_whole() -> None:
         np.testing.assert_array_equal(before[name], after[name])  # nothing half-written
     with pytest.raises(OutOfRangeError, match="non-finite"):
         sim.write({"b1": np.array([0.0, np.nan, 0.0, 0.0])})
+    with pytest.raises(OutOfRangeError, match="non-finite"):  # +inf in an open range too
+        sim.write({"b1": np.array([0.0, np.inf, 0.0, 0.0])})
+
+
+@pytest.mark.parametrize("weight_range", [None, 1.0])
+def test_a_large_coupling_is_checked_whole_before_anything_is_stored(weight_range) -> None:
+    """784 x 500 couplings go through the parallel check and store: one bad value anywhere
+    (non-finite, or outside a finite range) refuses the whole write, and a good write stores
+    exactly what numpy's cast would."""
+    _, sim, params = make([784, 500, 10], dtype="float32", weight_range=weight_range)
+    before = sim.read_params()
+    for bad_value, message in [(np.nan, "non-finite"), (np.inf, "non-finite"),
+                               (-np.inf, "non-finite")] + (
+            [(1.5, "outside the physical range")] if weight_range else []):
+        bad = params["W1"].copy()
+        bad[783, 499] = bad_value
+        with pytest.raises(OutOfRangeError, match=message):
+            sim.write({"b1": params["b1"] + 0.01, "W1": bad})
+        after = sim.read_params()
+        for name in before:
+            np.testing.assert_array_equal(before[name], after[name])  # nothing half-written
+    fresh = params["W1"] * 0.5
+    sim.write({"W1": fresh})
+    np.testing.assert_array_equal(sim.read_params()["W1"], fresh.astype(np.float32))
 
 
 def test_read_params_round_trip() -> None:

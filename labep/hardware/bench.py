@@ -9,6 +9,7 @@ those read-back states through the bench's *model* (see :mod:`labep.models`).
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol, runtime_checkable
@@ -96,7 +97,8 @@ class LinkReporting(Protocol):
 class StepRelaxing(Protocol):
     """A bench that relaxes a training step's free phase and its nudged phases in one go
     (the OIM board of protocol 3: one RELAX_STEP request a step instead of one a phase, so a
-    run on a slow or unreliable link waits on a third as many replies)."""
+    run on a slow or unreliable link waits on a third as many replies; the Hopfield
+    simulator: one kernel call and one parallel loop a step instead of three)."""
 
     def relax_step(self, inputs: np.ndarray, nudges: list[Nudge], free: Settle,
                    nudged: Settle) -> tuple[Relaxation, list[Relaxation]] | None:
@@ -145,9 +147,9 @@ class ParameterSpec:
         if self.low == -math.inf and self.high == math.inf and np.isfinite(np.sum(values)):
             return  # unbounded: a finite sum means every value is finite (one pass)
         lo, hi = float(values.min()), float(values.max())
-        if not (self.low <= lo and hi <= self.high):  # False for NaN too
-            if not (np.isfinite(lo) and np.isfinite(hi)):
-                raise OutOfRangeError(f"{bench}: write {self.name}: non-finite value refused")
+        if not (np.isfinite(lo) and np.isfinite(hi)):  # NaN, or +-inf even in an open range
+            raise OutOfRangeError(f"{bench}: write {self.name}: non-finite value refused")
+        if not (self.low <= lo and hi <= self.high):
             raise OutOfRangeError(
                 f"{bench}: write {self.name}: values span [{lo:.6g}, {hi:.6g}] {self.unit}, "
                 f"outside the physical range [{self.low:.6g}, {self.high:.6g}] {self.unit}; "
@@ -272,6 +274,11 @@ class Relaxation:
     @property
     def all_converged(self) -> bool:
         return bool(np.all(self.converged))
+
+    @functools.cached_property
+    def finite(self) -> np.ndarray:
+        """Per sample: whether every unit of its state read back finite (computed once)."""
+        return np.all(np.isfinite(self.state), axis=1)
 
     def rows(self, mask: np.ndarray) -> Relaxation:
         """The samples selected by a boolean ``mask`` (e.g. the settled ones)."""

@@ -4,8 +4,10 @@ The engine runs what :func:`labep.run.assembly.assemble` built (it reads no prot
 to build anything): it opens the bench, starts the run (calibration, initial write) or
 restores it from a resume point, runs the epochs' steps (:class:`labep.run.step.StepPhases`),
 evaluates, and closes the bench in its safe state however the run ends. Every step is
-committed to the run store in one transaction; parameter snapshots are stored every
-``checkpoint_every`` steps and at the end of each epoch. Random streams are derived from
+committed to the run store whole in one transaction (steps between checkpoints are grouped,
+at least every ``HOLD_SECONDS``; a checkpoint commits every step before it with its resume
+point); parameter snapshots are stored every ``checkpoint_every`` steps and at the end of each
+epoch. Random streams are derived from
 (seed, purpose, epoch, batch), so the data order and nudge signs of any step are known without
 replaying the run.
 
@@ -335,8 +337,13 @@ class Trainer:
                      "correct": correct, "seen": seen, "test": test}, writes, faults,
                     parts.bench, parts.optimizer)
                 snapshot = {**code_snapshot(writes), "resume": resume_arrays}
+            # the store may hold a step back and commit it with the next checkpoint (or
+            # within RunStore's HOLD_SECONDS): a kill loses only steps after the newest
+            # resume point, which a resume runs again anyway; a step with a fault is
+            # committed at once
             self.store.commit_step(run_id, step, epoch, metrics, arrays=snapshot,
-                                   events=events, resume=resume)
+                                   events=events, resume=resume,
+                                   hold=not any(kind == "fault" for kind, _, _ in events))
             self._events = []
             self._step = step
             bar.update(1)

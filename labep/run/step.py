@@ -92,7 +92,7 @@ def settled_mask(phases: list[Relaxation]) -> np.ndarray:
     """Samples whose every phase converged and read back finite states."""
     ok = np.ones(phases[0].state.shape[0], dtype=bool)
     for phase in phases:
-        ok &= phase.converged & np.all(np.isfinite(phase.state), axis=1)
+        ok &= phase.converged & phase.finite
     return ok
 
 
@@ -101,7 +101,7 @@ def _bad(phases: list[Relaxation], size: int) -> tuple[np.ndarray, np.ndarray]:
     nonfinite = np.zeros(size, dtype=bool)
     unsettled = np.zeros(size, dtype=bool)
     for phase in phases:
-        nonfinite |= ~np.all(np.isfinite(phase.state), axis=1)
+        nonfinite |= ~phase.finite
         unsettled |= ~phase.converged
     return nonfinite, unsettled & ~nonfinite
 
@@ -133,6 +133,10 @@ class StepPhases:
     free_settle: Settle
     nudged_settle: Settle
     protocol: Protocol
+
+    def __post_init__(self) -> None:
+        #: whether the bench runs a step's phases in one call (checked once, not per step)
+        self._step_relaxing = isinstance(self.bench, StepRelaxing)
 
     def run(self, x: np.ndarray, labels: np.ndarray, signs: np.random.Generator | None,
             scale: float, step: int, events: list[Event]
@@ -218,7 +222,7 @@ class StepPhases:
         anything (a dark readout's is unbounded). A :class:`StepRelaxing` bench runs them
         all in one call (the same Relaxations)."""
         bench, faults = self.bench, self.faults
-        if strengths and isinstance(bench, StepRelaxing):
+        if strengths and self._step_relaxing:
             nudges = [Nudge(s, target, correction) for s in strengths]
             both = faults.call("free and nudged phases", bench.relax_step, x, nudges,
                                self.free_settle, self.nudged_settle)
@@ -226,10 +230,20 @@ class StepPhases:
                 return both
         free = faults.call("free phase", bench.relax, x, settle=self.free_settle)
         free_ok = settled_mask([free])
-        nudged = ([faults.call(f"nudged phase (beta {s:+g})", bench.relax, x[free_ok],
-                               Nudge(s, target[free_ok], correction),
-                               start=free.state[free_ok], settle=self.nudged_settle)
-                   for s in strengths] if free_ok.any() else [])
+        if not strengths or not free_ok.any():
+            return free, []
+        # the settled samples' inputs, targets and start states, selected once for every
+        # nudged phase (the batch itself when all settled; the free state read-only, so a
+        # bench that relaxed in place of its start would fail instead of changing it)
+        if free_ok.all():
+            inputs, targets, start = x, target, free.state.view()
+            start.flags.writeable = False
+        else:
+            inputs, targets, start = x[free_ok], target[free_ok], free.state[free_ok]
+        nudged = [faults.call(f"nudged phase (beta {s:+g})", bench.relax, inputs,
+                              Nudge(s, targets, correction), start=start,
+                              settle=self.nudged_settle)
+                  for s in strengths]
         return free, nudged
 
     def _update(self, gradient: Params, scale: float, events: list[Event]) -> dict[str, float]:

@@ -54,6 +54,9 @@ if TYPE_CHECKING:
 SCHEMA_VERSION = 5
 #: a running run refreshes ``runs.heartbeat`` at most this often (with its step commits)
 HEARTBEAT_SECONDS = 1.0
+#: a step the engine lets the store hold back is committed at most this long after the last
+#: transaction (so ``labep watch`` and ``labep show`` see a running run's steps within it)
+HOLD_SECONDS = 0.5
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -341,8 +344,21 @@ def _now() -> str:
 
 
 def to_npy(array: np.ndarray) -> bytes:
+    """The ``.npy`` bytes of ``array`` (exactly what ``numpy.save`` writes). A C-contiguous
+    array is joined to its header in one copy (``numpy.save`` into a BytesIO makes three:
+    4 ms instead of 0.2 for a checkpoint's 784 x 500 float64 couplings)."""
+    array = np.asarray(array)
+    if not array.dtype.hasobject and array.flags.c_contiguous and array.size:
+        header = io.BytesIO()
+        try:  # format 1.0, as numpy.save writes it whenever the header fits
+            np.lib.format.write_array_header_1_0(
+                header, np.lib.format.header_data_from_array_1_0(array))
+        except ValueError:
+            pass
+        else:
+            return b"".join((header.getvalue(), memoryview(array).cast("B")))
     buffer = io.BytesIO()
-    np.save(buffer, np.asarray(array), allow_pickle=False)
+    np.save(buffer, array, allow_pickle=False)
     return buffer.getvalue()
 
 

@@ -1,5 +1,6 @@
 """The run store's writer side: :class:`RunStore` opens (verifies, creates, migrates) a store
-and commits runs to it, one transaction per training step; reading runs back
+and commits runs to it, each training step whole in one transaction (steps the engine lets it
+hold are grouped into the next transaction: see :meth:`RunStore.commit_step`); reading runs back
 (:class:`labep.store.queries.RunQueries`) and calibration records
 (:class:`labep.store.calibrations.CalibrationShelf`) are its two mixins. The tables and the
 file checks are :mod:`labep.store.files`.
@@ -23,6 +24,7 @@ from labep.store.files import (
     _LABEP_TABLES,
     _SCHEMA,
     HEARTBEAT_SECONDS,
+    HOLD_SECONDS,
     MIGRATIONS,
     SCHEMA_VERSION,
     SQLITE_MAGIC,
@@ -40,7 +42,8 @@ from labep.store.sweeps import SweepShelf
 
 
 class RunStore(RunQueries, CalibrationShelf, SweepShelf):
-    """A SQLite run store. One connection per process; one transaction per committed step."""
+    """A SQLite run store. One connection per process; a committed step is whole in one
+    transaction (with the steps held back before it, see :meth:`commit_step`)."""
 
     def __init__(self, path: str | Path, *, create: bool = True,
                  check_pages: bool | None = None) -> None:
@@ -50,6 +53,9 @@ class RunStore(RunQueries, CalibrationShelf, SweepShelf):
         for a writer; always before a migration). Raises :class:`StoreError`."""
         self.path = Path(path)
         self._beat = -float("inf")
+        #: steps handed to :meth:`commit_step` with ``hold`` and not committed yet, in order
+        self._held: list[tuple[Any, ...]] = []
+        self._committed = time.monotonic()
         if not create and not self.path.exists():
             raise StoreError(f"no run store at {self.path}")
         parent = self.path.resolve().parent
@@ -162,7 +168,15 @@ class RunStore(RunQueries, CalibrationShelf, SweepShelf):
         self.schema_version = SCHEMA_VERSION
 
     def close(self) -> None:
-        """Close the connection, then let go of the file (in that order: see FileHold)."""
+        """Commit the steps held back, close the connection, then let go of the file (in that
+        order: see FileHold)."""
+        try:
+            if self._held:
+                self.flush()
+        finally:
+            self._close()
+
+    def _close(self) -> None:
         try:
             self.db.close()
         finally:
@@ -180,13 +194,25 @@ class RunStore(RunQueries, CalibrationShelf, SweepShelf):
 
     @contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:
+        """One write transaction; the steps held back are written first, in it (so they are
+        committed before anything that follows them, and stay held if it rolls back)."""
         self._begin()
         try:
+            if self._held:
+                self._write_held(self.db)
             yield self.db
         except BaseException:
             self.db.execute("ROLLBACK")
             raise
         self.db.execute("COMMIT")
+        self._held.clear()
+        self._committed = time.monotonic()
+
+    def flush(self) -> None:
+        """Commit the steps held back (nothing if there are none)."""
+        if self._held:
+            with self.transaction():
+                pass
 
     # -- writing ----------------------------------------------------------------------------
 
@@ -252,27 +278,46 @@ class RunStore(RunQueries, CalibrationShelf, SweepShelf):
     def commit_step(self, run_id: str, step: int, epoch: int, metrics: dict[str, float],
                     arrays: dict[str, dict[str, np.ndarray]] | None = None,
                     events: list[tuple[str, str, dict[str, Any]]] | None = None,
-                    resume: dict[str, Any] | None = None) -> None:
+                    resume: dict[str, Any] | None = None, *, hold: bool = False) -> None:
         """Commit one training step (its metrics, arrays by kind, events and, at a
-        checkpoint, the engine's resume state) at once."""
-        now = _now()
-        with self.transaction() as db:
-            db.execute("INSERT INTO steps (run_id, step, epoch, time) VALUES (?, ?, ?, ?)",
-                       (run_id, step, epoch, now))
+        checkpoint, the engine's resume state) at once, with the steps held back before it.
+
+        ``hold``: the store may hold the step back and commit it with the next transaction,
+        which comes at the latest :data:`HOLD_SECONDS` after the last one, with the next step
+        that has arrays or a resume state (a checkpoint), with any other write (events, metrics,
+        the run's end) or on :meth:`close`. A step held back is not committed: a process
+        killed before that transaction loses it, as it loses the step it was running."""
+        self._held.append((run_id, step, epoch, _now(), metrics, arrays, events, resume))
+        if (hold and arrays is None and resume is None
+                and time.monotonic() - self._committed < HOLD_SECONDS):
+            return
+        self.flush()
+
+    def _write_held(self, db: sqlite3.Connection) -> None:
+        """The rows of the steps held back (one statement per table for all of them)."""
+        steps, metrics, events = [], [], []
+        for run_id, step, epoch, now, values, arrays, step_events, resume in self._held:
+            steps.append((run_id, step, epoch, now))
+            metrics += [(run_id, step, k, None if v is None else float(v))
+                        for k, v in values.items()]
+            events += [(run_id, step, now, kind, message, json.dumps(detail))
+                       for kind, message, detail in step_events or ()]
             if resume is not None:
                 self._resume(db, run_id, step, resume)
-            self._metrics(db, run_id, step, metrics)
             for kind, named in (arrays or {}).items():
                 self._arrays(db, run_id, step, kind, named)
-            for kind, message, detail in events or ():
-                db.execute(
-                    "INSERT INTO events (run_id, step, time, kind, message, detail) "
-                    "VALUES (?, ?, ?, ?, ?, ?)",
-                    (run_id, step, now, kind, message, json.dumps(detail)),
-                )
-            if time.monotonic() - self._beat >= HEARTBEAT_SECONDS:
-                db.execute("UPDATE runs SET heartbeat = ? WHERE id = ?", (now, run_id))
-                self._beat = time.monotonic()
+        db.executemany("INSERT INTO steps (run_id, step, epoch, time) VALUES (?, ?, ?, ?)",
+                       steps)
+        db.executemany(
+            "INSERT OR REPLACE INTO metrics (run_id, step, name, value) VALUES (?, ?, ?, ?)",
+            metrics)
+        if events:
+            db.executemany(
+                "INSERT INTO events (run_id, step, time, kind, message, detail) "
+                "VALUES (?, ?, ?, ?, ?, ?)", events)
+        if time.monotonic() - self._beat >= HEARTBEAT_SECONDS:
+            db.execute("UPDATE runs SET heartbeat = ? WHERE id = ?", (now, run_id))
+            self._beat = time.monotonic()
 
     def record_events(self, run_id: str, step: int,
                       events: list[tuple[str, str, dict[str, Any]]]) -> None:
