@@ -36,6 +36,7 @@ from labep.simulators.hopfield_fields import (
     _layer_field,
     _output_update,
     _skip_field,
+    _state_offsets,
     drive_row,
     input_drive,
 )
@@ -125,19 +126,6 @@ def _settle_sample(sizes, weights, weight_offsets, transposed, biases, bias_offs
         if residual <= tolerance:
             break
     return steps, residual
-
-
-@numba.njit(cache=True)
-def _state_offsets(sizes):
-    """Where each layer's units start in a state row, and the widest layer."""
-    n_layers = sizes.shape[0] - 1
-    state_offsets = np.zeros(n_layers, dtype=np.int64)
-    for layer in range(1, n_layers):
-        state_offsets[layer] = state_offsets[layer - 1] + sizes[layer]
-    width = 0
-    for layer in range(1, n_layers + 1):
-        width = max(width, sizes[layer])
-    return state_offsets, width
 
 
 @numba.njit(cache=True, parallel=True)

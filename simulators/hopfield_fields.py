@@ -160,3 +160,16 @@ def _skip_field(layer, sizes, state_offsets, weights, skip_offsets, skip_lower, 
                     coupling = block[i]
                     for j in range(n_high):
                         out[j] += s_i * coupling[j]
+
+
+@numba.njit(cache=True)
+def _state_offsets(sizes):
+    """Where each layer's units start in a state row, and the widest layer."""
+    n_layers = sizes.shape[0] - 1
+    state_offsets = np.zeros(n_layers, dtype=np.int64)
+    for layer in range(1, n_layers):
+        state_offsets[layer] = state_offsets[layer - 1] + sizes[layer]
+    width = 0
+    for layer in range(1, n_layers + 1):
+        width = max(width, sizes[layer])
+    return state_offsets, width

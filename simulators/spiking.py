@@ -55,7 +55,12 @@ from pydantic import BaseModel, Field, model_validator
 from labep.hardware.bench import Relaxation, Settle
 from labep.protocol.strict import STRICT_CONFIG
 from labep.simulators.device import read_out
-from labep.simulators.hopfield_fields import _layer_field, _output_update, _skip_field
+from labep.simulators.hopfield_fields import (
+    _layer_field,
+    _output_update,
+    _skip_field,
+    _state_offsets,
+)
 from labep.simulators.thermal import _uniform
 
 
@@ -113,12 +118,7 @@ def spike_layered(sizes, weights, weight_offsets, transposed, biases, bias_offse
     count and the mean-field residual max|rho(h(s_bar)) - s_bar| of its average."""
     batch = state.shape[0]
     n_layers = sizes.shape[0] - 1
-    state_offsets = np.zeros(n_layers, dtype=np.int64)
-    for layer in range(1, n_layers):
-        state_offsets[layer] = state_offsets[layer - 1] + sizes[layer]
-    width = 0
-    for layer in range(1, n_layers + 1):
-        width = max(width, sizes[layer])
+    state_offsets, width = _state_offsets(sizes)
     n_state = state.shape[1]
     has_skips = skip_lower.shape[0] > 0
     rate = 1.0 / trace
