@@ -255,10 +255,12 @@ class HopfieldSimulator(LayeredSimulator):
         from its free state), the same Relaxations as phase by phase
         (:class:`labep.hardware.bench.StepRelaxing`). None (phase by phase) where a phase's
         read-back is not its state (readout noise or resolution), for a thermal or spiking
-        bench and for sample sets."""
+        bench, for sample sets, and on a subclass that changes :meth:`relax` (a bench built
+        on this one, e.g. with its own faults: its phases are its relax calls)."""
         options = self.options
         if (options.temperature > 0.0 or options.neurons == "spiking"
-                or not options.device.ideal_readout or free.samples or nudged.samples):
+                or not options.device.ideal_readout or free.samples or nudged.samples
+                or type(self).relax is not HopfieldSimulator.relax):
             return None
         inputs, state, _, _ = self._prepare(inputs, None, None)
         batch = inputs.shape[0]
