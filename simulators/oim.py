@@ -283,6 +283,38 @@ def settle_oim(sizes, weights, weight_offsets, transposed, biases, drive_a, driv
         residual_out[sample] = residual
 
 
+@numba.njit(cache=True, parallel=True, fastmath={"reassoc"})
+def phase_drive(phases, coupling, drive_a, drive_b):
+    """The clamped inputs' pull per sample: ``drive_a`` = cos(phi_0) K and ``drive_b`` =
+    sin(phi_0) K for the input phases phi_0 (batch, n_in) and the input coupling K
+    (n_in, n_out: J_1, or K of a dense machine), accumulated in float64 and stored in the
+    drives' dtype; two input rows a pass over the output row."""
+    batch, n_in = phases.shape
+    n_out = coupling.shape[1]
+    pairs = n_in - n_in % 2
+    for sample in numba.prange(batch):
+        acc_a = np.zeros(n_out)
+        acc_b = np.zeros(n_out)
+        row_phases = phases[sample]
+        for i in range(0, pairs, 2):
+            c_i, s_i = sincos(row_phases[i])
+            c_k, s_k = sincos(row_phases[i + 1])
+            row_i = coupling[i]
+            row_k = coupling[i + 1]
+            for j in range(n_out):
+                acc_a[j] += c_i * row_i[j] + c_k * row_k[j]
+                acc_b[j] += s_i * row_i[j] + s_k * row_k[j]
+        for i in range(pairs, n_in):
+            c_i, s_i = sincos(row_phases[i])
+            row_i = coupling[i]
+            for j in range(n_out):
+                acc_a[j] += c_i * row_i[j]
+                acc_b[j] += s_i * row_i[j]
+        for j in range(n_out):
+            drive_a[sample, j] = acc_a[j]
+            drive_b[sample, j] = acc_b[j]
+
+
 class OIMSimulatorOptions(LayeredSimulatorOptions, SamplingOptions):
     """Options of the OIM simulator bench (``bench.options`` in a protocol)."""
 
@@ -344,10 +376,14 @@ class OIMSimulator(LayeredSimulator):
         constant pull on the oscillators they couple to.
 
         Computed in float64 whatever the bench's dtype: it is summed over every input once per
-        clamp and then acts on every step, so its rounding error would bias the whole phase."""
-        coupling = self._views[self._input_coupling].astype(np.float64)
-        return (np.ascontiguousarray((np.cos(phases) @ coupling).astype(self.dtype)),
-                np.ascontiguousarray((np.sin(phases) @ coupling).astype(self.dtype)))
+        clamp and then acts on every step, so its rounding error would bias the whole phase.
+        A numba kernel on numba's threads (:func:`phase_drive`), not BLAS: BLAS runs on one
+        thread beside numba's pool (two pools on two cores fight)."""
+        coupling = self._views[self._input_coupling]
+        drive_a = np.empty((phases.shape[0], coupling.shape[1]), dtype=self.dtype)
+        drive_b = np.empty_like(drive_a)
+        phase_drive(np.ascontiguousarray(phases, dtype=np.float64), coupling, drive_a, drive_b)
+        return drive_a, drive_b
 
     def relax(
         self,
