@@ -33,9 +33,9 @@ from labep.hardware.bench import Nudge, Relaxation, Settle
 from labep.models.hopfield import LayeredHopfield
 from labep.simulators.device import read_out
 from labep.simulators.hopfield_fields import (
-    _layer_field,
+    _all_fields,
+    _full_field,
     _output_update,
-    _skip_field,
     _state_offsets,
     drive_row,
     input_drive,
@@ -87,7 +87,6 @@ def _settle_sample(sizes, weights, weight_offsets, transposed, biases, bias_offs
     ``field`` and ``fields`` are scratch buffers (the widest layer, the whole state),
     ``scratch`` float64 of the widest layer plus one (see :func:`_update`)."""
     n_layers = sizes.shape[0] - 1
-    has_skips = skip_lower.shape[0] > 0
     residual = np.inf
     steps = 0
     for _ in range(max_steps):
@@ -98,24 +97,17 @@ def _settle_sample(sizes, weights, weight_offsets, transposed, biases, bias_offs
                 for layer in range(1, n_layers + 1):
                     if layer % 2 != parity:
                         continue
-                    _layer_field(layer, sizes, state_offsets, weights, weight_offsets,
-                                 transposed, biases, bias_offsets, drive_row, row, field)
-                    if has_skips:
-                        _skip_field(layer, sizes, state_offsets, weights, skip_offsets,
-                                    skip_lower, skip_upper, row, field)
+                    _full_field(layer, sizes, state_offsets, weights, weight_offsets,
+                                transposed, biases, bias_offsets, drive_row, row,
+                                skip_offsets, skip_lower, skip_upper, field)
                     units = row[state_offsets[layer - 1]:
                                 state_offsets[layer - 1] + sizes[layer]]
                     residual = max(residual, _update(units, field, layer == n_layers,
                                                      target_row, strength, damping, scratch))
         else:
-            for layer in range(1, n_layers + 1):
-                s0 = state_offsets[layer - 1]
-                _layer_field(layer, sizes, state_offsets, weights, weight_offsets,
-                             transposed, biases, bias_offsets, drive_row, row, field)
-                if has_skips:
-                    _skip_field(layer, sizes, state_offsets, weights, skip_offsets,
-                                skip_lower, skip_upper, row, field)
-                fields[s0:s0 + sizes[layer]] = field[:sizes[layer]]
+            _all_fields(sizes, state_offsets, weights, weight_offsets, transposed, biases,
+                        bias_offsets, drive_row, row, skip_offsets, skip_lower, skip_upper,
+                        field, fields)
             for layer in range(1, n_layers + 1):
                 s0 = state_offsets[layer - 1]
                 residual = max(residual, _update(row[s0:s0 + sizes[layer]],

@@ -173,3 +173,28 @@ def _state_offsets(sizes):
     for layer in range(1, n_layers + 1):
         width = max(width, sizes[layer])
     return state_offsets, width
+
+
+@numba.njit(cache=True)
+def _full_field(layer, sizes, state_offsets, weights, weight_offsets, transposed, biases,
+                bias_offsets, drive_row, row, skip_offsets, skip_lower, skip_upper, out):
+    """The whole local field h_l of one sample into ``out``: :func:`_layer_field` plus, on a
+    Hopfield-ResNet, :func:`_skip_field`."""
+    _layer_field(layer, sizes, state_offsets, weights, weight_offsets, transposed, biases,
+                 bias_offsets, drive_row, row, out)
+    if skip_lower.shape[0] > 0:
+        _skip_field(layer, sizes, state_offsets, weights, skip_offsets, skip_lower,
+                    skip_upper, row, out)
+
+
+@numba.njit(cache=True)
+def _all_fields(sizes, state_offsets, weights, weight_offsets, transposed, biases,
+                bias_offsets, drive_row, row, skip_offsets, skip_lower, skip_upper, field,
+                fields):
+    """Every layer's local field from the same state ``row`` (a synchronous update) into
+    ``fields`` (laid out like the state); ``field`` is scratch of the widest layer."""
+    for layer in range(1, sizes.shape[0]):
+        s0 = state_offsets[layer - 1]
+        _full_field(layer, sizes, state_offsets, weights, weight_offsets, transposed, biases,
+                    bias_offsets, drive_row, row, skip_offsets, skip_lower, skip_upper, field)
+        fields[s0:s0 + sizes[layer]] = field[:sizes[layer]]

@@ -56,9 +56,9 @@ from labep.hardware.bench import Relaxation, Settle
 from labep.protocol.strict import STRICT_CONFIG
 from labep.simulators.device import read_out
 from labep.simulators.hopfield_fields import (
-    _layer_field,
+    _all_fields,
+    _full_field,
     _output_update,
-    _skip_field,
     _state_offsets,
 )
 from labep.simulators.thermal import _uniform
@@ -120,7 +120,6 @@ def spike_layered(sizes, weights, weight_offsets, transposed, biases, bias_offse
     n_layers = sizes.shape[0] - 1
     state_offsets, width = _state_offsets(sizes)
     n_state = state.shape[1]
-    has_skips = skip_lower.shape[0] > 0
     rate = 1.0 / trace
     for sample in numba.prange(batch):
         row = state[sample]
@@ -136,23 +135,15 @@ def spike_layered(sizes, weights, weight_offsets, transposed, biases, bias_offse
                         if layer % 2 != parity:
                             continue
                         s0 = state_offsets[layer - 1]
-                        _layer_field(layer, sizes, state_offsets, weights, weight_offsets,
-                                     transposed, biases, bias_offsets, drive[sample], row,
-                                     field)
-                        if has_skips:
-                            _skip_field(layer, sizes, state_offsets, weights, skip_offsets,
-                                        skip_lower, skip_upper, row, field)
+                        _full_field(layer, sizes, state_offsets, weights, weight_offsets,
+                                    transposed, biases, bias_offsets, drive[sample], row,
+                                    skip_offsets, skip_lower, skip_upper, field)
                         count += _spike(row[s0:s0 + sizes[layer]], field, layer == n_layers,
                                         target[sample], strength, rate, chain, t, s0)
             else:
-                for layer in range(1, n_layers + 1):
-                    s0 = state_offsets[layer - 1]
-                    _layer_field(layer, sizes, state_offsets, weights, weight_offsets,
-                                 transposed, biases, bias_offsets, drive[sample], row, field)
-                    if has_skips:
-                        _skip_field(layer, sizes, state_offsets, weights, skip_offsets,
-                                    skip_lower, skip_upper, row, field)
-                    fields[s0:s0 + sizes[layer]] = field[:sizes[layer]]
+                _all_fields(sizes, state_offsets, weights, weight_offsets, transposed, biases,
+                            bias_offsets, drive[sample], row, skip_offsets, skip_lower,
+                            skip_upper, field, fields)
                 for layer in range(1, n_layers + 1):
                     s0 = state_offsets[layer - 1]
                     count += _spike(row[s0:s0 + sizes[layer]], fields[s0:s0 + sizes[layer]],
@@ -167,11 +158,9 @@ def spike_layered(sizes, weights, weight_offsets, transposed, biases, bias_offse
         residual = 0.0
         for layer in range(1, n_layers + 1):
             s0 = state_offsets[layer - 1]
-            _layer_field(layer, sizes, state_offsets, weights, weight_offsets, transposed,
-                         biases, bias_offsets, drive[sample], row, field)
-            if has_skips:
-                _skip_field(layer, sizes, state_offsets, weights, skip_offsets, skip_lower,
-                            skip_upper, row, field)
+            _full_field(layer, sizes, state_offsets, weights, weight_offsets, transposed,
+                        biases, bias_offsets, drive[sample], row, skip_offsets, skip_lower,
+                        skip_upper, field)
             for j in range(sizes[layer]):
                 if layer == n_layers:
                     value = _output_update(field[j], target[sample][j], strength)

@@ -15,12 +15,8 @@ from labep.run.assembly import build_model, learning_rates
 from labep.run.engine import Trainer, final_params
 from labep.run.gradcheck import gradcheck
 from labep.run.validate import load_protocol
-from labep.simulators.hopfield import (
-    HopfieldSimulator,
-    HopfieldSimulatorOptions,
-    _layer_field,
-    _skip_field,
-)
+from labep.simulators.hopfield import HopfieldSimulator, HopfieldSimulatorOptions
+from labep.simulators.hopfield_fields import _layer_field, _skip_field
 from labep.store.runs import RunStore
 
 from .conftest import PROTOCOLS, crash_and_resume, needs_mnist, tiny_xor
