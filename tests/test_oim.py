@@ -211,3 +211,19 @@ def test_the_residual_is_nan_when_any_force_is() -> None:
         bad[where] = -np.inf
         assert max_abs(bad) == np.inf
     assert max_abs(np.zeros(0)) == 0.0
+
+
+def test_the_clamp_drive_is_cos_and_sin_of_the_input_phases_times_the_couplings() -> None:
+    """The numba kernel that replaced the two BLAS products (OIMSimulator._phase_fields):
+    cos(phi_0) J_1 and sin(phi_0) J_1, to the bench dtype's rounding, odd input counts too."""
+    for sizes in ([7, 5, 3], [784, 40, 10]):
+        model = LayeredOIM(sizes, shil=0.1)
+        sim = OIMSimulator(model, OIMSimulatorOptions(dtype="float32"))
+        sim.open()
+        sim.write(model.init_params(np.random.default_rng(0)))
+        phases = np.random.default_rng(1).uniform(0, 2 * math.pi, (3, sizes[0]))
+        drive_a, drive_b = sim._phase_fields(phases)
+        coupling = sim.read_params()["J1"].astype(np.float64)
+        scale = np.abs(coupling).sum(axis=0).max()
+        np.testing.assert_allclose(drive_a, np.cos(phases) @ coupling, rtol=0, atol=1e-6 * scale)
+        np.testing.assert_allclose(drive_b, np.sin(phases) @ coupling, rtol=0, atol=1e-6 * scale)
