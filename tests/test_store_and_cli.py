@@ -267,3 +267,54 @@ def test_a_second_store_opened_and_closed_keeps_the_process_locks(store: Path,
     db = sqlite3.connect(store)
     assert db.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
     db.close()
+
+
+def _rows(path: Path, sql: str) -> list[tuple]:
+    """What another connection (another process would see the same) finds committed."""
+    with sqlite3.connect(path) as db:
+        return db.execute(sql).fetchall()
+
+
+def test_a_checkpoint_is_committed_in_the_background_before_any_later_write(
+        tmp_path: Path) -> None:
+    """A checkpoint step the store may hold goes to the writer thread with the steps held
+    before it; the next write (a step with a fault, committed at once) waits for it, so what
+    is committed is always a prefix of the steps."""
+    path = tmp_path / "runs.db"
+    with RunStore(path) as store:
+        run_id = store.create_run("r", tiny_xor(), "hopfield", 0, "0")
+        store.commit_step(run_id, 1, 0, {"loss": 1.0}, hold=True)  # held back
+        shadow = np.arange(6.0).reshape(2, 3)
+        store.commit_step(run_id, 2, 0, {"loss": 0.5}, arrays={"checkpoint": {"W1": shadow}},
+                          resume={"step": 2}, hold=True)
+        shadow += 100.0  # the caller reuses its buffers at once: the checkpoint was copied
+        store.commit_step(run_id, 3, 0, {"loss": 0.4},
+                          events=[("fault", "timeout", {})], hold=False)
+        assert _rows(path, "SELECT step FROM steps ORDER BY step") == [(1,), (2,), (3,)]
+        assert _rows(path, "SELECT step FROM resume_points") == [(2,)]
+        np.testing.assert_array_equal(final_params(store, run_id)["W1"],
+                                      np.arange(6.0).reshape(2, 3))
+
+
+def test_a_failed_background_checkpoint_is_raised_by_the_next_write_and_kept(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "runs.db"
+    store = RunStore(path)
+    run_id = store.create_run("r", tiny_xor(), "hopfield", 0, "0")
+    write_rows = RunStore._write_rows
+    failures = [sqlite3.OperationalError("disk I/O error")]
+
+    def failing(self: RunStore, rows: object) -> None:
+        if failures:
+            raise failures.pop()
+        write_rows(self, rows)
+
+    monkeypatch.setattr(RunStore, "_write_rows", failing)
+    store.commit_step(run_id, 1, 0, {"loss": 1.0}, arrays={"checkpoint": {"b": np.ones(2)}},
+                      resume={"step": 1}, hold=True)  # returns: the failure is on the thread
+    with pytest.raises(sqlite3.OperationalError, match="disk I/O"):
+        store.commit_step(run_id, 2, 0, {"loss": 0.9}, hold=False)
+    assert _rows(path, "SELECT step FROM steps") == []  # nothing committed out of order
+    store.close()  # steps 1 and 2 were kept held: committed now, in order
+    assert _rows(path, "SELECT step FROM steps ORDER BY step") == [(1,), (2,)]
+    assert _rows(path, "SELECT step FROM resume_points") == [(1,)]

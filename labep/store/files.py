@@ -58,6 +58,10 @@ HEARTBEAT_SECONDS = 1.0
 #: transaction (so ``labep watch`` and ``labep show`` see a running run's steps within it)
 HOLD_SECONDS = 0.5
 
+#: SQLite page size of a new store, in bytes (the largest SQLite allows): checkpoints are
+#: megabytes of blob, which SQLite keeps in chains of overflow pages, one write per page
+PAGE_SIZE = 65536
+
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS runs (
