@@ -61,6 +61,19 @@ def _store_flat(values, out):  # pragma: no cover - compiled
         out[i] = values[i]
 
 
+@numba.njit(cache=True, parallel=True)
+def _store_counting(values, low, high, out):  # pragma: no cover - compiled
+    """out = values (flat, cast to ``out``'s dtype), and how many of ``values`` are outside
+    [low, high] or not finite: the check and the store of a write in one pass."""
+    count = 0
+    for i in numba.prange(values.shape[0]):
+        value = values[i]
+        out[i] = value
+        if not (value >= low and value <= high and value - value == 0.0):
+            count += 1
+    return count
+
+
 class LayeredSimulatorOptions(BaseModel):
     """Options every layered simulator has (``bench.options`` in a protocol)."""
 
@@ -138,6 +151,8 @@ class LayeredSimulator(BenchLifecycle):
                                                                              strict=True)}
         self._bias_offsets = np.concatenate(([0], np.cumsum(sizes[1:])[:-1])).astype(np.int64)
         self._weights = np.zeros(int(sum(w_sizes)), dtype=self.dtype)
+        #: the second copy a write stages the large couplings in (see write)
+        self._spare_weights: np.ndarray | None = None
         self._biases = np.zeros(int(sum(n for _, n in vectors)), dtype=self.dtype)
         self._version = 0
         self._clamp: tuple[np.ndarray, int, Any] | None = None
@@ -178,8 +193,15 @@ class LayeredSimulator(BenchLifecycle):
 
     def write(self, params: dict[str, np.ndarray]) -> None:
         """Continuous storage: physical values. Quantized storage (``device.bits``): integer
-        codes in [0, levels - 1]. Everything is checked before anything is stored."""
+        codes in [0, levels - 1]. Everything is checked before anything is stored.
+
+        Large couplings (continuous storage) are checked and stored in one pass into a second
+        copy of the couplings, which replaces the first only once every value of the write
+        passed its check (with the couplings the write does not name copied over)."""
+        staged = self._stage_couplings(params) if self.devices is None else set()
         for name, values in params.items():
+            if name in staged:
+                continue
             if self.devices is None:
                 spec = self.spec.parameter(name)
                 if not self._large(values, spec.shape):
@@ -190,7 +212,11 @@ class LayeredSimulator(BenchLifecycle):
                                           "the physical range or not finite; refused")
             else:
                 self.devices[name].check(values)
+        if staged:
+            self._swap_couplings(staged)
         for name, values in params.items():
+            if name in staged:
+                continue
             view = self._views[name]
             if self.devices is not None:
                 view[...] = self.devices[name].store(values)
@@ -199,6 +225,41 @@ class LayeredSimulator(BenchLifecycle):
             else:
                 view[...] = values
         self._version += 1
+
+    def _stage_couplings(self, params: dict[str, np.ndarray]) -> set[str]:
+        """Check and store the large couplings of ``params`` whose storage is contiguous into
+        the spare copy of the couplings (:func:`_store_counting`); raises OutOfRangeError
+        (nothing stored) if a value is outside its range. Returns the names staged."""
+        names = [name for name, values in params.items()
+                 if name in self._coupling_index and self._views[name].flags.c_contiguous
+                 and self._large(values, self._views[name].shape)]
+        if not names:
+            return set()
+        if self._spare_weights is None:
+            self._spare_weights = np.empty_like(self._weights)
+        for name in names:
+            spec = self.spec.parameter(name)
+            start = self._weight_offsets[self._coupling_index[name]]
+            target = self._spare_weights[start:start + params[name].size]
+            if _store_counting(params[name].reshape(-1), spec.low, spec.high, target):
+                spec.check_range(params[name], bench=self.name)  # the error that says why
+                raise OutOfRangeError(f"{self.name}: write {name}: value(s) outside "
+                                      "the physical range or not finite; refused")
+        return set(names)
+
+    def _swap_couplings(self, staged: set[str]) -> None:
+        """The spare copy (holding ``staged``) becomes the couplings, with every coupling
+        not staged copied into it first."""
+        spare = self._spare_weights
+        assert spare is not None
+        for name, index in self._coupling_index.items():
+            if name not in staged:
+                start = self._weight_offsets[index]
+                size = int(np.prod(self.spec.parameter(name).shape))
+                spare[start:start + size] = self._weights[start:start + size]
+        self._weights, self._spare_weights = spare, self._weights
+        for name in self._coupling_index:
+            self._views[name] = self._make_view(name, self.spec.parameter(name).shape)
 
     @staticmethod
     def _large(values: Any, shape: tuple[int, ...]) -> bool:

@@ -135,9 +135,24 @@ def test_a_large_coupling_is_checked_whole_before_anything_is_stored(weight_rang
         after = sim.read_params()
         for name in before:
             np.testing.assert_array_equal(before[name], after[name])  # nothing half-written
+    bad_bias = params["b1"].copy()
+    bad_bias[0] = np.nan  # checked after W1 was staged: still nothing stored
+    with pytest.raises(OutOfRangeError, match="non-finite"):
+        sim.write({"W1": params["W1"] * 0.5, "b1": bad_bias})
+    for name, held in sim.read_params().items():
+        np.testing.assert_array_equal(before[name], held)
     fresh = params["W1"] * 0.5
     sim.write({"W1": fresh})
-    np.testing.assert_array_equal(sim.read_params()["W1"], fresh.astype(np.float32))
+    held = sim.read_params()
+    np.testing.assert_array_equal(held["W1"], fresh.astype(np.float32))
+    np.testing.assert_array_equal(held["W2"], before["W2"])  # the couplings not written stay
+    # and the phases run on what was written (a bench written once with the same values)
+    _, other, _ = make([784, 500, 10], dtype="float32", weight_range=weight_range)
+    other.write({**params, "W1": fresh})
+    x = np.random.default_rng(1).random((3, 784))
+    settle = Settle(1e-6, 50)
+    np.testing.assert_array_equal(sim.relax(x, settle=settle).state,
+                                  other.relax(x, settle=settle).state)
 
 
 def test_read_params_round_trip() -> None:
