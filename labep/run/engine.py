@@ -80,6 +80,8 @@ class Trainer:
         self.store = store
         self.progress = progress
         self.on_epoch = on_epoch
+        #: when the progress bar's figures were last set (time.monotonic)
+        self._shown = -float("inf")
 
     def run(self, *, trial: tuple[str, int] | None = None) -> RunResult:
         """A new run of the protocol; ``trial`` (sweep id, index): as that sweep trial's one
@@ -346,11 +348,15 @@ class Trainer:
                                    hold=not any(kind == "fault" for kind, _, _ in events))
             self._events = []
             self._step = step
+            # the figures beside the bar, shown with its next redraw (tqdm redraws at most
+            # every mininterval; formatting them every step cost more than some steps)
+            if not bar.disable and (last or time.monotonic() - self._shown >= bar.mininterval):
+                self._shown = time.monotonic()
+                bar.set_postfix(epoch=epoch + 1, loss=f"{loss_sum / max(seen, 1):.4f}",
+                                acc=f"{correct / max(seen, 1):.3f}",
+                                test=f"{test['accuracy']:.3f} (epoch {self._test_epoch})"
+                                if test else "-", refresh=False)
             bar.update(1)
-            bar.set_postfix(epoch=epoch + 1, loss=f"{loss_sum / max(seen, 1):.4f}",
-                            acc=f"{correct / max(seen, 1):.3f}",
-                            test=f"{test['accuracy']:.3f} (epoch {self._test_epoch})"
-                            if test else "-")
         return loss_sum, correct, seen
 
     def _end_epoch(self, run_id: str, parts: RunParts, writes: WritePath, epoch: int,

@@ -96,14 +96,17 @@ def settled_mask(phases: list[Relaxation]) -> np.ndarray:
     return ok
 
 
-def _bad(phases: list[Relaxation], size: int) -> tuple[np.ndarray, np.ndarray]:
-    """(non-finite, unsettled but finite) masks over ``size`` samples, across ``phases``."""
+def _bad(phases: list[Relaxation], size: int) -> tuple[int, int]:
+    """How many of ``size`` samples read back non-finite in any of ``phases``, and how many
+    others did not settle in one of them."""
+    if all(phase.all_converged and phase.finite.all() for phase in phases):
+        return 0, 0  # the common case, without building masks
     nonfinite = np.zeros(size, dtype=bool)
     unsettled = np.zeros(size, dtype=bool)
     for phase in phases:
         nonfinite |= ~phase.finite
         unsettled |= ~phase.converged
-    return nonfinite, unsettled & ~nonfinite
+    return int(nonfinite.sum()), int((unsettled & ~nonfinite).sum())
 
 
 def sample_counts(free: Relaxation, free_ok: np.ndarray,
@@ -111,13 +114,18 @@ def sample_counts(free: Relaxation, free_ok: np.ndarray,
     """One step's :data:`SAMPLE_COUNTS` (``nudged`` phases ran on the ``free_ok`` samples)."""
     free_nonfinite, free_unsettled = _bad([free], len(free_ok))
     nudged_nonfinite, nudged_unsettled = _bad(nudged, int(free_ok.sum()))
-    counts = {"samples_free_nonfinite": int(free_nonfinite.sum()),
-              "samples_free_unsettled": int(free_unsettled.sum()),
-              "samples_nudged_nonfinite": int(nudged_nonfinite.sum()),
-              "samples_nudged_unsettled": int(nudged_unsettled.sum()),
+    counts = {"samples_free_nonfinite": free_nonfinite,
+              "samples_free_unsettled": free_unsettled,
+              "samples_nudged_nonfinite": nudged_nonfinite,
+              "samples_nudged_unsettled": nudged_unsettled,
               "samples_skipped": 0}
     counts["samples_used"] = len(free_ok) - sum(counts.values())
     return counts
+
+
+def _mean(values: np.ndarray) -> float:
+    """The mean of a small array (what np.mean gives, without its per-call machinery)."""
+    return float(values.sum(dtype=np.float64)) / values.size if values.size else float("nan")
 
 
 @dataclass
@@ -204,9 +212,9 @@ class StepPhases:
         metrics.update({
             "loss": float(cost.mean()),
             "batch_accuracy": hits / len(labels),
-            "free_steps": float(np.mean(free.steps)),
+            "free_steps": _mean(free.steps),
             # none: thermal_covariance, or no free phase settled
-            "nudged_steps": (float(np.mean([p.steps.mean() for p in nudged]))
+            "nudged_steps": (sum(_mean(p.steps) for p in nudged) / len(nudged)
                              if nudged else 0.0),
             "free_residual": float(np.max(free.residual)),
             "unsettled": int(np.count_nonzero(~ok)),
