@@ -6,8 +6,11 @@ with Euler or Heun steps of size ``dt``, until the residual max |dE/dphi + beta 
 at or below tolerance (each sample stops on its own). Coupling forces use
 cos(a - b) = cos a cos b + sin a sin b: per unit the fields A = sum J cos(phi_nb) and
 B = sum J sin(phi_nb) give -dE/dphi = cos(phi) B - sin(phi) A - K_s sin(2 phi),
-so no n x n tensor is ever formed; the clamped input layer's contribution to layer 1 is two
-BLAS products, computed once per clamp and reused by every phase.
+so no n x n tensor is ever formed; the clamped input layer's contribution to layer 1,
+cos(phi_0) J_1 and sin(phi_0) J_1, is computed once per clamp (:func:`phase_drive`) and reused
+by every phase. The float64 sums may be reassociated (SIMD) and use fused multiply-adds; a
+float32 bench takes cos and sin accurate to float32 (:func:`labep.simulators.sincos.sincos_single`)
+and sums in float64.
 
 Phase noise (``phase_noise``, the temperature T) comes from a counter-based generator keyed by
 (device seed, relaxation, sample, step, unit): deterministic given the seed, whatever the
