@@ -16,7 +16,7 @@ is integrated by explicit Euler steps phi <- phi - eps dE/dphi, three ways:
     ``OIMSimulatorOptions(dtype, dt=eps, integrator='euler')`` and
     ``Settle(tolerance=1e-30, max_steps=steps)``, so every sample runs exactly ``steps`` steps
     (checked on ``relax(...).steps``). Each timed call includes the per-batch clamp (phi_0 and
-    the two BLAS products cos(phi_0) J_1, sin(phi_0) J_1), since every batch has new inputs. The
+    the clamp kernel's cos(phi_0) J_1, sin(phi_0) J_1), since every batch has new inputs. The
     numba JIT is warmed on a batch outside the timed set first. numpy's BLAS is limited to one
     thread during labep's calls, as ``Trainer.run`` does (the kernel owns the cores).
 

@@ -6,8 +6,11 @@ with Euler or Heun steps of size ``dt``, until the residual max |dE/dphi + beta 
 at or below tolerance (each sample stops on its own). Coupling forces use
 cos(a - b) = cos a cos b + sin a sin b: per unit the fields A = sum J cos(phi_nb) and
 B = sum J sin(phi_nb) give -dE/dphi = cos(phi) B - sin(phi) A - K_s sin(2 phi),
-so no n x n tensor is ever formed; the clamped input layer's contribution to layer 1 is two
-BLAS products, computed once per clamp and reused by every phase.
+so no n x n tensor is ever formed; the clamped input layer's contribution to layer 1,
+cos(phi_0) J_1 and sin(phi_0) J_1, is computed once per clamp (:func:`phase_drive`) and reused
+by every phase. The float64 sums may be reassociated (SIMD) and use fused multiply-adds; a
+float32 bench takes cos and sin accurate to float32 (:func:`labep.simulators.sincos.sincos_single`)
+and sums in float64.
 
 Phase noise (``phase_noise``, the temperature T) comes from a counter-based generator keyed by
 (device seed, relaxation, sample, step, unit): deterministic given the seed, whatever the
@@ -34,7 +37,7 @@ from labep.simulators.layered import (
     coupling_block,
 )
 from labep.simulators.settle_loop import integrate, max_abs
-from labep.simulators.sincos import sincos
+from labep.simulators.sincos import sincos, sincos_like
 from labep.simulators.thermal import SamplingOptions, sample_oim
 
 TWO_PI = 2.0 * math.pi
@@ -58,90 +61,141 @@ def _gauss(key, step, unit):
     return math.sqrt(-2.0 * math.log(u1)) * math.cos(TWO_PI * u2)
 
 
-@numba.njit(cache=True, fastmath={"reassoc"})
+#: rows of a coupling block one pass over the larger layer takes (see :func:`_add_rows`)
+_ROWS = 5
+#: rows of a coupling block one pass of dot products takes (see :func:`_dot_rows`)
+_DOTS = 4
+#: float64 sums may be reassociated (SIMD) and multiply-adds fused (FMA)
+_FAST = {"reassoc", "contract"}
+
+
+@numba.njit(cache=True, inline="always")
+def _row(first, offset, count):
+    """Row ``first + offset`` of a group, or ``first`` past the last of ``count`` rows (the
+    padding rows of a short group, given a zero coefficient or a discarded result)."""
+    return first + offset if offset < count else first
+
+
+@numba.njit(cache=True, fastmath=_FAST)
+def _add_rows(block, first, count, cos_rows, sin_rows, a_out, b_out):
+    """A += sum_k cos(phi_k) J_k and B += sum_k sin(phi_k) J_k over rows k = first ..
+    first + count - 1 (count <= _ROWS) of ``block``, in one pass over A and B (one load and
+    store of each for up to _ROWS rows)."""
+    r0, r1, r2 = block[first], block[_row(first, 1, count)], block[_row(first, 2, count)]
+    r3, r4 = block[_row(first, 3, count)], block[_row(first, 4, count)]
+    c0 = cos_rows[first]
+    c1 = cos_rows[first + 1] if count > 1 else 0.0
+    c2 = cos_rows[first + 2] if count > 2 else 0.0
+    c3 = cos_rows[first + 3] if count > 3 else 0.0
+    c4 = cos_rows[first + 4] if count > 4 else 0.0
+    # A and B in separate loops: a loop over more arrays does not vectorize (numba cannot
+    # tell LLVM they do not overlap, and LLVM gives up on that many run-time checks)
+    for i in range(a_out.shape[0]):
+        a_out[i] += c0 * r0[i] + c1 * r1[i] + c2 * r2[i] + c3 * r3[i] + c4 * r4[i]
+    s0 = sin_rows[first]
+    s1 = sin_rows[first + 1] if count > 1 else 0.0
+    s2 = sin_rows[first + 2] if count > 2 else 0.0
+    s3 = sin_rows[first + 3] if count > 3 else 0.0
+    s4 = sin_rows[first + 4] if count > 4 else 0.0
+    for i in range(b_out.shape[0]):
+        b_out[i] += s0 * r0[i] + s1 * r1[i] + s2 * r2[i] + s3 * r3[i] + s4 * r4[i]
+
+
+@numba.njit(cache=True, fastmath=_FAST)
+def _dot_rows(block, first, count, cos_cols, sin_cols, a_out, b_out):
+    """A_j += J_j . cos(phi) and B_j += J_j . sin(phi) for rows j = first .. first + count - 1
+    (count <= _DOTS) of ``block``: one pass over cos(phi), sin(phi) for all of them."""
+    r0, r1 = block[first], block[_row(first, 1, count)]
+    r2, r3 = block[_row(first, 2, count)], block[_row(first, 3, count)]
+    a0 = a1 = a2 = a3 = 0.0
+    b0 = b1 = b2 = b3 = 0.0
+    for i in range(cos_cols.shape[0]):
+        c = cos_cols[i]
+        s = sin_cols[i]
+        w0, w1, w2, w3 = r0[i], r1[i], r2[i], r3[i]
+        a0 += w0 * c
+        a1 += w1 * c
+        a2 += w2 * c
+        a3 += w3 * c
+        b0 += w0 * s
+        b1 += w1 * s
+        b2 += w2 * s
+        b3 += w3 * s
+    a_out[first] += a0
+    b_out[first] += b0
+    if count > 1:
+        a_out[first + 1] += a1
+        b_out[first + 1] += b1
+    if count > 2:
+        a_out[first + 2] += a2
+        b_out[first + 2] += b2
+    if count > 3:
+        a_out[first + 3] += a3
+        b_out[first + 3] += b3
+
+
+@numba.njit(cache=True, fastmath=_FAST)
 def _forces(sizes, offsets, weights, weight_offsets, transposed, biases, drive_a, drive_b,
             phases, cos, sin, field_a, field_b, shil, strength, target, out, stiffness):
     """-dE/dphi - beta dC/dphi for every free unit of one sample into ``out``, and each unit's
     local stiffness |A + iB| + 2 K_s + |beta| into ``stiffness`` (the adaptive integrator's;
-    an empty array skips it); returns the largest force magnitude (the residual)."""
+    an empty array skips it); returns the largest force magnitude (the residual).
+
+    Per layer l the fields start at A = h_l (+ cos(phi_0) J_1 for layer 1, the clamp's
+    ``drive_a``), B = g_l (+ ``drive_b``), and gather J_l from below and J_{l+1} from above, a
+    few coupling rows a pass (:func:`_add_rows`, :func:`_dot_rows`); float32 phases take
+    :func:`sincos_single` (accurate to float32), float64 ones :func:`sincos`."""
     n_layers = sizes.shape[0] - 1
     for unit in range(phases.shape[0]):
-        cos[unit], sin[unit] = sincos(phases[unit])
+        cos[unit], sin[unit] = sincos_like(phases, phases[unit])
     for layer in range(1, n_layers + 1):
         n_here = sizes[layer]
         here = offsets[layer - 1]
         # inner loops index views from zero, so that they vectorize (see coupling_block)
         a_here = field_a[:n_here]
         b_here = field_b[:n_here]
+        quadrature = phases.shape[0] + here  # h_l lies like the state, then g_l
+        h_here = biases[here:here + n_here]
+        g_here = biases[quadrature:quadrature + n_here]
         if layer == 1:
-            a_here[:] = drive_a[:n_here]
-            b_here[:] = drive_b[:n_here]
+            drive_a_here = drive_a[:n_here]
+            drive_b_here = drive_b[:n_here]
+            for j in range(n_here):
+                a_here[j] = drive_a_here[j] + h_here[j]
+            for j in range(n_here):
+                b_here[j] = drive_b_here[j] + g_here[j]
         else:
+            for j in range(n_here):
+                a_here[j] = h_here[j]
+            for j in range(n_here):
+                b_here[j] = g_here[j]
             n_below = sizes[layer - 1]
             cos_below = cos[offsets[layer - 2]:offsets[layer - 2] + n_below]
             sin_below = sin[offsets[layer - 2]:offsets[layer - 2] + n_below]
             if transposed[layer - 1]:
                 block = coupling_block(weights, weight_offsets[layer - 1], n_here, n_below)
-                for j in range(n_here):
-                    coupling = block[j]
-                    acc_a = 0.0
-                    acc_b = 0.0
-                    for i in range(n_below):
-                        acc_a += coupling[i] * cos_below[i]
-                        acc_b += coupling[i] * sin_below[i]
-                    a_here[j] = acc_a
-                    b_here[j] = acc_b
+                for j in range(0, n_here, _DOTS):
+                    _dot_rows(block, j, min(_DOTS, n_here - j), cos_below, sin_below,
+                              a_here, b_here)
             else:
                 block = coupling_block(weights, weight_offsets[layer - 1], n_below, n_here)
-                a_here[:] = 0.0
-                b_here[:] = 0.0
-                for i in range(n_below):
-                    c_i = cos_below[i]
-                    s_i = sin_below[i]
-                    coupling = block[i]
-                    for j in range(n_here):
-                        a_here[j] += c_i * coupling[j]
-                        b_here[j] += s_i * coupling[j]
+                for i in range(0, n_below, _ROWS):
+                    _add_rows(block, i, min(_ROWS, n_below - i), cos_below, sin_below,
+                              a_here, b_here)
         if layer < n_layers:
             n_above = sizes[layer + 1]
             cos_above = cos[offsets[layer]:offsets[layer] + n_above]
             sin_above = sin[offsets[layer]:offsets[layer] + n_above]
             if transposed[layer]:
                 block = coupling_block(weights, weight_offsets[layer], n_above, n_here)
-                pairs = n_above - n_above % 2
-                for k in range(0, pairs, 2):  # two rows a pass: half the loads and stores
-                    c_k, c_l = cos_above[k], cos_above[k + 1]
-                    s_k, s_l = sin_above[k], sin_above[k + 1]
-                    row_k, row_l = block[k], block[k + 1]
-                    for i in range(n_here):
-                        a_here[i] += c_k * row_k[i] + c_l * row_l[i]
-                        b_here[i] += s_k * row_k[i] + s_l * row_l[i]
-                for k in range(pairs, n_above):
-                    c_k = cos_above[k]
-                    s_k = sin_above[k]
-                    coupling = block[k]
-                    for i in range(n_here):
-                        a_here[i] += c_k * coupling[i]
-                        b_here[i] += s_k * coupling[i]
+                for k in range(0, n_above, _ROWS):
+                    _add_rows(block, k, min(_ROWS, n_above - k), cos_above, sin_above,
+                              a_here, b_here)
             else:
                 block = coupling_block(weights, weight_offsets[layer], n_here, n_above)
-                for i in range(n_here):
-                    coupling = block[i]
-                    acc_a = 0.0
-                    acc_b = 0.0
-                    for k in range(n_above):
-                        acc_a += coupling[k] * cos_above[k]
-                        acc_b += coupling[k] * sin_above[k]
-                    a_here[i] += acc_a
-                    b_here[i] += acc_b
-        # a few arrays a loop, each a view from zero: loops over many arrays do not vectorize
-        # (numba cannot tell LLVM they do not overlap, and it gives up on the checks)
-        quadrature = phases.shape[0] + here  # h_l lies like the state, then g_l
-        h_here = biases[here:here + n_here]
-        g_here = biases[quadrature:quadrature + n_here]
-        for j in range(n_here):
-            a_here[j] += h_here[j]
-            b_here[j] += g_here[j]
+                for i in range(0, n_here, _DOTS):
+                    _dot_rows(block, i, min(_DOTS, n_here - i), cos_above, sin_above,
+                              a_here, b_here)
         cos_here = cos[here:here + n_here]
         sin_here = sin[here:here + n_here]
         out_here = out[here:here + n_here]
