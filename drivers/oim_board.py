@@ -917,9 +917,12 @@ class OIMBoard(BenchLifecycle):
                 raise self._give_up("timeout", "RUN", f"still running after "
                                     f"{self.options.run_timeout:g} s")
 
+    def _wait_ms(self) -> int:
+        """The long-poll wait of STATUS, RELAX_BATCH and READ_BATCH (``poll_wait``, in ms)."""
+        return min(round(self.options.poll_wait * 1000), 65535)
+
     def _status_request(self) -> bytes:
-        wait_ms = min(round(self.options.poll_wait * 1000), 65535)
-        return wire.COMMANDS[Command.STATUS].request.pack(wait_ms=wait_ms)
+        return wire.COMMANDS[Command.STATUS].request.pack(wait_ms=self._wait_ms())
 
     # -- parameters -------------------------------------------------------------------------
 
@@ -1106,18 +1109,27 @@ class OIMBoard(BenchLifecycle):
         and an invalid readout are logged as faults (``phase``: which phase of a step)."""
         batch = len(rows)
         state = np.empty((batch, self.model.state_size), dtype=self.dtype)
-        converged = np.zeros(batch, dtype=bool)
-        steps = np.zeros(batch, dtype=np.int64)
-        residual = np.zeros(batch, dtype=np.float64)
-        board_seconds = 0.0
-        where = {} if phase is None else {"phase": phase}
-        for sample, (phases, invalid, status) in enumerate(rows):
+        invalids = np.zeros((batch, self.model.state_size), dtype=bool)
+        statuses = [status for _, _, status in rows]
+        for sample, (phases, invalid, _) in enumerate(rows):
             state[sample] = phases
-            steps[sample] = status["steps"]
-            residual[sample] = status["residual"]
+            invalids[sample] = invalid
+        steps = np.array([status["steps"] for status in statuses], dtype=np.int64)
+        residual = np.array([status["residual"] for status in statuses], dtype=np.float64)
+        board_seconds = 0.0
+        for status in statuses:
             board_seconds += status["elapsed_us"] * 1e-6
-            settled = status["state"] == wire.RunState.SETTLED
-            converged[sample] = settled and not invalid.any()
+        settled_all = np.array([status["state"] == wire.RunState.SETTLED
+                                for status in statuses], dtype=bool)
+        readable = ~invalids.any(axis=1)
+        converged = settled_all & readable
+        if converged.all():
+            return Relaxation(state, converged, steps, residual,
+                              {"board_seconds": board_seconds})
+        where = {} if phase is None else {"phase": phase}
+        for sample in np.flatnonzero(~converged).tolist():
+            invalid, status = invalids[sample], statuses[sample]
+            settled = bool(settled_all[sample])
             if not settled:
                 self._fault("unsettled", "RUN", f"sample {sample} did not settle: residual "
                             f"{status['residual']:.3g} after {status['steps']} steps",
@@ -1133,7 +1145,7 @@ class OIMBoard(BenchLifecycle):
 
     def _checked_inputs(self, inputs: np.ndarray) -> np.ndarray:
         x = np.asarray(inputs, dtype=self.dtype)
-        if x.ndim != 2 or x.shape[1] != self.model.input_size or not np.all(np.isfinite(x)):
+        if x.ndim != 2 or x.shape[1] != self.model.input_size or not np.isfinite(x).all():
             raise ValueError(f"{self.instrument}: inputs must be finite, (batch, "
                              f"{self.model.input_size}), got {x.shape}")
         return x
@@ -1147,7 +1159,7 @@ class OIMBoard(BenchLifecycle):
             return None
         assert nudge is not None
         target = np.asarray(nudge.target, dtype=np.float64)
-        if target.shape != (batch, self.model.output_size) or not np.all(np.isfinite(target)):
+        if target.shape != (batch, self.model.output_size) or not np.isfinite(target).all():
             raise ValueError(f"{self.instrument}: nudge target must be finite, ({batch}, "
                              f"{self.model.output_size}), got {target.shape}")
         return target
@@ -1168,7 +1180,7 @@ class OIMBoard(BenchLifecycle):
         clamp = model.input_phases(x)
         if start is not None:
             start = np.asarray(start, dtype=np.float64)
-            if start.shape != (batch, model.state_size) or not np.all(np.isfinite(start)):
+            if start.shape != (batch, model.state_size) or not np.isfinite(start).all():
                 raise ValueError(f"{self.instrument}: start must be finite, ({batch}, "
                                  f"{model.state_size}), got {start.shape}")
             start_codes = wire.phases_to_codes(start)
@@ -1272,7 +1284,7 @@ class OIMBoard(BenchLifecycle):
                                                      frame_cost=self._link.frame_cost())
                                         // item))
         status = (Command.STATUS, self._status_request())
-        wait_ms = wire.COMMANDS[Command.STATUS].request.unpack(status[1])["wait_ms"]
+        wait_ms = self._wait_ms()  # the wait of ``status``
         betas = [*strengths, 0.0][:2]
         plan = []
         for first in range(0, len(clamp), per_frame):
@@ -1323,7 +1335,7 @@ class OIMBoard(BenchLifecycle):
                                         // item))
         flags = (wire.BatchFlags.START if start_codes is not None else 0) | (
             wire.BatchFlags.NUDGE if target is not None else 0)
-        wait_ms = wire.COMMANDS[Command.STATUS].request.unpack(status[1])["wait_ms"]
+        wait_ms = self._wait_ms()  # the wait of ``status``
         batch = len(clamp)
         plan = []
         for first in range(0, batch, per_frame):
@@ -1357,10 +1369,10 @@ class OIMBoard(BenchLifecycle):
         last one, whose context is intact (it is finished first). On a noisy link the
         samples go one by one from the start (:meth:`_relax_sample`)."""
         samples = [_Sample(group) for group in plan]
-        group_bytes = max(sum(self._pair_bytes(request) for request in
-                              [*group.setup, group.run, group.status, *group.reads])
-                          for group in plan) if plan else 0
-        if len(samples) > 1 and self._clean_odds(group_bytes) >= _PIPELINE_ODDS:
+        if len(samples) > 1 and self._clean_odds(max(
+                sum(self._pair_bytes(request) for request in
+                    [*group.setup, group.run, group.status, *group.reads])
+                for group in plan)) >= _PIPELINE_ODDS:
             keys = [(sample, key) for sample in samples for key in sample.compose(True)]
             self._relax_attempt(keys)
             for sample in samples[:-1]:
@@ -1530,17 +1542,19 @@ class OIMBoard(BenchLifecycle):
         n = self.model.state_size
         dtype = wire.batch_result_dtype(n)
         out = []
-        for data in sample.reads:
+        for data in sample.reads:  # each reply's records decoded at once
             assert data is not None
-            for record in np.frombuffer(data, dtype=dtype):
-                invalid = np.unpackbits(record["invalid"], count=n,
-                                        bitorder="little").astype(bool)
-                phases = wire.codes_to_phases(record["codes"]).astype(self.dtype)
-                phases[invalid] = np.nan
-                out.append((phases, invalid, {
-                    "state": int(record["state"]), "steps": int(record["steps"]),
-                    "residual": float(record["residual"]),
-                    "elapsed_us": int(record["elapsed_us"])}))
+            records = np.frombuffer(data, dtype=dtype)
+            invalid = np.unpackbits(records["invalid"], axis=1, count=n,
+                                    bitorder="little").astype(bool)
+            phases = wire.codes_to_phases(records["codes"]).astype(self.dtype)
+            phases[invalid] = np.nan
+            out.extend((phases[i], invalid[i], {"state": state, "steps": steps,
+                                                "residual": residual, "elapsed_us": elapsed})
+                       for i, (state, steps, residual, elapsed) in enumerate(zip(
+                           records["state"].tolist(), records["steps"].tolist(),
+                           records["residual"].tolist(), records["elapsed_us"].tolist(),
+                           strict=True)))
         return out
 
     def _phases(self, payloads: list[bytes | None], where: list[tuple[int, int]],

@@ -21,6 +21,7 @@ import struct
 from binascii import crc_hqx
 from dataclasses import dataclass, field
 from enum import IntEnum
+from functools import cache
 from typing import Any
 
 import numpy as np
@@ -447,6 +448,7 @@ COMMANDS: dict[int, CommandSpec] = {spec.code: spec for spec in (
 )}
 
 
+@cache
 def batch_request_dtype(inputs: int, free: int, outputs: int, flags: int) -> np.dtype:
     """One sample's record in a RELAX_BATCH request: ``f64 phases[n_0]``, then
     ``u16 start[N]`` with :attr:`BatchFlags.START`, then ``f64 target[n_L]`` with
@@ -459,11 +461,13 @@ def batch_request_dtype(inputs: int, free: int, outputs: int, flags: int) -> np.
     return np.dtype(fields)
 
 
+@cache
 def step_request_dtype(inputs: int, outputs: int) -> np.dtype:
     """One sample's record in a RELAX_STEP request: ``f64 phases[n_0], f64 target[n_L]``."""
     return np.dtype([("phases", "<f8", (inputs,)), ("target", "<f8", (outputs,))])
 
 
+@cache
 def batch_result_dtype(free: int) -> np.dtype:
     """One sample's record in a READ_BATCH reply: ``u8 state, u32 steps, f64 residual,
     u32 elapsed_us, u16 codes[N], u8 invalid[ceil(N / 8)]`` (the meanings of STATUS and

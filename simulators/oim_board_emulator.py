@@ -619,9 +619,15 @@ class BoardEmulator:
     (``'tcp'``, ``port`` 0 for any free one), one request at a time, in order.
 
     ``latency_baud``: the wire time model; each request and each reply takes 10 bits a byte at
-    that rate, and the time model serializes everything (half duplex; the board works on a
-    request only once it is in): a reply leaves when the model's clock, advanced by each
-    request's bytes, the board's work on it and the reply's bytes, says its last byte is out.
+    that rate, half duplex: the model's clock (when the line is free) advances by a request's
+    bytes from when it reached the emulator (or from when the line was free, if later), then
+    by the board's physics on it (the integration time it reports in STATUS), then by the
+    reply's bytes, and the reply leaves when the clock says its last byte is out. The
+    emulator's own Python on a request (decoding it, checking it, packing the reply and its
+    CRC) overlaps the request's and the reply's line time, as a board's logic parses a request
+    while its bytes come in and serializes a reply while its bytes go out; a reply never
+    leaves before the emulator has it ready, so that Python counts where it outlasts the line
+    time (always, at zero latency).
     ``faults``: injected faults (:class:`FaultSpec`), drawn from ``config.seed``.
     """
 
@@ -729,19 +735,20 @@ class BoardEmulator:
                 events = decoder.expire()
             else:
                 continue
-            self._serve(events)
+            self._serve(events, last_byte)
 
-    def _serve(self, events: list[wire.Frame | wire.BadFrame]) -> None:
-        """Answer decoded requests in order. Replies leave together at the end, except that
-        RUN's reply leaves before its integration when no request is queued behind it, and an
-        injected delay holds back the replies from its frame on."""
+    def _serve(self, events: list[wire.Frame | wire.BadFrame], arrived: float) -> None:
+        """Answer decoded requests (whose last bytes reached the emulator at ``arrived``) in
+        order. Replies leave together at the end, except that RUN's reply leaves before its
+        integration when no request is queued behind it, and an injected delay holds back
+        the replies from its frame on."""
         board, faults = self.board, self.faults
         replies: list[bytes] = []
         byte_time = self._byte_time
-        if byte_time:
-            self._line = max(self._line, time.perf_counter())
         for index, item in enumerate(events):
-            started = time.perf_counter()
+            if byte_time:  # the request's bytes on the line: it is in when they are
+                self._line = max(self._line, arrived) + item.size * byte_time
+            physics = board.physics_seconds
             if isinstance(item, wire.BadFrame):
                 self.stats.bad_frames += 1
                 replies.append(wire.encode(wire.ERROR, item.seq, wire.error_payload(
@@ -763,17 +770,18 @@ class BoardEmulator:
                         self._send(replies)
                         replies = []
                     board.integrate()
-            if byte_time:  # the request's bytes on the line, then the board's work on it
-                self._line += item.size * byte_time + time.perf_counter() - started
+            if byte_time:  # the board's physics on it (an integration after RUN's reply too)
+                self._line += board.physics_seconds - physics
         self._send(replies)
 
     def _send(self, replies: list[bytes]) -> None:
-        """Send replies in one write, once the wire time model says their last byte is out."""
+        """Send replies in one write, once the wire time model says their last byte is out
+        (and not before they are ready: the clock never runs behind the emulator)."""
         if not replies or self._link is None:
             return
         data = b"".join(replies)
         if self._byte_time:
-            self._line += len(data) * self._byte_time
+            self._line = max(self._line + len(data) * self._byte_time, time.perf_counter())
             _wait_until(self._line)
         self.stats.frames_out += len(replies)
         self.stats.bytes_out += len(data)

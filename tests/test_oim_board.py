@@ -961,3 +961,42 @@ def test_the_loop_overhead_benchmark_runs_against_its_emulator() -> None:
     assert done.returncode == 0, done.stderr
     (row,) = json.loads(done.stdout)["rows"]
     assert row["frames_per_phase"] == 1.0 and row["unsettled"] == 0
+
+
+def test_the_wire_time_model_never_beats_the_line_and_overlaps_the_emulators_python(
+        emulator_factory: Any) -> None:
+    """--latency-baud: a reply's last byte leaves no earlier than the request's and the reply's
+    bytes at the line rate plus the board's physics after the request reached the emulator,
+    and the emulator's own work on a request (here 5 ms more of it, not physics) does not add
+    to that where the line time covers it, as a board parses and serializes while the bytes
+    move."""
+    baud = 20_000.0  # 0.5 ms a byte: a RELAX_BATCH pair is tens of ms
+    emulator = emulator_factory((2, 8, 2), latency_baud=baud)
+    handle = emulator.board.handle
+
+    def slow_handle(command: int, payload: bytes) -> tuple[int, bytes]:
+        time.sleep(0.005)
+        return handle(command, payload)
+
+    emulator.board.handle = slow_handle
+    model = LayeredOIM([2, 8, 2], shil=0.1)
+    board = OIMBoard(model, OIMBoardOptions(baudrate=int(baud)), resource=emulator.url)
+    board.open()
+    try:
+        inputs = np.array([[0.0, 1.0], [1.0, 0.0]])
+        board.relax(inputs)  # warm
+        spare = []
+        for _ in range(3):
+            before, physics = board.link_stats, emulator.board.physics_seconds
+            started = time.perf_counter()
+            board.relax(inputs)
+            wall = time.perf_counter() - started
+            after = board.link_stats
+            assert after["frames_out"] - before["frames_out"] == 1
+            moved = (after["bytes_out"] - before["bytes_out"]
+                     + after["bytes_in"] - before["bytes_in"])
+            spare.append(wall - moved * 10.0 / baud - (emulator.board.physics_seconds - physics))
+        assert min(spare) >= 0.0  # never faster than the line
+        assert min(spare) < 0.005  # the 5 ms of the emulator's work hid in the line time
+    finally:
+        board.close()
