@@ -46,13 +46,17 @@ Skip = tuple[int, int]
 def _input_contrast(inputs, weights, difference, out):  # pragma: no cover - compiled
     n_samples = inputs.shape[0]
     n_here = difference.shape[1]
+    # each row's list of non-zero inputs, allocated once (an allocation per row cost more
+    # than the row's arithmetic)
+    all_values = np.empty((inputs.shape[1], n_samples), dtype=difference.dtype)
+    all_which = np.empty((inputs.shape[1], n_samples), dtype=np.int64)
     for i in numba.prange(inputs.shape[1]):
         row = out[i]
         for j in range(n_here):
             row[j] = 0.0
         # the samples whose input i is not zero, in order; four of them a pass over the row
-        values = np.empty(n_samples, dtype=difference.dtype)
-        which = np.empty(n_samples, dtype=np.int64)
+        values = all_values[i]
+        which = all_which[i]
         count = 0
         for sample in range(n_samples):
             value = inputs[sample, i] * weights[sample]
