@@ -76,6 +76,17 @@ def _row(first, offset, count):
     return first + offset if offset < count else first
 
 
+@numba.njit(cache=True, inline="always")
+def _five(values, first, count):
+    """values[first .. first + 4], 0 past the ``count`` rows of a short group (their padding
+    rows then add nothing)."""
+    return (values[first],
+            values[first + 1] if count > 1 else 0.0,
+            values[first + 2] if count > 2 else 0.0,
+            values[first + 3] if count > 3 else 0.0,
+            values[first + 4] if count > 4 else 0.0)
+
+
 @numba.njit(cache=True, fastmath=_FAST)
 def _add_rows(block, first, count, cos_rows, sin_rows, a_out, b_out):
     """A += sum_k cos(phi_k) J_k and B += sum_k sin(phi_k) J_k over rows k = first ..
@@ -83,20 +94,12 @@ def _add_rows(block, first, count, cos_rows, sin_rows, a_out, b_out):
     store of each for up to _ROWS rows)."""
     r0, r1, r2 = block[first], block[_row(first, 1, count)], block[_row(first, 2, count)]
     r3, r4 = block[_row(first, 3, count)], block[_row(first, 4, count)]
-    c0 = cos_rows[first]
-    c1 = cos_rows[first + 1] if count > 1 else 0.0
-    c2 = cos_rows[first + 2] if count > 2 else 0.0
-    c3 = cos_rows[first + 3] if count > 3 else 0.0
-    c4 = cos_rows[first + 4] if count > 4 else 0.0
+    c0, c1, c2, c3, c4 = _five(cos_rows, first, count)
     # A and B in separate loops: a loop over more arrays does not vectorize (numba cannot
     # tell LLVM they do not overlap, and LLVM gives up on that many run-time checks)
     for i in range(a_out.shape[0]):
         a_out[i] += c0 * r0[i] + c1 * r1[i] + c2 * r2[i] + c3 * r3[i] + c4 * r4[i]
-    s0 = sin_rows[first]
-    s1 = sin_rows[first + 1] if count > 1 else 0.0
-    s2 = sin_rows[first + 2] if count > 2 else 0.0
-    s3 = sin_rows[first + 3] if count > 3 else 0.0
-    s4 = sin_rows[first + 4] if count > 4 else 0.0
+    s0, s1, s2, s3, s4 = _five(sin_rows, first, count)
     for i in range(b_out.shape[0]):
         b_out[i] += s0 * r0[i] + s1 * r1[i] + s2 * r2[i] + s3 * r3[i] + s4 * r4[i]
 
