@@ -153,6 +153,7 @@ class LayeredSimulator(BenchLifecycle):
         self._weights = np.zeros(int(sum(w_sizes)), dtype=self.dtype)
         #: the second copy a write stages the large couplings in (see write)
         self._spare_weights: np.ndarray | None = None
+        self._spare_views: dict[str, np.ndarray] = {}
         self._biases = np.zeros(int(sum(n for _, n in vectors)), dtype=self.dtype)
         self._version = 0
         self._clamp: tuple[np.ndarray, int, Any] | None = None
@@ -167,14 +168,17 @@ class LayeredSimulator(BenchLifecycle):
                 self._views[name][...] = dev.values
         self._readout_rng = np.random.default_rng([device.seed, 1])
 
-    def _make_view(self, name: str, shape: tuple[int, ...]) -> np.ndarray:
+    def _make_view(self, name: str, shape: tuple[int, ...],
+                   weights: np.ndarray | None = None) -> np.ndarray:
+        """The view of parameter ``name`` into the biases or into the couplings (``weights``,
+        default the live ones)."""
         if len(shape) == 1:
             start = self._vector_offsets[name]
             return self._biases[start:start + shape[0]]
         rows, cols = shape
         index = self._coupling_index[name]
         start = self._weight_offsets[index]
-        flat = self._weights[start:start + rows * cols]
+        flat = (self._weights if weights is None else weights)[start:start + rows * cols]
         return flat.reshape(cols, rows).T if self._transposed[index] else flat.reshape(
             rows, cols)
 
@@ -237,10 +241,10 @@ class LayeredSimulator(BenchLifecycle):
             return set()
         if self._spare_weights is None:
             self._spare_weights = np.empty_like(self._weights)
+            self._spare_views = self._coupling_views(self._spare_weights)
         for name in names:
             spec = self.spec.parameter(name)
-            start = self._weight_offsets[self._coupling_index[name]]
-            target = self._spare_weights[start:start + params[name].size]
+            target = self._spare_views[name].reshape(-1)  # contiguous, as the live view is
             if _store_counting(params[name].reshape(-1), spec.low, spec.high, target):
                 spec.check_range(params[name], bench=self.name)  # the error that says why
                 raise OutOfRangeError(f"{self.name}: write {name}: value(s) outside "
@@ -250,16 +254,20 @@ class LayeredSimulator(BenchLifecycle):
     def _swap_couplings(self, staged: set[str]) -> None:
         """The spare copy (holding ``staged``) becomes the couplings, with every coupling
         not staged copied into it first."""
-        spare = self._spare_weights
+        spare, views = self._spare_weights, self._spare_views
         assert spare is not None
-        for name, index in self._coupling_index.items():
-            if name not in staged:
-                start = self._weight_offsets[index]
-                size = int(np.prod(self.spec.parameter(name).shape))
-                spare[start:start + size] = self._weights[start:start + size]
-        self._weights, self._spare_weights = spare, self._weights
         for name in self._coupling_index:
-            self._views[name] = self._make_view(name, self.spec.parameter(name).shape)
+            if name not in staged:
+                views[name][...] = self._views[name]
+        live = {name: self._views[name] for name in self._coupling_index}
+        self._weights, self._spare_weights = spare, self._weights
+        self._views.update(views)
+        self._spare_views = live
+
+    def _coupling_views(self, weights: np.ndarray) -> dict[str, np.ndarray]:
+        """Each coupling's view into ``weights`` (a flat copy laid out as the couplings)."""
+        return {name: self._make_view(name, self.spec.parameter(name).shape, weights)
+                for name in self._coupling_index}
 
     @staticmethod
     def _large(values: Any, shape: tuple[int, ...]) -> bool:
