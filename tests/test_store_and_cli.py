@@ -318,3 +318,23 @@ def test_a_failed_background_checkpoint_is_raised_by_the_next_write_and_kept(
     store.close()  # steps 1 and 2 were kept held: committed now, in order
     assert _rows(path, "SELECT step FROM steps ORDER BY step") == [(1,), (2,)]
     assert _rows(path, "SELECT step FROM resume_points") == [(1,)]
+
+
+def test_closing_after_a_failed_background_checkpoint_commits_it_and_raises(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """close() tries the failed checkpoint's transaction once more (on the caller's thread)
+    and still reports the failure it met."""
+    path = tmp_path / "runs.db"
+    store = RunStore(path)
+    run_id = store.create_run("r", tiny_xor(), "hopfield", 0, "0")
+
+    def failing(self: RunStore, rows: object) -> None:
+        raise sqlite3.OperationalError("database is locked")
+
+    monkeypatch.setattr(RunStore, "_write_rows", failing)
+    store.commit_step(run_id, 1, 0, {"loss": 1.0}, arrays={"checkpoint": {"b": np.ones(2)}},
+                      resume={"step": 1}, hold=True)
+    with pytest.raises(sqlite3.OperationalError, match="locked"):
+        store.close()
+    assert _rows(path, "SELECT step FROM steps") == [(1,)]
+    assert _rows(path, "SELECT step FROM resume_points") == [(1,)]

@@ -197,9 +197,11 @@ class RunStore(RunQueries, CalibrationShelf, SweepShelf):
         """Commit the steps held back, close the connection, then let go of the file (in that
         order: see FileHold)."""
         try:
-            self._wait()
-            if self._held:
-                self.flush()
+            try:
+                self._wait()
+            finally:  # a checkpoint that failed in the background is tried once more
+                if self._held:
+                    self.flush()
         finally:
             self._close()
 
