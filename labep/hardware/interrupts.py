@@ -10,6 +10,7 @@ once (a phase is aborted, the bench's ``close`` puts it in its safe state).
 
 from __future__ import annotations
 
+import _signal
 import signal
 import threading
 from collections.abc import Iterator
@@ -39,6 +40,10 @@ def reason(err: BaseException) -> str:
     if text:
         return text
     return REASONS[signal.SIGTERM if isinstance(err, Terminated) else signal.SIGINT]
+
+
+#: the signals a parameter write holds back
+_HELD_SIGNALS = (int(signal.SIGINT), int(signal.SIGTERM))
 
 
 def _main_thread() -> bool:
@@ -76,13 +81,15 @@ def deferred_interrupt() -> Iterator[None]:
     def hold(signum: int, frame: FrameType | None) -> None:
         received.append(signum)
 
-    held = (signal.SIGINT, signal.SIGTERM)
-    previous = {signum: signal.signal(signum, hold) for signum in held}
+    # the C module's signal(), not signal.signal: that wrapper turns each old handler back
+    # into an enum through a raised and caught ValueError, 3 us a call against 0.3, and a
+    # training step writes once (the handlers compare and restore the same either way)
+    previous = {signum: _signal.signal(signum, hold) for signum in _HELD_SIGNALS}
     try:
         yield
     finally:
         for signum, handler in previous.items():
-            signal.signal(signum, handler)
+            _signal.signal(signum, handler)
     if received:
         first = received[0]
         if previous[first] == signal.SIG_IGN:
