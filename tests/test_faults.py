@@ -198,9 +198,13 @@ def test_fault_policy_is_validated() -> None:
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 def test_ctrl_c_during_a_write_finishes_the_block_then_interrupts(
         tmp_path: Path, flaky: type[FlakyHopfield], monkeypatch: pytest.MonkeyPatch,
-        signum: int) -> None:
+        request: pytest.FixtureRequest, signum: int) -> None:
     """SIGTERM acts exactly like Ctrl-C: the block being written is finished, the run ends
     ``interrupted`` with the signal named, and it resumes."""
+    # Ctrl-C as on a terminal, whatever this process inherited (a shell starting pytest in
+    # the background sets SIGINT to ignored, and an ignored signal is meant to stay ignored)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    request.addfinalizer(lambda: signal.signal(signal.SIGINT, previous))
     # the third update's write (0 is the initial one)
     flaky.plan = {"interrupt_write": {3}, "signal": signum}
     benches: list[FlakyHopfield] = []
