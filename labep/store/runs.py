@@ -43,6 +43,16 @@ from labep.store.files import (
 from labep.store.queries import RunQueries
 from labep.store.sweeps import SweepShelf
 
+#: the statements that write a run's rows (every writer of a table uses its one)
+_INSERT_RESUME = "INSERT OR REPLACE INTO resume_points (run_id, step, state) VALUES (?, ?, ?)"
+_INSERT_ARRAYS = ("INSERT OR REPLACE INTO arrays (run_id, step, kind, name, npy) "
+                  "VALUES (?, ?, ?, ?, ?)")
+_INSERT_STEPS = "INSERT INTO steps (run_id, step, epoch, time) VALUES (?, ?, ?, ?)"
+_INSERT_METRICS = ("INSERT OR REPLACE INTO metrics (run_id, step, name, value) "
+                   "VALUES (?, ?, ?, ?)")
+_INSERT_EVENTS = ("INSERT INTO events (run_id, step, time, kind, message, detail) "
+                  "VALUES (?, ?, ?, ?, ?, ?)")
+
 
 @dataclass
 class _Rows:
@@ -415,20 +425,13 @@ class RunStore(RunQueries, CalibrationShelf, SweepShelf):
     def _insert(db: sqlite3.Connection, rows: _Rows) -> None:
         """Write ``rows`` (one statement per table) in the open transaction of ``db``."""
         if rows.resumes:
-            db.executemany("INSERT OR REPLACE INTO resume_points (run_id, step, state) "
-                           "VALUES (?, ?, ?)", rows.resumes)
+            db.executemany(_INSERT_RESUME, rows.resumes)
         if rows.arrays:
-            db.executemany("INSERT OR REPLACE INTO arrays (run_id, step, kind, name, npy) "
-                           "VALUES (?, ?, ?, ?, ?)", rows.arrays)
-        db.executemany("INSERT INTO steps (run_id, step, epoch, time) VALUES (?, ?, ?, ?)",
-                       rows.steps)
-        db.executemany(
-            "INSERT OR REPLACE INTO metrics (run_id, step, name, value) VALUES (?, ?, ?, ?)",
-            rows.metrics)
+            db.executemany(_INSERT_ARRAYS, rows.arrays)
+        db.executemany(_INSERT_STEPS, rows.steps)
+        db.executemany(_INSERT_METRICS, rows.metrics)
         if rows.events:
-            db.executemany(
-                "INSERT INTO events (run_id, step, time, kind, message, detail) "
-                "VALUES (?, ?, ?, ?, ?, ?)", rows.events)
+            db.executemany(_INSERT_EVENTS, rows.events)
         if rows.beat is not None:
             db.execute("UPDATE runs SET heartbeat = ? WHERE id = ?", rows.beat)
 
@@ -440,8 +443,7 @@ class RunStore(RunQueries, CalibrationShelf, SweepShelf):
         now = _now()
         with self.transaction() as db:
             db.executemany(
-                "INSERT INTO events (run_id, step, time, kind, message, detail) "
-                "VALUES (?, ?, ?, ?, ?, ?)",
+                _INSERT_EVENTS,
                 [(run_id, step, now, kind, message, json.dumps(detail))
                  for kind, message, detail in events])
 
@@ -464,14 +466,13 @@ class RunStore(RunQueries, CalibrationShelf, SweepShelf):
 
     @staticmethod
     def _resume(db: sqlite3.Connection, run_id: str, step: int, state: dict[str, Any]) -> None:
-        db.execute("INSERT OR REPLACE INTO resume_points (run_id, step, state) VALUES (?, ?, ?)",
-                   (run_id, step, json.dumps(state)))
+        db.execute(_INSERT_RESUME, (run_id, step, json.dumps(state)))
 
     @staticmethod
     def _metrics(db: sqlite3.Connection, run_id: str, step: int,
                  metrics: dict[str, float]) -> None:
         db.executemany(
-            "INSERT OR REPLACE INTO metrics (run_id, step, name, value) VALUES (?, ?, ?, ?)",
+            _INSERT_METRICS,
             [(run_id, step, k, None if v is None else float(v)) for k, v in metrics.items()],
         )
 
@@ -479,7 +480,7 @@ class RunStore(RunQueries, CalibrationShelf, SweepShelf):
     def _arrays(db: sqlite3.Connection, run_id: str, step: int, kind: str,
                 arrays: dict[str, np.ndarray]) -> None:
         db.executemany(
-            "INSERT OR REPLACE INTO arrays (run_id, step, kind, name, npy) VALUES (?, ?, ?, ?, ?)",
+            _INSERT_ARRAYS,
             [(run_id, step, kind, k, to_npy(v)) for k, v in arrays.items()],
         )
 
