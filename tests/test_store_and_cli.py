@@ -338,3 +338,9 @@ def test_closing_after_a_failed_background_checkpoint_commits_it_and_raises(
         store.close()
     assert _rows(path, "SELECT step FROM steps") == [(1,)]
     assert _rows(path, "SELECT step FROM resume_points") == [(1,)]
+
+
+def test_a_new_store_has_64_kib_pages(tmp_path: Path) -> None:
+    """Checkpoint blobs are kept in overflow pages: a new store uses SQLite's largest."""
+    RunStore(tmp_path / "runs.db").close()
+    assert _rows(tmp_path / "runs.db", "PRAGMA page_size") == [(65536,)]
