@@ -14,9 +14,10 @@ with a wall-clock timer (time.perf_counter) around each part of a step:
 ``  free + nudged``  a bench that relaxes a step's phases in one call (``relax_step``): all
 ``                   of them, with their ``drive`` and ``kernel``
 ``  estimate``       the estimator (the contrast dE/dtheta(s+) - dE/dtheta(s-))
-``  optimizer``      the optimizer's step (-lr times the estimate)
-``  write``          the write path's ``apply``, of which ``bench write`` is the bench's
-``                   write`` (range check and storage)
+``  optimizer``      the optimizer's step, where it has one (Adam); SGD's -lr times the
+``                   estimate is taken by the write path in its addition (``Sgd.factors``)
+``  write``          the write path's ``apply`` (theta + step), of which ``bench write`` is
+``                   the bench's ``write`` (range check and storage)
 ``commit``           the run store's ``commit_step`` (metrics, events, checkpoints), of which
 ``  at checkpoints`` the commits of the steps with a parameter snapshot and resume point
 ``checkpoint state`` the engine gathering a resume point (every ``checkpoint_every`` steps)

@@ -100,3 +100,39 @@ def test_a_protocols_schedule_shrinks_the_steps_it_takes(tmp_path) -> None:
         for name, run_id in runs.items():
             runs[name] = final_params(store, run_id)
     assert not np.allclose(runs["constant"]["W1"], runs["cosine"]["W1"])
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("size", [7, 1 << 16])
+def test_the_write_path_takes_sgds_step_bit_for_bit(dtype: type, size: int) -> None:
+    """SGD's step is its factors -eta s(t) times the gradient; the write path takes it in its
+    own pass over the parameters (a parallel kernel from 65,536 values, numpy below) and
+    lands on the same shadow, bit for bit, as the step computed apart and then added; so does
+    a deferred update."""
+    from labep.hardware.bench import BenchSpec, ParameterSpec
+    from labep.hardware.write_path import WritePath
+
+    class Held:
+        spec = BenchSpec(parameters=(ParameterSpec("W", (size,), -np.inf, np.inf),),
+                         input_size=1, state_size=1, output_slice=(0, 1))
+
+        def write(self, params: dict) -> None:
+            self.held = {name: np.array(values) for name, values in params.items()}
+
+    rng = np.random.default_rng(size)
+    start = {"W": rng.standard_normal(size)}
+    gradient = rng.standard_normal(size).astype(dtype)
+    sgd = Sgd({"W": 0.37})
+    fused, apart, deferred = (WritePath(Held(), dict(start)) for _ in range(3))
+    factors = sgd.factors({"W": gradient}, 0.61)
+    assert factors == {"W": -0.37 * 0.61}
+    fused.apply({"W": gradient}, factors)
+    deferred.defer({"W": gradient}, factors)
+    apart.apply(sgd.step({"W": gradient.copy()}, 0.61))
+    assert fused.shadow["W"].tobytes() == apart.shadow["W"].tobytes()
+    assert deferred.shadow["W"].tobytes() == apart.shadow["W"].tobytes()
+    assert fused.bench.held["W"].tobytes() == apart.bench.held["W"].tobytes()
+    # the rounding is the gradient dtype's: a float32 step is not the float64 product
+    assert not np.array_equal(fused.shadow["W"], start["W"] + gradient.astype(np.float64)
+                              * factors["W"]) or dtype == np.float64
+    assert Adam({"W": 0.1}).factors({"W": gradient}) is None

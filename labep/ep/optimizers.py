@@ -40,11 +40,17 @@ class Sgd:
     def __init__(self, rates: dict[str, float]) -> None:
         self.rates = dict(rates)
 
+    def factors(self, gradient: Params, scale: float = 1.0) -> dict[str, float]:
+        """-eta s(t) per parameter (``scale`` the schedule's s(t)): the step is the gradient
+        times these, so the write path can take it in its own pass over the parameters
+        (:meth:`labep.hardware.write_path.WritePath.apply`) instead of a pass here."""
+        return {name: -self.rates[name] * scale for name in gradient}
+
     def step(self, gradient: Params, scale: float = 1.0) -> Params:
         """The step for one gradient estimate, every rate times ``scale`` (the schedule's
         s(t)); the arrays of ``gradient`` are reused."""
-        for name, values in gradient.items():
-            values *= -self.rates[name] * scale
+        for name, factor in self.factors(gradient, scale).items():
+            gradient[name] *= factor
         return gradient
 
     def state(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
@@ -66,6 +72,10 @@ class Adam:
         self.steps = 0
         self.first: dict[str, np.ndarray] = {}
         self.second: dict[str, np.ndarray] = {}
+
+    def factors(self, gradient: Params, scale: float = 1.0) -> None:
+        """None: Adam's step is not a fixed multiple of the gradient (see :meth:`Sgd.factors`)."""
+        return None
 
     def step(self, gradient: Params, scale: float = 1.0) -> Params:
         """The step for one gradient estimate, every rate times ``scale`` (the schedule's

