@@ -24,14 +24,18 @@ size h starts at ``implicit_step`` and grows as the residual falls (by the resid
 at least ``implicit_growth`` a step, at most 1e4), with the frame frequency mu an unknown and
 the U(1) gauge fixed by Im(psi^dagger dpsi) = 0, so that large steps are Newton steps on the
 stationary rotating-frame equations of the model's implicit differentiation. One step is one
-solve of a banded system (the sites numbered along a grid's short side, half bandwidth
-2 min(rows, cols) + 1) bordered by mu's column and the gauge's row, O(n min(rows, cols)^2).
-It stops on the same residual at the same tolerance. Should it fail (a residual grown a
-thousandfold, a singular system, ``implicit_iterations`` steps), the field is restored and
-RK4 goes on. A relaxation's ``steps`` count RK4 steps plus implicit steps; the implicit ones
-of the last relaxation are in ``last_implicit`` (negative: it fell back to RK4). Nudged
-phases start from the free state, below ``implicit_from``, so they are solved implicitly from
-the start (one to three steps).
+factorization of a banded system (the sites numbered along a grid's short side, half
+bandwidth 2 min(rows, cols) + 1) bordered by mu's column and the gauge's row,
+O(n min(rows, cols)^2). After a step that lowers the residual the same factors are reused
+for chord steps (the new f, one forward and back substitution each, O(n min(rows, cols)))
+while each at least halves the residual, which near the fixed point replaces the last
+factorizations. It stops on the same residual at the same tolerance. Should it fail (a
+residual grown a thousandfold, a singular system, ``implicit_iterations`` factorizations),
+the field is restored and RK4 goes on. A relaxation's ``steps`` count RK4 steps plus
+implicit steps (factorizations and chord steps); the factorizations of the last relaxation
+are in ``last_implicit`` (negative: it fell back to RK4, see :func:`_implicit_settle`), its
+chord steps in ``last_chord``. Nudged phases start from the free state, within reach of
+Newton's method, so they take one factorization and a few chord steps.
 
 What a relaxation displays on the (simulated) light modulator: the pattern V + U(x) + nudge,
 with the input potential U(x) on the input sites and the nudge potential beta (n_k - t_k) on
@@ -193,7 +197,7 @@ def _polariton_step(work, step):
 def settle_polariton(re, im, neighbours, potential, pump, hopping, interaction, loss,
                      saturation, relaxation, dt, tolerance, max_steps, check_every, steps_out,
                      residual_out, mu_out, implicit_from, order, neighbour_slots, bandwidth,
-                     first_step, growth, max_iterations, implicit_out):
+                     first_step, growth, max_iterations, implicit_out, chord_out):
     """Integrate a batch of fields (``re``, ``im``: (batch, n), in place) with RK4 steps in
     the rotating frame until each sample's residual is at or below ``tolerance`` (checked
     every ``check_every`` steps) or ``max_steps`` steps; the step loop is
@@ -203,16 +207,19 @@ def settle_polariton(re, im, neighbours, potential, pump, hopping, interaction, 
     With ``implicit_from`` > 0 the RK4 steps stop once the residual is at or below it and
     :func:`_implicit_settle` takes over (``order``, ``neighbour_slots``, ``bandwidth``: the
     band layout; ``first_step``, ``max_iterations``); its iterations land in
-    ``implicit_out`` (-1: it failed, and RK4 went on from where it had stopped)."""
+    ``implicit_out`` (its factorizations; negative: it failed, and RK4 went on from where it
+    had stopped), its chord steps in ``chord_out``."""
     batch, n = re.shape
     for sample in numba.prange(batch):
         frame = np.zeros(1)
         mu = np.zeros(1)
+        counts = np.zeros(1, dtype=np.int64)
         work = (re[sample], im[sample], neighbours, potential[sample], pump[sample], hopping,
                 interaction, loss, saturation, relaxation, frame, mu, np.empty(n),
                 np.empty(n), np.empty(n), np.empty(n), np.empty(n), np.empty(n), np.empty(n),
                 np.empty(n), np.empty(n), np.empty(n), dt)
         implicit_out[sample] = 0
+        chord_out[sample] = 0
         if implicit_from > 0.0:
             steps, residual = integrate(_polariton_step, _polariton_measure, work,
                                         max(tolerance, implicit_from), max_steps, check_every)
@@ -221,10 +228,11 @@ def settle_polariton(re, im, neighbours, potential, pump, hopping, interaction, 
                     re[sample], im[sample], neighbours, order, neighbour_slots,
                     potential[sample], pump[sample], hopping, interaction, loss, saturation,
                     relaxation, frame[0], tolerance, first_step, growth, max_iterations, bandwidth,
-                    bandwidth)
+                    bandwidth, counts)
                 implicit_out[sample] = iterations
+                chord_out[sample] = counts[0]
                 if iterations >= 0:
-                    steps += iterations
+                    steps += iterations + counts[0]
                     residual = found
                     mu[0] = found_mu
                 else:
@@ -240,14 +248,17 @@ def settle_polariton(re, im, neighbours, potential, pump, hopping, interaction, 
 
 
 @numba.njit(cache=True)
-def _bordered_solve(ab, column, row, corner, rhs, lower, upper, m):
-    """Solve [[A, column], [row^T, corner]] x = rhs in place (rhs, of length m + 1, becomes
-    x) by Gaussian elimination, A (m x m) banded with ``lower`` sub- and ``upper``
-    super-diagonals, stored column by column as ab[j, lower + upper + i - j] = A[i, j] (with
-    room for the pivoting's fill above), the last column and row dense. Pivots are chosen
-    within the band (partial pivoting over A's rows); the dense row is eliminated along the
-    way, so the work is O(m (lower + upper) lower). ``column`` and ``row`` are overwritten.
-    False if a pivot is zero or not finite."""
+def _bordered_factor(ab, column, row, corner, lower, upper, m, pivots, factors):
+    """Factor [[A, column], [row^T, corner]] in place by Gaussian elimination, A (m x m)
+    banded with ``lower`` sub- and ``upper`` super-diagonals, stored column by column as
+    ab[j, lower + upper + i - j] = A[i, j] (with room for the pivoting's fill above), the last
+    column and row dense. Pivots are chosen within the band (partial pivoting over A's rows)
+    and land in ``pivots``; the dense row is eliminated along the way, its multipliers in
+    ``factors``, so the work is O(m (lower + upper) lower). Afterwards ab holds L (below the
+    diagonal) and U, ``column`` L^-1 column; ``row`` is overwritten. Returns the eliminated
+    corner, the last pivot: NaN if a pivot is zero or not finite (then the system is singular
+    for this elimination and nothing may be solved with it). :func:`_bordered_substitute`
+    solves with the factors, as often as wanted."""
     top = lower + upper
     for j in range(m):
         last = min(m - 1, j + lower)
@@ -259,16 +270,14 @@ def _bordered_solve(ab, column, row, corner, rhs, lower, upper, m):
                 best = value
                 pivot = i
         if best == 0.0 or not math.isfinite(best):
-            return False
+            return math.nan
+        pivots[j] = pivot
         right = min(m - 1, j + top)
         if pivot != j:
             for c in range(j, right + 1):
                 a = ab[c, top + pivot - c]
                 ab[c, top + pivot - c] = ab[c, top + j - c]
                 ab[c, top + j - c] = a
-            a = rhs[pivot]
-            rhs[pivot] = rhs[j]
-            rhs[j] = a
             a = column[pivot]
             column[pivot] = column[j]
             column[j] = a
@@ -281,19 +290,36 @@ def _bordered_solve(ab, column, row, corner, rhs, lower, upper, m):
                 for i in range(j + 1, last + 1):
                     ab[c, top + i - c] -= ab[j, top + i - j] * u
         u = column[j]
-        r = rhs[j]
         for i in range(j + 1, last + 1):
-            factor = ab[j, top + i - j]
-            column[i] -= factor * u
-            rhs[i] -= factor * r
+            column[i] -= ab[j, top + i - j] * u
         factor = row[j] * inverse  # the dense row's multiplier
+        factors[j] = factor
         if factor != 0.0:
             for c in range(j + 1, right + 1):
                 row[c] -= factor * ab[c, top + j - c]
             corner -= factor * u
-            rhs[m] -= factor * r
     if corner == 0.0 or not math.isfinite(corner):
-        return False
+        return math.nan
+    return corner
+
+
+@numba.njit(cache=True)
+def _bordered_substitute(ab, column, corner, pivots, factors, rhs, lower, upper, m):
+    """Solve the system :func:`_bordered_factor` factored (``corner`` its return) for
+    ``rhs`` (length m + 1) in place: the row swaps and L's multipliers forward, then U and
+    the border backward. O(m (lower + upper)), a few percent of the factoring."""
+    top = lower + upper
+    for j in range(m):
+        pivot = pivots[j]
+        if pivot != j:
+            a = rhs[pivot]
+            rhs[pivot] = rhs[j]
+            rhs[j] = a
+        r = rhs[j]
+        if r != 0.0:
+            for i in range(j + 1, min(m - 1, j + lower) + 1):
+                rhs[i] -= ab[j, top + i - j] * r
+        rhs[m] -= factors[j] * r
     rhs[m] /= corner
     border = rhs[m]
     for j in range(m - 1, -1, -1):
@@ -301,6 +327,19 @@ def _bordered_solve(ab, column, row, corner, rhs, lower, upper, m):
         for c in range(j + 1, min(m - 1, j + top) + 1):
             s -= ab[c, top + j - c] * rhs[c]
         rhs[j] = s / ab[j, top]
+
+
+@numba.njit(cache=True)
+def _bordered_solve(ab, column, row, corner, rhs, lower, upper, m):
+    """Solve [[A, column], [row^T, corner]] x = rhs in place (rhs, of length m + 1, becomes
+    x): :func:`_bordered_factor` then :func:`_bordered_substitute`. False (rhs untouched) if
+    a pivot is zero or not finite."""
+    pivots = np.empty(m, dtype=np.int64)
+    factors = np.empty(m)
+    corner = _bordered_factor(ab, column, row, corner, lower, upper, m, pivots, factors)
+    if not math.isfinite(corner):
+        return False
+    _bordered_substitute(ab, column, corner, pivots, factors, rhs, lower, upper, m)
     return True
 
 
@@ -362,71 +401,139 @@ def _implicit_system(re, im, order, neighbour_slots, potential, frame, pump, hop
 
 
 @numba.njit(cache=True)
+def _implicit_try(re, im, base_re, base_im, order, rhs, scale, neighbours, potential, pump,
+                  hopping, interaction, loss, saturation, relaxation, frame, scratch_re,
+                  scratch_im):
+    """Set the field to base + scale dx (dx: the solve's ``rhs``, in band order) and return
+    its (rotating-frame residual, mu), the residual infinite if not finite."""
+    for p in range(order.shape[0]):
+        i = order[p]
+        re[i] = base_re[i] + scale * rhs[2 * p]
+        im[i] = base_im[i] + scale * rhs[2 * p + 1]
+    residual, mu = _residual(re, im, neighbours, potential, frame, pump, hopping, interaction,
+                             loss, saturation, relaxation, scratch_re, scratch_im)
+    if not math.isfinite(residual):
+        residual = math.inf
+    return residual, mu
+
+
+@numba.njit(cache=True)
 def _implicit_settle(re, im, neighbours, order, neighbour_slots, potential, pump, hopping,
                      interaction, loss, saturation, relaxation, frame, tolerance, first_step,
-                     growth, max_iterations, lower, upper):
-    """Pseudo-transient continuation of one sample from its current field: backward-Euler
-    steps (I / h - df/dx) dx = f in the frame of the current state's mu, whose size h grows
-    as the rotating-frame residual r falls (h <- h r_old / r_new, from ``first_step``; the
-    switched evolution relaxation rule), until r is at or below ``tolerance``: for small h
-    the steps follow the flow, for large h they are Newton steps on the stationary equations.
-    Returns (iterations, residual, mu); on failure (a singular system, a non-finite field, a
-    residual that grows tenfold, or no convergence within ``max_iterations``) the field is
-    restored and the iteration count is negative (-1: not converged, -2: the residual grew,
-    -3: a singular system)."""
+                     growth, max_iterations, lower, upper, counts):
+    """Pseudo-transient continuation of one sample from its current field, until the
+    rotating-frame residual r is at or below ``tolerance``. Each factorization is one
+    backward-Euler step (I / h - df/dx) dx = f in the frame of the current mu (f = d(psi)/dt,
+    x = (Re psi, Im psi), mu an unknown, the U(1) gauge Im(psi^dagger dpsi) = 0), h from
+    ``first_step``: for small h the steps follow the flow, for large h they are Newton steps
+    on the stationary equations F(psi, mu) = 0.
+
+    - A step that lowers r is followed by chord steps: the same factors solved for the new f
+      (one forward and back substitution, a few percent of a factorization), kept while
+      each cuts r at least by ``_CHORD_RATE`` (a chord step that does not is undone). Near
+      the fixed point, where the factored matrix is close to the Newton one, they converge
+      linearly and replace the last factorizations; a nudged phase from the free state
+      takes one factorization and a few chord steps.
+    - Then h <- h * max(r_before / r_after, ``growth``) over the factorization's steps (the
+      switched evolution relaxation rule), at most ``_LARGEST_STEP``.
+    - A step that raises r is kept (in the transient, r is not monotone along the flow
+      either: rejecting such steps, with or without a line search on r, was measured to
+      need more factorizations and to fall back to RK4 more often), and the next h is
+      h * r_after / r_before.
+
+    Returns (factorizations, residual, mu); ``counts[0]`` gets the chord steps. On failure
+    the field is restored, the residual and frame are the starting ones, and the
+    factorization count is negative: -1 no convergence within ``max_iterations``
+    factorizations, -2 the residual grew past ``_DIVERGED`` times its first, -3 a singular
+    system."""
     n = re.shape[0]
     m = 2 * n
     ab = np.empty((m, 2 * lower + upper + 1))
     column = np.empty(m)
     row = np.empty(m)
     rhs = np.empty(m + 1)
+    pivots = np.empty(m, dtype=np.int64)
+    factors = np.empty(m)
     flow_re = np.empty(n)
     flow_im = np.empty(n)
     backup_re = re.copy()
     backup_im = im.copy()
+    base_re = re.copy()
+    base_im = im.copy()
     residual, mu = _residual(re, im, neighbours, potential, frame, pump, hopping, interaction,
                              loss, saturation, relaxation, flow_re, flow_im)
     first = residual
     frame_mu = mu
     step = first_step
-    iterations = 0
+    factorizations = 0
+    chords = 0
+    counts[0] = 0
     while residual > tolerance:
-        if iterations >= max_iterations or not residual <= _DIVERGED * first:
+        if factorizations >= max_iterations or not residual <= _DIVERGED * first:
             re[:] = backup_re
             im[:] = backup_im
-            return -1 if iterations >= max_iterations else -2, first, frame
+            return -1 if factorizations >= max_iterations else -2, first, frame
         _derivative(re, im, neighbours, potential, frame_mu, pump, hopping, interaction, loss,
                     saturation, relaxation, flow_re, flow_im)
         _implicit_system(re, im, order, neighbour_slots, potential, frame_mu, pump, hopping,
                          interaction, loss, saturation, relaxation, step, flow_re, flow_im,
                          lower, upper, ab, column, row, rhs)
-        if not _bordered_solve(ab, column, row, 0.0, rhs, lower, upper, m):
+        corner = _bordered_factor(ab, column, row, 0.0, lower, upper, m, pivots, factors)
+        if not math.isfinite(corner):
             re[:] = backup_re
             im[:] = backup_im
             return -3, first, frame
-        for p in range(n):
-            i = order[p]
-            re[i] += rhs[2 * p]
-            im[i] += rhs[2 * p + 1]
+        factorizations += 1
+        _bordered_substitute(ab, column, corner, pivots, factors, rhs, lower, upper, m)
+        before = residual
+        residual, mu = _implicit_try(re, im, base_re, base_im, order, rhs, 1.0, neighbours,
+                                     potential, pump, hopping, interaction, loss, saturation,
+                                     relaxation, mu, flow_re, flow_im)
         frame_mu += rhs[m]
-        iterations += 1
-        previous = residual
-        residual, mu = _residual(re, im, neighbours, potential, mu, pump, hopping,
-                                 interaction, loss, saturation, relaxation, flow_re, flow_im)
-        if not math.isfinite(residual):
-            residual = math.inf
-        else:
-            ratio = previous / max(residual, 1e-300)
-            step = min(step * (max(ratio, growth) if ratio > 1.0 else ratio), _LARGEST_STEP)
-    return iterations, residual, mu
+        base_re[:] = re
+        base_im[:] = im
+        if not residual < before:
+            # a step that raised r (not finite: the loop's check gives up): the next one is
+            # shorter, h times the residual's ratio
+            step *= before / residual
+            continue
+        while residual > tolerance:
+            _derivative(re, im, neighbours, potential, frame_mu, pump, hopping, interaction,
+                        loss, saturation, relaxation, flow_re, flow_im)
+            for p in range(n):
+                i = order[p]
+                rhs[2 * p] = flow_re[i]
+                rhs[2 * p + 1] = flow_im[i]
+            rhs[m] = 0.0
+            _bordered_substitute(ab, column, corner, pivots, factors, rhs, lower, upper, m)
+            found, found_mu = _implicit_try(re, im, base_re, base_im, order, rhs, 1.0,
+                                            neighbours, potential, pump, hopping,
+                                            interaction, loss, saturation, relaxation, mu,
+                                            flow_re, flow_im)
+            if not found <= _CHORD_RATE * residual:
+                re[:] = base_re
+                im[:] = base_im
+                break
+            chords += 1
+            residual = found
+            mu = found_mu
+            frame_mu += rhs[m]
+            base_re[:] = re
+            base_im[:] = im
+        step = min(step * max(before / max(residual, 1e-300), growth), _LARGEST_STEP)
+    counts[0] = chords
+    return factorizations, residual, mu
 
 
 #: cap on the pseudo-transient step (1/J): past it the steps are Newton steps to within
 #: 1 / (h * rate) of the slowest decay rate, and the U(1) null direction of the stationary
 #: equations (a global phase) stays regularized by 1 / h
 _LARGEST_STEP = 1e4
-#: the implicit solver gives up when the residual exceeds this multiple of its first
+#: the implicit solver gives up (RK4 goes on) when the residual exceeds this multiple of its
+#: first
 _DIVERGED = 1e3
+#: a chord step (the same factors, the new f) is kept if it cuts the residual at least by this
+_CHORD_RATE = 0.5
 
 
 # -- the bench -------------------------------------------------------------------------------
@@ -491,8 +598,9 @@ class PolaritonSimulatorOptions(BaseModel):
         "rk4", description="rk4: RK4 steps of dt to the tolerance; implicit: RK4 steps until "
         "the residual is at or below implicit_from, then pseudo-transient continuation "
         "(backward-Euler steps growing into Newton steps on the stationary rotating-frame "
-        "equations, one banded solve each) to the same tolerance on the same residual; RK4 "
-        "goes on where it fails.")
+        "equations, one banded factorization each, reused for chord steps while they at "
+        "least halve the residual) to the same tolerance on the same residual; RK4 goes on "
+        "where it fails.")
     implicit_from: float = Field(
         0.03, gt=0.0, description="Residual (units of J) at which the implicit solver takes "
         "over from RK4 (steady_state implicit).")
@@ -503,8 +611,8 @@ class PolaritonSimulatorOptions(BaseModel):
         2.0, ge=1.0, le=100.0, description="Least factor by which the backward-Euler step "
         "grows while the residual falls (it grows by the residual's ratio if that is more).")
     implicit_iterations: int = Field(
-        100, ge=1, le=100_000, description="Cap on the implicit solver's steps per "
-        "relaxation; past it RK4 goes on.")
+        100, ge=1, le=100_000, description="Cap on the implicit solver's factorizations "
+        "(banded solves) per relaxation; past it RK4 goes on.")
     intensity_full_scale: float = Field(
         16.0, gt=0.0, description="Camera full scale (|psi|^2) for device.readout_bits.")
     device: DeviceOptions = Field(
@@ -586,6 +694,7 @@ class PolaritonSimulator(BenchLifecycle):
         self._rest = rest_field(model.n_sites, self.options.rest_amplitude)
         self._order, self._slots, self._bandwidth = band_layout(self._neighbours, model.lattice)
         self.last_implicit = np.zeros(0, dtype=np.int64)
+        self.last_chord = np.zeros(0, dtype=np.int64)
 
     # -- lifecycle --------------------------------------------------------------------------
 
@@ -717,6 +826,7 @@ class PolaritonSimulator(BenchLifecycle):
         residual = np.zeros(batch, dtype=np.float64)
         mu = np.zeros(batch, dtype=np.float64)
         implicit = np.zeros(batch, dtype=np.int64)
+        chords = np.zeros(batch, dtype=np.int64)
         options = self.options
         settle_polariton(re, im, self._neighbours,
                          np.ascontiguousarray(potential, dtype=self.dtype),
@@ -729,9 +839,12 @@ class PolaritonSimulator(BenchLifecycle):
                          else 0.0, self._order, self._slots, self._bandwidth,
                          float(options.implicit_step), float(options.implicit_growth),
                          int(options.implicit_iterations),
-                         implicit)
-        #: implicit steps per sample of the last relaxation (-1, -2, -3: fell back to RK4)
+                         implicit, chords)
+        #: the implicit solver's factorizations (banded solves) per sample of the last
+        #: relaxation (-1, -2, -3: it failed and RK4 went on; see :func:`_implicit_settle`)
         self.last_implicit = implicit
+        #: its chord steps (reusing a factorization) per sample of the last relaxation
+        self.last_chord = chords
         return re.astype(np.float64) + 1j * im, steps, residual, mu
 
     def integrate(self, potential: np.ndarray, field: np.ndarray, pump: np.ndarray,

@@ -18,7 +18,9 @@ from labep.simulators.device import DeviceOptions
 from labep.simulators.polariton import (
     PolaritonSimulator,
     PolaritonSimulatorOptions,
+    _bordered_factor,
     _bordered_solve,
+    _bordered_substitute,
     _derivative,
     _implicit_system,
     band_layout,
@@ -331,6 +333,88 @@ def test_implicit_steady_state_is_the_fixed_point_rk4_settles_to(
     nudged = [benches[kind].relax(XOR, Nudge(0.05, target), start=free.state, settle=settle)
               for kind, free in (("rk4", rk4), ("implicit", implicit))]
     assert aligned_distance(model.field(nudged[1].state), model.field(nudged[0].state)).max() < 1e-7
+
+
+def test_bordered_factors_solve_any_right_hand_side() -> None:
+    """Factored once, the bordered band system solves several right-hand sides (the chord
+    steps' reuse) exactly as dense solves do, with pivoting at work; a singular one is
+    refused."""
+    rng = np.random.default_rng(4)
+    m, lower, upper = 24, 3, 3
+    top = lower + upper
+    dense = np.zeros((m + 1, m + 1))
+    for i in range(m):
+        for j in range(max(0, i - lower), min(m, i + upper + 1)):
+            dense[i, j] = rng.standard_normal()
+    dense[:m, :m] += 0.1 * np.eye(m)  # small diagonal: the band's pivoting swaps rows
+    dense[:m, m], dense[m, :m], dense[m, m] = rng.standard_normal((3, m))[0], \
+        rng.standard_normal(m), 0.3
+    band = np.zeros((m, 2 * lower + upper + 1))
+    for j in range(m):
+        for i in range(max(0, j - upper), min(m, j + lower + 1)):
+            band[j, top + i - j] = dense[i, j]
+    column, row = dense[:m, m].copy(), dense[m, :m].copy()
+    pivots, factors = np.zeros(m, dtype=np.int64), np.zeros(m)
+    corner = _bordered_factor(band, column, row, dense[m, m], lower, upper, m, pivots, factors)
+    assert np.isfinite(corner) and np.any(pivots != np.arange(m))
+    for _ in range(3):
+        rhs = rng.standard_normal(m + 1)
+        want = np.linalg.solve(dense, rhs)
+        _bordered_substitute(band, column, corner, pivots, factors, rhs, lower, upper, m)
+        np.testing.assert_allclose(rhs, want, rtol=1e-9, atol=1e-11)
+    singular = np.zeros((m, 2 * lower + upper + 1))
+    assert np.isnan(_bordered_factor(singular, np.ones(m), np.ones(m), 0.0, lower, upper, m,
+                                     pivots, factors))
+    assert not _bordered_solve(singular, np.ones(m), np.ones(m), 0.0, np.ones(m + 1), lower,
+                               upper, m)
+
+
+def test_chord_steps_reuse_one_factorization_per_relaxation() -> None:
+    """On a small grid from the rest seed, one banded factorization per free and per nudged
+    relaxation suffices to 1e-10: the chord steps (the same factors, the new f) do the rest
+    (pseudo-transient steps alone took 4 and 3 solves), and the residual falls at every chord
+    step it keeps: a kept chord step cuts it at least in half, so the chord count is bounded
+    by log2 of the residual's fall."""
+    model = PolaritonLattice([3, 5], 2, [0, 14], [[2, 3], [11, 12]], energy_relaxation=0.5)
+    params = model.init_params(np.random.default_rng(3))
+    sim = PolaritonSimulator(model, PolaritonSimulatorOptions(steady_state="implicit"))
+    sim.write(params)
+    settle = Settle(1e-10, 400_000)
+    free = sim.relax(XOR, settle=settle)
+    assert free.all_converged
+    np.testing.assert_array_equal(sim.last_implicit, 1)
+    chords = sim.last_chord.copy()
+    assert np.all(chords >= 1)
+    assert np.all(chords <= np.log2(sim.options.implicit_from / 1e-10) + 1)
+    assert np.all(free.steps > chords)  # RK4 steps, then the factorization and the chords
+    target = model.encode_target(XOR_LABELS)
+    nudged = sim.relax(XOR, Nudge(0.05, target), start=free.state, settle=settle)
+    assert nudged.all_converged
+    np.testing.assert_array_equal(sim.last_implicit, 1)
+    assert np.all(sim.last_chord >= 1)
+
+
+def test_a_failed_implicit_solve_restores_the_field_and_rk4_goes_on() -> None:
+    """The fallback: steps too small to converge within implicit_iterations (-1) or a start
+    so far from the fixed point that the residual explodes (-2, from the rest seed) leave
+    the field as it was, and RK4 goes on to exactly the state and step count of RK4 alone."""
+    model = PolaritonLattice([3, 5], 2, [0, 14], [[2, 3], [11, 12]], energy_relaxation=0.5)
+    params = model.init_params(np.random.default_rng(3))
+    settle = Settle(1e-10, 400_000)
+    rk4 = PolaritonSimulator(model, PolaritonSimulatorOptions(steady_state="rk4"))
+    rk4.write(params)
+    want = rk4.relax(XOR, settle=settle)
+    for options, code in ((dict(implicit_iterations=1, implicit_step=0.01), -1),
+                          (dict(implicit_from=1e3), -2)):
+        sim = PolaritonSimulator(model, PolaritonSimulatorOptions(steady_state="implicit",
+                                                                  **options))
+        sim.write(params)
+        got = sim.relax(XOR, settle=settle)
+        np.testing.assert_array_equal(sim.last_implicit, code)
+        np.testing.assert_array_equal(sim.last_chord, 0)
+        assert got.all_converged
+        np.testing.assert_array_equal(got.state, want.state)
+        np.testing.assert_array_equal(got.steps, want.steps)
 
 
 def test_the_implicit_solver_keeps_the_gradcheck_cosine() -> None:
