@@ -160,3 +160,41 @@ def test_read_params_round_trip() -> None:
     back = sim.read_params()
     for name, value in params.items():
         np.testing.assert_array_equal(back[name], value)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize(("sizes", "skips"), [([9, 12, 4], None),
+                                              ([7, 11, 3, 13, 5], [[1, 3], [2, 4]])])
+def test_contrast_is_the_difference_of_the_energys_parameter_gradients(dtype, sizes,
+                                                                       skips) -> None:
+    """contrast(x, s_a, s_b, w, c) = c sum_s w_s (dE/dtheta(s_a) - dE/dtheta(s_b)) / sum w,
+    dE/dW_l = -s_{l-1} s_l^T, dE/db_l = -s_l, dE/dS_{l,m} = -s_l s_m^T: against the outer
+    products written out in float64, for both loop orders of the small-layer kernel (the
+    larger layer above or below), with skips, and with zero-weight and zero-input samples."""
+    model = LayeredHopfield(sizes, skips=skips)
+    rng = np.random.default_rng(5)
+    x = (rng.random((8, sizes[0])) * (rng.random((8, sizes[0])) < 0.4)).astype(dtype)
+    a, b = (rng.random((8, model.state_size)).astype(dtype) for _ in range(2))
+    w = rng.random(8)
+    w[3] = 0.0
+    got = model.contrast(x, a, b, w, 0.7)
+    c = 0.7 * w / w.sum()
+    layers_a = [x.astype(float)] + [model.layer(a, i).astype(float)
+                                    for i in range(1, len(sizes))]
+    layers_b = [x.astype(float)] + [model.layer(b, i).astype(float)
+                                    for i in range(1, len(sizes))]
+
+    def outer(low: int, high: int) -> np.ndarray:
+        return -((layers_a[low] * c[:, None]).T @ layers_a[high]
+                 - (layers_b[low] * c[:, None]).T @ layers_b[high])
+
+    expected = {f"W{i}": outer(i - 1, i) for i in range(1, len(sizes))}
+    expected.update({f"b{i}": -(c[:, None] * (layers_a[i] - layers_b[i])).sum(axis=0)
+                     for i in range(1, len(sizes))})
+    expected.update({model.skip_name(low, high): outer(low, high)
+                     for low, high in (skips or [])})
+    assert sorted(got) == sorted(expected)
+    tolerance = 1e-6 if dtype == np.float32 else 1e-13
+    for name, value in expected.items():
+        assert got[name].dtype == dtype and got[name].shape == value.shape, name
+        np.testing.assert_allclose(got[name], value, rtol=0, atol=tolerance, err_msg=name)

@@ -144,10 +144,12 @@ class ParameterSpec:
             )
         if not values.size:
             return
-        if self.low == -math.inf and self.high == math.inf and np.isfinite(np.sum(values)):
+        # (array methods and math on Python floats: a training step checks its small
+        # parameters every write, and numpy's function wrappers cost more than the checks)
+        if self.low == -math.inf and self.high == math.inf and math.isfinite(values.sum()):
             return  # unbounded: a finite sum means every value is finite (one pass)
         lo, hi = float(values.min()), float(values.max())
-        if not (np.isfinite(lo) and np.isfinite(hi)):  # NaN, or +-inf even in an open range
+        if not (math.isfinite(lo) and math.isfinite(hi)):  # NaN, or +-inf even in an open range
             raise OutOfRangeError(f"{bench}: write {self.name}: non-finite value refused")
         if not (self.low <= lo and hi <= self.high):
             raise OutOfRangeError(

@@ -92,6 +92,75 @@ def input_contrast(inputs: np.ndarray, weights: np.ndarray, difference: np.ndarr
     return out
 
 
+@numba.njit(cache=True)
+def _pair_contrast(state_a, state_b, low, n_low, high, n_high, weights,
+                   out):  # pragma: no cover - compiled
+    n_samples = state_a.shape[0]
+    # float64 sums over the samples, in order, the inner loop over the larger layer; the
+    # layers are taken from each (contiguous) state row, so the loops vectorize
+    if n_high >= n_low:
+        acc = np.empty(n_high)
+        for i in range(n_low):
+            acc[:] = 0.0
+            for sample in range(n_samples):
+                row_a, row_b = state_a[sample], state_b[sample]
+                wa = np.float64(weights[sample]) * row_a[low + i]
+                wb = np.float64(weights[sample]) * row_b[low + i]
+                above_a, above_b = row_a[high:high + n_high], row_b[high:high + n_high]
+                for j in range(n_high):
+                    acc[j] += wa * above_a[j] - wb * above_b[j]
+            for j in range(n_high):
+                out[i, j] = -acc[j]
+    else:
+        acc = np.empty(n_low)
+        for j in range(n_high):
+            acc[:] = 0.0
+            for sample in range(n_samples):
+                row_a, row_b = state_a[sample], state_b[sample]
+                wa = np.float64(weights[sample]) * row_a[high + j]
+                wb = np.float64(weights[sample]) * row_b[high + j]
+                below_a, below_b = row_a[low:low + n_low], row_b[low:low + n_low]
+                for i in range(n_low):
+                    acc[i] += wa * below_a[i] - wb * below_b[i]
+            for i in range(n_low):
+                out[i, j] = -acc[i]
+
+
+@numba.njit(cache=True)
+def _unit_contrast(state_a, state_b, weights, out):  # pragma: no cover - compiled
+    acc = np.zeros(state_a.shape[1])
+    for sample in range(state_a.shape[0]):
+        w = np.float64(weights[sample])
+        row_a, row_b = state_a[sample], state_b[sample]
+        for j in range(acc.shape[0]):
+            acc[j] += w * (np.float64(row_a[j]) - row_b[j])
+    for j in range(acc.shape[0]):
+        out[j] = -acc[j]
+
+
+def pair_contrast(state_a: np.ndarray, state_b: np.ndarray, low: tuple[int, int],
+                  high: tuple[int, int], weights: np.ndarray) -> np.ndarray:
+    """-(s_a,l^T diag(w) s_a,m - s_b,l^T diag(w) s_b,m), the dE/dW contrast of a coupling
+    between two free layers (W_l, l >= 2, or a skip S_{l,m}) whose units are the columns
+    ``low`` = (start, stop) and ``high`` of the states, shape (n_l, n_m): one numba loop
+    summing in float64 over the samples in order (the two outer products of small layers
+    cost more as numpy temporaries and BLAS calls than as arithmetic)."""
+    state_a, state_b = np.ascontiguousarray(state_a), np.ascontiguousarray(state_b)
+    n_low, n_high = low[1] - low[0], high[1] - high[0]
+    out = np.empty((n_low, n_high), dtype=state_a.dtype)
+    _pair_contrast(state_a, state_b, low[0], n_low, high[0], n_high, weights, out)
+    return out
+
+
+def unit_contrast(state_a: np.ndarray, state_b: np.ndarray, weights: np.ndarray
+                  ) -> np.ndarray:
+    """-sum_s w_s (s_a - s_b) per unit of the whole state, the dE/db_l contrast of every
+    layer at once (float64 sums over the samples in order, in the states' dtype)."""
+    out = np.empty(state_a.shape[1], dtype=state_a.dtype)
+    _unit_contrast(state_a, state_b, weights, out)
+    return out
+
+
 def resolve_skips(n_layers: int, skips: list[list[int]] | list[Skip] | None = None,
                   skip_every: int | None = None) -> tuple[Skip, ...]:
     """The skip couplings (l, m) of a network with L = ``n_layers`` free layers, sorted.
@@ -283,26 +352,29 @@ class LayeredHopfield(SquaredErrorReadout):
 
         dE/dW_l = -s_{l-1} s_l^T, so for the clamped input layer the difference is one product
         -x^T (s_a1 - s_b1) (:func:`input_contrast`, over the inputs that are not zero); deeper
-        layers need both outer products. The scale rides on the
-        per-sample weights, so it costs nothing on the parameter-sized arrays.
+        layers and skips need both outer products (:func:`pair_contrast`), the biases the
+        states' difference (:func:`unit_contrast`). The scale rides on the per-sample
+        weights, so it costs nothing on the parameter-sized arrays.
         """
         batch = state_a.shape[0]
         inputs = np.asarray(inputs, dtype=state_a.dtype)
         w = np.full(batch, 1.0 / batch) if weights is None else weights / max(weights.sum(), 1e-300)
-        w = (w * scale).astype(state_a.dtype, copy=False)[:, None]
+        w = (w * scale).astype(state_a.dtype, copy=False)
+        units = unit_contrast(state_a, state_b, w)  # every dE/db_l = -s_l at once
+        slices = self.layer_slices
         grads: Params = {}
         for index in range(1, self.n_layers + 1):
             a, b = self.layer(state_a, index), self.layer(state_b, index)
             if index == 1:
-                grads["W1"] = input_contrast(inputs, w[:, 0], a - b)
+                grads["W1"] = input_contrast(inputs, w, a - b)
             else:
-                a_below, b_below = self.layer(state_a, index - 1), self.layer(state_b, index - 1)
-                grads[f"W{index}"] = -((a_below * w).T @ a - (b_below * w).T @ b)
-            grads[f"b{index}"] = -np.sum(w * (a - b), axis=0)
+                grads[f"W{index}"] = pair_contrast(state_a, state_b, slices[index - 1],
+                                                   slices[index], w)
+            start, stop = slices[index]
+            grads[f"b{index}"] = units[start:stop]
         for low, high in self.skips:  # dE/dS_{l,m} = -s_l s_m^T
-            grads[self.skip_name(low, high)] = -(
-                (self.layer(state_a, low) * w).T @ self.layer(state_a, high)
-                - (self.layer(state_b, low) * w).T @ self.layer(state_b, high))
+            grads[self.skip_name(low, high)] = pair_contrast(state_a, state_b, slices[low],
+                                                             slices[high], w)
         return grads
 
     def couplings(self, params: Params) -> np.ndarray:
