@@ -327,7 +327,7 @@ def test_thermal_digits_learns_without_output_clamping(store: Path,
     loaded = load_protocol(PROTOCOLS / "thermal_digits.yaml")
     (result, _), nudges = run_never_nudged(loaded, store, monkeypatch)
     assert all(nudge is None for nudge in nudges)
-    assert result.test_accuracy >= 0.93  # 0.961 with the protocol as shipped (seed 0)
+    assert result.test_accuracy >= 0.93  # 0.955 with the protocol as shipped (seed 0)
 
 
 def test_finite_nudge_trains(store: Path) -> None:
