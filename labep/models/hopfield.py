@@ -95,35 +95,26 @@ def input_contrast(inputs: np.ndarray, weights: np.ndarray, difference: np.ndarr
 @numba.njit(cache=True)
 def _pair_contrast(state_a, state_b, low, n_low, high, n_high, weights,
                    out):  # pragma: no cover - compiled
-    n_samples = state_a.shape[0]
     # float64 sums over the samples, in order, the inner loop over the larger layer; the
     # layers are taken from each (contiguous) state row, so the loops vectorize
-    if n_high >= n_low:
-        acc = np.empty(n_high)
-        for i in range(n_low):
-            acc[:] = 0.0
-            for sample in range(n_samples):
-                row_a, row_b = state_a[sample], state_b[sample]
-                wa = np.float64(weights[sample]) * row_a[low + i]
-                wb = np.float64(weights[sample]) * row_b[low + i]
-                above_a, above_b = row_a[high:high + n_high], row_b[high:high + n_high]
-                for j in range(n_high):
-                    acc[j] += wa * above_a[j] - wb * above_b[j]
-            for j in range(n_high):
-                out[i, j] = -acc[j]
-    else:
-        acc = np.empty(n_low)
-        for j in range(n_high):
-            acc[:] = 0.0
-            for sample in range(n_samples):
-                row_a, row_b = state_a[sample], state_b[sample]
-                wa = np.float64(weights[sample]) * row_a[high + j]
-                wb = np.float64(weights[sample]) * row_b[high + j]
-                below_a, below_b = row_a[low:low + n_low], row_b[low:low + n_low]
-                for i in range(n_low):
-                    acc[i] += wa * below_a[i] - wb * below_b[i]
-            for i in range(n_low):
-                out[i, j] = -acc[i]
+    transposed = n_high < n_low
+    small, n_small = (high, n_high) if transposed else (low, n_low)
+    large, n_large = (low, n_low) if transposed else (high, n_high)
+    acc = np.empty(n_large)
+    for p in range(n_small):
+        acc[:] = 0.0
+        for sample in range(state_a.shape[0]):
+            row_a, row_b = state_a[sample], state_b[sample]
+            wa = np.float64(weights[sample]) * row_a[small + p]
+            wb = np.float64(weights[sample]) * row_b[small + p]
+            big_a, big_b = row_a[large:large + n_large], row_b[large:large + n_large]
+            for q in range(n_large):
+                acc[q] += wa * big_a[q] - wb * big_b[q]
+        for q in range(n_large):
+            if transposed:
+                out[q, p] = -acc[q]
+            else:
+                out[p, q] = -acc[q]
 
 
 @numba.njit(cache=True)
