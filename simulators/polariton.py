@@ -330,24 +330,10 @@ def _bordered_substitute(ab, column, corner, pivots, factors, rhs, lower, upper,
 
 
 @numba.njit(cache=True)
-def _bordered_solve(ab, column, row, corner, rhs, lower, upper, m):
-    """Solve [[A, column], [row^T, corner]] x = rhs in place (rhs, of length m + 1, becomes
-    x): :func:`_bordered_factor` then :func:`_bordered_substitute`. False (rhs untouched) if
-    a pivot is zero or not finite."""
-    pivots = np.empty(m, dtype=np.int64)
-    factors = np.empty(m)
-    corner = _bordered_factor(ab, column, row, corner, lower, upper, m, pivots, factors)
-    if not math.isfinite(corner):
-        return False
-    _bordered_substitute(ab, column, corner, pivots, factors, rhs, lower, upper, m)
-    return True
-
-
-@numba.njit(cache=True)
 def _implicit_system(re, im, order, neighbour_slots, potential, frame, pump, hopping,
                      interaction, loss, saturation, relaxation, step, flow_re, flow_im,
                      lower, upper, ab, column, row, rhs):
-    """One pseudo-transient step's system of one sample, for :func:`_bordered_solve`: the
+    """One pseudo-transient step's system of one sample, for :func:`_bordered_factor`: the
     unknowns are x = (Re psi, Im psi) of the sites in band ``order``, interleaved, and the
     frame frequency mu; the equations are the backward-Euler step (I / h - df/dx) dx -
     (df/dmu) dmu = f, f = d(psi)/dt in the frame mu = ``frame`` (``flow_re``, ``flow_im``,
