@@ -44,12 +44,8 @@ import sqlite3
 import threading
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
-
-if TYPE_CHECKING:
-    pass
 
 SCHEMA_VERSION = 5
 #: a running run refreshes ``runs.heartbeat`` at most this often (with its step commits)
