@@ -335,3 +335,73 @@ def test_calibration_routine_recovers_the_truth() -> None:
             # give up to ~0.07 LSB
             np.testing.assert_allclose(fitted.value(held), device.realize(held),
                                        atol=0.1 * device.lsb)
+
+
+class _FlakyBench:
+    """A continuous bench that holds what it is written and refuses the writes it is told to."""
+
+    def __init__(self, shape: tuple[int, ...]) -> None:
+        from labep.hardware.bench import BenchSpec, ParameterSpec
+        self.spec = BenchSpec(parameters=(ParameterSpec("W", shape, -np.inf, np.inf),),
+                              input_size=1, state_size=1, output_slice=(0, 1))
+        self.refuse = False
+        self.held: dict[str, np.ndarray] = {}
+
+    def write(self, params: dict) -> None:
+        if self.refuse:
+            raise OSError("link down")
+        self.held = {name: np.array(values) for name, values in params.items()}
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_updates_with_zero_rows_land_where_the_full_additions_do(dtype: type) -> None:
+    """An update whose rows are often all zero (an input coupling's rows of inputs that are
+    zero over a batch) skips the rows the spare buffer already holds: over many steps, with
+    writes that fail (the shadow stays, the buffers do not swap) and a deferred update, the
+    shadow and the bench hold exactly what numpy's additions give, bit for bit."""
+    from labep.hardware.write_path import WritePath
+
+    rows, cols = 300, 256  # 76,800 values: above the parallel pass's threshold
+    rng = np.random.default_rng(7)
+    start = rng.standard_normal((rows, cols))
+    path = WritePath(_FlakyBench((rows, cols)), {"W": start})
+    expected = start.copy()
+    for step in range(24):
+        delta = rng.standard_normal((rows, cols)).astype(dtype)
+        delta[rng.random(rows) < 0.6] = 0.0  # the same rows stay zero for several steps
+        delta[: rows // 3] = 0.0 if step % 3 else delta[: rows // 3]
+        if step == 5:
+            delta[7, 3] = np.nan  # a row with a NaN is not a zero row
+            path.bench.refuse = False
+        if step == 11:
+            delta[9, 2] = np.finfo(dtype).smallest_subnormal  # nor is a subnormal one
+        factor = -0.37 if step % 2 else 1.0
+        path.bench.refuse = step in (4, 8, 9)
+        if step == 15:
+            path.defer({"W": delta}, {"W": factor})
+            expected = expected + (delta * delta.dtype.type(factor) if factor != 1.0 else delta)
+            continue
+        try:
+            path.apply({"W": delta}, {"W": factor})
+        except OSError:
+            assert step in (4, 8, 9)
+            assert path.shadow["W"].tobytes() == expected.tobytes()  # unchanged
+            continue
+        expected = expected + (delta * delta.dtype.type(factor) if factor != 1.0 else delta)
+        assert path.shadow["W"].tobytes() == expected.tobytes(), step
+        assert path.bench.held["W"].tobytes() == expected.tobytes(), step
+    assert np.isnan(path.shadow["W"][7, 3])
+
+
+def test_the_shadow_is_read_only_outside_the_write_path() -> None:
+    """The shadow changes only through the write path (the spare buffer's rows are kept in
+    step with it): writing into a shadow parameter raises, before and after updates."""
+    from labep.hardware.write_path import WritePath
+
+    path = WritePath(_FlakyBench((300, 256)), {"W": np.zeros((300, 256))})
+    with pytest.raises(ValueError, match="read-only"):
+        path.shadow["W"][0, 0] = 1.0
+    path.apply({"W": np.ones((300, 256))})
+    with pytest.raises(ValueError, match="read-only"):
+        path.shadow["W"] += 1.0
+    assert np.all(path.shadow["W"] == 1.0)
