@@ -38,6 +38,9 @@ from labep.hardware.bench import Bench, OutOfRangeError, ParameterSpec
 from labep.hardware.interrupts import deferred_interrupt
 from labep.models import Params
 
+#: from this many values an update is added by numba's threads (numpy below)
+_PARALLEL = 1 << 16
+
 
 @numba.njit(cache=True, parallel=True)
 def _add_flat(theta, delta, factor, out):  # pragma: no cover - compiled
@@ -91,7 +94,7 @@ def add_update(theta: np.ndarray, delta: np.ndarray, out: np.ndarray,
     """
     scale = delta.dtype.type(factor) if delta.dtype.kind == "f" else factor
     if (theta.shape == delta.shape == out.shape and theta.flags.c_contiguous
-            and delta.flags.c_contiguous and out.flags.c_contiguous and theta.size >= 1 << 16):
+            and delta.flags.c_contiguous and out.flags.c_contiguous and theta.size >= _PARALLEL):
         if synced is not None and theta.ndim >= 2 and synced.shape == theta.shape[:1]:
             rows = theta.shape[0]
             _add_rows(theta.reshape(rows, -1), delta.reshape(rows, -1), scale,
@@ -349,10 +352,11 @@ class WritePath:
 
     def _synced_rows(self, name: str) -> np.ndarray | None:
         """The rows where the spare buffer of ``name`` holds the shadow's values (none known
-        once either array was replaced, e.g. by :meth:`defer`); None for a vector. A shadow
+        once either array was replaced, e.g. by :meth:`defer`); None for a vector or a parameter
+        numpy adds (below ``_PARALLEL`` values). A shadow
         changed in place would make them wrong: the shadow changes only here."""
         shadow, spare = self.shadow[name], self._spare[name]
-        if shadow.ndim < 2:
+        if shadow.ndim < 2 or shadow.size < _PARALLEL:
             return None
         kept = self._synced.get(name)
         if kept is None or not ((kept[0] is shadow and kept[1] is spare)
