@@ -333,7 +333,8 @@ def settle_oim(sizes, weights, weight_offsets, transposed, biases, drive_a, driv
                 target[sample], np.empty(n_state), np.empty(n_state), np.empty(n_state),
                 np.empty(n_state if method == 2 else 0), method, dt, kick,
                 noise_key * 1000003 + sample)
-        steps, residual = integrate(_oim_step, _oim_measure, work, tolerance, max_steps, 1)
+        steps, residual = integrate(_oim_step, _oim_measure, work, tolerance, max_steps, 1,
+                                   math.inf)
         for u in range(n_state):
             phases[u] = phases[u] % TWO_PI
         steps_out[sample] = steps

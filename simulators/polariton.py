@@ -16,9 +16,13 @@ max_i |h_i - mu psi_i| / sqrt(N / n) (units of J; see the model) is measured; a 
 when it is at or below tolerance (each sample on its own), or after ``max_steps``.
 
 ``steady_state: implicit`` finds the same fixed point faster. RK4 runs until the residual is
-at or below ``implicit_from`` (0.03 J: the condensate has formed and chosen its branch, but
-its intensity is still far from the gain-loss balance, which RK4 approaches at the slowest
-decay rate, about 0.02 J on the digits grid: 3,600 of its 3,800 steps), then
+at or below ``implicit_from`` (0.02 J: the condensate has formed and, but for states near
+the boundary between two branches, chosen its branch; its intensity is still far from the
+gain-loss balance, which RK4 approaches at the slowest decay rate, about 0.02 J on the digits
+grid: most of its 3,800 steps. The lattice is multistable: handed over at 0.03 J, 7 of 1,280
+states at two sets of trained digits potentials end on another branch than RK4 run to 1e-9;
+at 0.02 J, 2, as many as RK4 at the protocol's 1e-4 itself; ``benchmarks/polariton_basins.py``),
+then
 pseudo-transient continuation takes over: backward-Euler steps (I / h - df/dx) dx = f whose
 size h starts at ``implicit_step`` and grows as the residual falls (by the residual's ratio,
 at least ``implicit_growth`` a step, at most 1e4), with the frame frequency mu an unknown and
@@ -222,7 +226,8 @@ def settle_polariton(re, im, neighbours, potential, pump, hopping, interaction, 
         chord_out[sample] = 0
         if implicit_from > 0.0:
             steps, residual = integrate(_polariton_step, _polariton_measure, work,
-                                        max(tolerance, implicit_from), max_steps, check_every)
+                                        max(tolerance, implicit_from), max_steps, check_every,
+                                        math.inf)
             if tolerance < residual <= implicit_from:
                 iterations, found, found_mu = _implicit_settle(
                     re[sample], im[sample], neighbours, order, neighbour_slots,
@@ -236,12 +241,14 @@ def settle_polariton(re, im, neighbours, potential, pump, hopping, interaction, 
                     residual = found
                     mu[0] = found_mu
                 else:
+                    # on from the restored field, in the frame its last measurement set
                     more, residual = integrate(_polariton_step, _polariton_measure, work,
-                                               tolerance, max_steps - steps, check_every)
+                                               tolerance, max_steps - steps, check_every,
+                                               residual)
                     steps += more
         else:
             steps, residual = integrate(_polariton_step, _polariton_measure, work, tolerance,
-                                        max_steps, check_every)
+                                        max_steps, check_every, math.inf)
         steps_out[sample] = steps
         residual_out[sample] = residual
         mu_out[sample] = mu[0]
@@ -588,7 +595,7 @@ class PolaritonSimulatorOptions(BaseModel):
         "least halve the residual) to the same tolerance on the same residual; RK4 goes on "
         "where it fails.")
     implicit_from: float = Field(
-        0.03, gt=0.0, description="Residual (units of J) at which the implicit solver takes "
+        0.02, gt=0.0, description="Residual (units of J) at which the implicit solver takes "
         "over from RK4 (steady_state implicit).")
     implicit_step: float = Field(
         20.0, gt=0.0, description="First backward-Euler step (units of 1/J); it grows as the "

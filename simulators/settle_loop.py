@@ -22,10 +22,14 @@ import numpy as np
 
 
 @numba.njit(cache=True, inline="always")
-def integrate(step, measure, work, tolerance, max_steps, check_every):
+def integrate(step, measure, work, tolerance, max_steps, check_every, residual):
     """(steps taken, final residual) of one sample: ``step`` until ``measure`` <= tolerance
-    (checked every ``check_every`` steps), ``max_steps`` steps, or a non-finite residual."""
-    residual = measure(work)
+    (checked every ``check_every`` steps), ``max_steps`` steps, or a non-finite residual.
+    ``residual``: the residual ``measure`` gave for ``work`` as it is (a loop that goes on
+    where another stopped, which measured last), or inf to measure it first (a measurement
+    may update ``work``, e.g. a rotating frame, so measuring again would not go on exactly)."""
+    if math.isinf(residual):
+        residual = measure(work)
     steps = 0
     while residual > tolerance and steps < max_steps and math.isfinite(residual):
         block = min(check_every, max_steps - steps)

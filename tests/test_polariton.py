@@ -567,6 +567,49 @@ def test_on_the_digits_protocol_every_state_settles_and_ep_is_exact() -> None:
     assert report["cosine"] > 0.9999
 
 
+@needs_mnist
+def test_the_digits_protocols_steady_state_is_where_the_dynamics_go() -> None:
+    """protocols/polariton_digits.yaml relaxes with the implicit steady state (RK4 to
+    0.02 J, then Newton steps): on training images, free and nudged, its states are those of
+    RK4 run to 1e-9 (the distance up to a global phase far below the 1e-2 of another branch),
+    and closer to them than RK4 at the protocol's own tolerance, in a fraction of the steps."""
+    from labep.run.assembly import build_bench, build_model, stream
+
+    protocol = load_protocol(PROTOCOLS / "polariton_digits.yaml",
+                             [f"dataset.path={MNIST}"]).protocol
+    assert protocol.bench.options["steady_state"] == "implicit"
+    data = protocol.dataset.load()
+    model = build_model(protocol.model, data)
+    params = model.init_params(stream(protocol.seed, 0))
+    x = data.train_inputs[:24]
+    target = model.encode_target(data.train_labels[:24])
+    settle = Settle(protocol.phases.free.tolerance, protocol.phases.free.max_steps)
+
+    def distance(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        fa, fb = model.field(a), model.field(b)
+        phase = np.angle(np.sum(np.conj(fa) * fb, axis=1))
+        return (np.linalg.norm(fa * np.exp(1j * phase)[:, None] - fb, axis=1)
+                / np.linalg.norm(fb, axis=1))
+
+    shipped = build_bench(protocol.bench, model)
+    exact = build_bench(protocol.bench, model, steady_state="rk4")
+    for bench in (shipped, exact):
+        bench.write(params)
+    free = shipped.relax(x, settle=settle)
+    reference = exact.relax(x, settle=Settle(1e-9, 400_000))
+    plain = exact.relax(x, settle=settle)
+    assert free.all_converged and reference.all_converged
+    assert np.all(distance(free.state, reference.state) < 1e-2)
+    assert np.median(distance(free.state, reference.state)) < np.median(
+        distance(plain.state, reference.state))
+    assert free.steps.mean() < 0.5 * plain.steps.mean()
+    nudge = Nudge(protocol.estimator.beta, target)
+    nudged = shipped.relax(x, nudge, start=free.state, settle=settle)
+    nudged_reference = exact.relax(x, nudge, start=reference.state,
+                                   settle=Settle(1e-9, 400_000))
+    assert np.all(distance(nudged.state, nudged_reference.state) < 1e-2)
+
+
 def test_near_equilibrium_ep_approaches_the_exact_gradient_as_dissipation_vanishes() -> None:
     """The gradcheck table's claim, on two rows: ten times the protocol's dissipation
     (gamma = 0.3) is further from the exact gradient than the protocol's (gamma = 0.03),
