@@ -100,3 +100,57 @@ def test_show_prints_the_runs_link_quality_summary(tmp_path: Path,
     text = cli("show", result.run_id, "--store", str(store_path)).stdout
     assert (f"link      frames {link['frames']:.6g}, retries {link['retries']:.6g}, bytes "
             f"resent {link['bytes_resent']:.6g}, reconnects {link['reconnects']:.6g}") in text
+
+
+def test_every_sample_of_a_step_is_counted_once() -> None:
+    """A step's accounting against a sample-by-sample classification: a sample is used only
+    if every phase settled with a finite readout; otherwise it counts once, as non-finite if
+    a phase read it back non-finite, else as unsettled, in the free phase first (a sample
+    whose free phase failed was not nudged)."""
+    import numpy as np
+
+    from labep.hardware.bench import Relaxation
+    from labep.run.step import phase_accounting
+
+    rng = np.random.default_rng(11)
+
+    def phase(size: int) -> Relaxation:
+        state = rng.random((size, 3))
+        state[rng.random(size) < 0.2, 1] = np.nan
+        return Relaxation(state, rng.random(size) < 0.8, np.ones(size, dtype=int),
+                          np.zeros(size))
+
+    for trial in range(200):
+        size = int(rng.integers(1, 12))
+        free = phase(size)
+        settled = np.flatnonzero(free.converged & np.isfinite(free.state).all(axis=1))
+        nudged = [phase(len(settled)) for _ in range(int(rng.integers(0, 3)))] if len(
+            settled) else []
+        if trial % 7 == 0:  # every phase settles: the common case
+            free = Relaxation(np.ones((size, 3)), np.ones(size, bool), free.steps, free.residual)
+            settled = np.arange(size)
+            nudged = [Relaxation(np.ones((size, 3)), np.ones(size, bool), free.steps,
+                                 free.residual) for _ in range(2)]
+        want = dict.fromkeys(["used", "free_nonfinite", "free_unsettled", "nudged_nonfinite",
+                              "nudged_unsettled"], 0)
+        used = np.zeros(size, dtype=bool)
+        for sample in range(size):
+            if not np.isfinite(free.state[sample]).all():
+                want["free_nonfinite"] += 1
+                continue
+            if not free.converged[sample]:
+                want["free_unsettled"] += 1
+                continue
+            row = int(np.searchsorted(settled, sample))
+            if any(not np.isfinite(p.state[row]).all() for p in nudged):
+                want["nudged_nonfinite"] += 1
+            elif any(not p.converged[row] for p in nudged):
+                want["nudged_unsettled"] += 1
+            else:
+                want["used"] += 1
+                used[sample] = True
+        free_ok, ok, counts = phase_accounting(free, nudged)
+        assert {k.removeprefix("samples_"): v for k, v in counts.items()} == {
+            **want, "skipped": 0}, trial
+        np.testing.assert_array_equal(ok, used)
+        np.testing.assert_array_equal(free_ok, np.isin(np.arange(size), settled))

@@ -5,7 +5,7 @@ inputs clamped, relax each nudged phase the estimator asks for from the free sta
 whose free phase did not settle is not nudged), keep only the samples whose every phase
 settled with a finite readout, estimate the gradient through the model, and apply
 theta <- theta - lr * estimate through the optimizer and the write path. Every sample of the
-step is accounted for (:func:`sample_counts`), and so is every measurement shot a bench
+step is accounted for (:func:`phase_accounting`), and so is every measurement shot a bench
 reports in its phases' ``info["shots"]`` (metric ``shots``: the update's, all phases), and every
 spike a spiking bench reports in ``info["spikes"]`` (metrics ``spikes`` and
 ``spikes_per_sample``, free and nudged phases per sample of the batch).
@@ -96,31 +96,38 @@ def settled_mask(phases: list[Relaxation]) -> np.ndarray:
     return ok
 
 
-def _bad(phases: list[Relaxation], size: int) -> tuple[int, int]:
-    """How many of ``size`` samples read back non-finite in any of ``phases``, and how many
-    others did not settle in one of them."""
-    if all(phase.all_converged and phase.finite.all() for phase in phases):
-        return 0, 0  # the common case, without building masks
-    nonfinite = np.zeros(size, dtype=bool)
-    unsettled = np.zeros(size, dtype=bool)
-    for phase in phases:
-        nonfinite |= ~phase.finite
-        unsettled |= ~phase.converged
-    return int(nonfinite.sum()), int((unsettled & ~nonfinite).sum())
-
-
-def sample_counts(free: Relaxation, free_ok: np.ndarray,
-                  nudged: list[Relaxation]) -> dict[str, int]:
-    """One step's :data:`SAMPLE_COUNTS` (``nudged`` phases ran on the ``free_ok`` samples)."""
-    free_nonfinite, free_unsettled = _bad([free], len(free_ok))
-    nudged_nonfinite, nudged_unsettled = _bad(nudged, int(free_ok.sum()))
-    counts = {"samples_free_nonfinite": free_nonfinite,
-              "samples_free_unsettled": free_unsettled,
-              "samples_nudged_nonfinite": nudged_nonfinite,
-              "samples_nudged_unsettled": nudged_unsettled,
-              "samples_skipped": 0}
-    counts["samples_used"] = len(free_ok) - sum(counts.values())
-    return counts
+def phase_accounting(free: Relaxation, nudged: list[Relaxation]
+                     ) -> tuple[np.ndarray, np.ndarray, dict[str, int]]:
+    """The samples whose free phase settled with a finite readout (``free_ok``), those whose
+    every phase did (``ok``: the update's), and the step's :data:`SAMPLE_COUNTS`. ``nudged``
+    phases ran on the ``free_ok`` samples; a sample is counted once, as non-finite if any
+    phase read it back non-finite, else as unsettled if a phase did not converge (free
+    first, then nudged)."""
+    free_finite = free.finite
+    free_ok = free.converged & free_finite
+    size = free_ok.shape[0]
+    counts = dict.fromkeys(SAMPLE_COUNTS, 0)
+    every = bool(free_ok.all())
+    if not every:
+        counts["samples_free_nonfinite"] = int(np.count_nonzero(~free_finite))
+        counts["samples_free_unsettled"] = int(np.count_nonzero(free_ok != free_finite))
+    ok = free_ok
+    if nudged:
+        finite, converged = nudged[0].finite, nudged[0].converged
+        for phase in nudged[1:]:
+            finite = finite & phase.finite
+            converged = converged & phase.converged
+        nudged_ok = converged & finite
+        if not nudged_ok.all():
+            counts["samples_nudged_nonfinite"] = int(np.count_nonzero(~finite))
+            counts["samples_nudged_unsettled"] = int(np.count_nonzero(nudged_ok != finite))
+            if every:
+                ok = nudged_ok
+            else:
+                ok = free_ok.copy()
+                ok[free_ok] = nudged_ok
+    counts["samples_used"] = size - sum(counts.values())
+    return free_ok, ok, counts
 
 
 def _mean(values: np.ndarray) -> float:
@@ -164,12 +171,8 @@ class StepPhases:
                                "what differed from the shadow",
                                {"changed": report.changed}))
             free, nudged = self._phases(x, target, strengths, correction)
-            free_ok = settled_mask([free])
-            ok = free_ok.copy()
-            if nudged:
-                ok[free_ok] = settled_mask(nudged)
-            counts = sample_counts(free, free_ok, nudged)
-            if not ok.all():
+            free_ok, ok, counts = phase_accounting(free, nudged)
+            if counts["samples_used"] < len(ok):
                 detail = {"samples": int(np.count_nonzero(~ok)), **counts,
                           "free_residual": float(np.max(free.residual)),
                           "nudged_residual": max((float(np.max(p.residual))
