@@ -200,8 +200,8 @@ class StepPhases:
             faults.skip(str(gave_up), len(labels))
             return ({"skipped": 1, **dict.fromkeys(SAMPLE_COUNTS, 0),
                      "samples_skipped": len(labels)}, 0.0, 0)
-        cost = model.cost(free.state, target)
-        hits = int(np.sum(model.predict(free.state) == labels))
+        cost = float(model.cost(free.state, target).sum(dtype=np.float64))
+        hits = int(np.count_nonzero(model.predict(free.state) == labels))
         metrics.update(counts)
         # a bench that measures with shots (the quantum bench) reports each phase's
         shots = [int(p.info["shots"]) for p in (free, *nudged) if "shots" in p.info]
@@ -213,16 +213,16 @@ class StepPhases:
             metrics["spikes"] = sum(spikes)
             metrics["spikes_per_sample"] = sum(spikes) / len(labels)
         metrics.update({
-            "loss": float(cost.mean()),
+            "loss": cost / len(labels),
             "batch_accuracy": hits / len(labels),
             "free_steps": _mean(free.steps),
             # none: thermal_covariance, or no free phase settled
             "nudged_steps": (sum(_mean(p.steps) for p in nudged) / len(nudged)
                              if nudged else 0.0),
-            "free_residual": float(np.max(free.residual)),
-            "unsettled": int(np.count_nonzero(~ok)),
+            "free_residual": float(free.residual.max()),
+            "unsettled": len(labels) - counts["samples_used"],
         })
-        return metrics, float(cost.sum()), hits
+        return metrics, cost, hits
 
     def _phases(self, x: np.ndarray, target: np.ndarray, strengths: list[float],
                 correction: bool) -> tuple[Relaxation, list[Relaxation]]:
