@@ -44,6 +44,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field, replace
+from functools import cache
 from typing import Any, Literal
 
 import numpy as np
@@ -324,6 +325,20 @@ class _Group:
 _RUN, _STATUS = ("run", 0), ("status", 0)
 
 
+@cache
+def _status_payload(wait_ms: int) -> bytes:
+    """A STATUS request's payload (built once per wait: every phase's plan holds one)."""
+    return wire.COMMANDS[Command.STATUS].request.pack(wait_ms=wait_ms)
+
+
+@cache
+def _read_batch_payload(wait_ms: int, count: int) -> bytes:
+    """A READ_BATCH request's payload for records [0, count) (every RELAX_BATCH frame's plan
+    holds one, sent only when the results did not come with the frame's reply)."""
+    return wire.COMMANDS[Command.READ_BATCH].request.pack(wait_ms=wait_ms, offset=0,
+                                                          count=count)
+
+
 class _Sample:
     """Where one sample's relaxation stands (see :meth:`OIMBoard._relax_sample`).
 
@@ -577,9 +592,14 @@ class OIMBoard(BenchLifecycle):
         try:
             yield
         except BaseException as err:
-            self._needs_restore = True
-            self._safe_state(f"error ({type(err).__name__})")
+            self._escaped(err)
             raise
+
+    def _escaped(self, err: BaseException) -> None:
+        """``err`` escapes a public method: the safe state, and a restore before the next
+        relaxation."""
+        self._needs_restore = True
+        self._safe_state(f"error ({type(err).__name__})")
 
     # -- link quality -----------------------------------------------------------------------
 
@@ -653,12 +673,12 @@ class OIMBoard(BenchLifecycle):
         board) and every request fails as ``link_closed``. What the link resynchronised past
         is logged as recovered faults."""
         n = len(requests)
-        first = wire.command_name(requests[0][0]) if requests else what
         try:
             exchange = self._link.exchange(requests, self._reply_timeout(), wait)
         except LinkLost as err:
             if not reconnect:
                 raise
+            first = wire.command_name(requests[0][0]) if requests else what
             self._fault("link_closed", first, str(err), recovered=True, operation=what)
             self._reconnect(first)
             dropped = _Failed("link_closed", first, f"the link dropped: {err}", "retry")
@@ -922,7 +942,7 @@ class OIMBoard(BenchLifecycle):
         return min(round(self.options.poll_wait * 1000), 65535)
 
     def _status_request(self) -> bytes:
-        return wire.COMMANDS[Command.STATUS].request.pack(wait_ms=self._wait_ms())
+        return _status_payload(self._wait_ms())
 
     # -- parameters -------------------------------------------------------------------------
 
@@ -1054,11 +1074,14 @@ class OIMBoard(BenchLifecycle):
         self._require_open()
         settle = settle or Settle(self.options.tolerance, self.options.max_steps)
         plan = self._plan(inputs, nudge, start, settle)
-        with self._guarded():
+        try:  # what _guarded does, without a generator per phase
             if self._needs_restore:
                 self._restore()
             rows = self._relax_batch(plan, settle.readouts)
             return self._relaxation(rows)
+        except BaseException as err:
+            self._escaped(err)
+            raise
 
     def relax_step(self, inputs: np.ndarray, nudges: list[Nudge], free: Settle,
                    nudged: Settle) -> tuple[Relaxation, list[Relaxation]] | None:
@@ -1107,20 +1130,22 @@ class OIMBoard(BenchLifecycle):
                     phase: str | None = None) -> Relaxation:
         """A Relaxation from (phases, invalid mask, status fields) rows; an unsettled sample
         and an invalid readout are logged as faults (``phase``: which phase of a step)."""
-        batch = len(rows)
-        state = np.empty((batch, self.model.state_size), dtype=self.dtype)
-        invalids = np.zeros((batch, self.model.state_size), dtype=bool)
+        n = self.model.state_size
+        if rows:
+            state = np.array([phases for phases, _, _ in rows], dtype=self.dtype)
+            invalids = np.array([invalid for _, invalid, _ in rows], dtype=bool)
+        else:
+            state = np.empty((0, n), dtype=self.dtype)
+            invalids = np.zeros((0, n), dtype=bool)
         statuses = [status for _, _, status in rows]
-        for sample, (phases, invalid, _) in enumerate(rows):
-            state[sample] = phases
-            invalids[sample] = invalid
         steps = np.array([status["steps"] for status in statuses], dtype=np.int64)
         residual = np.array([status["residual"] for status in statuses], dtype=np.float64)
         board_seconds = 0.0
-        for status in statuses:
+        for status in statuses:  # summed in this order, as before (the same float)
             board_seconds += status["elapsed_us"] * 1e-6
-        settled_all = np.array([status["state"] == wire.RunState.SETTLED
-                                for status in statuses], dtype=bool)
+        settled = wire.RunState.SETTLED
+        settled_all = np.array([status["state"] == settled for status in statuses],
+                               dtype=bool)
         readable = ~invalids.any(axis=1)
         converged = settled_all & readable
         if converged.all():
@@ -1322,7 +1347,6 @@ class OIMBoard(BenchLifecycle):
         ended within ``poll_wait``; else READ_BATCH (same wait) polls for them."""
         dtype = self._batch_record(start_codes is not None, target is not None)
         relax_layout = wire.COMMANDS[Command.RELAX_BATCH].request
-        read_layout = wire.COMMANDS[Command.READ_BATCH].request
         result = self._link.batch_record
         reply_head = wire.COMMANDS[Command.RELAX_BATCH].reply.head.size
         largest = min(wire.batch_capacity(dtype.itemsize, relax_layout.head.size),
@@ -1347,12 +1371,11 @@ class OIMBoard(BenchLifecycle):
                 records["start"] = start_codes[rows]
             if target is not None:
                 records["target"] = target[rows]
-            run = (Command.RELAX_BATCH, relax_layout.pack(
-                np.frombuffer(records.tobytes(), dtype=np.uint8), flags=flags, batch=count,
+            run = (Command.RELAX_BATCH, relax_layout.pack_bytes(
+                records.tobytes(), flags=flags, batch=count,
                 max_steps=int(settle.max_steps), tolerance=float(settle.tolerance),
                 beta=strength, wait_ms=wait_ms))
-            read = (Command.READ_BATCH, read_layout.pack(wait_ms=wait_ms, offset=0,
-                                                         count=count))
+            read = (Command.READ_BATCH, _read_batch_payload(wait_ms, count))
             plan.append(_Group([], frozenset(), run, status, [read], [(0, count)],
                                batch=count))
         return plan
@@ -1399,9 +1422,12 @@ class OIMBoard(BenchLifecycle):
         result: only the failed ones are sent again; while STATUS reports RUNNING (the
         reads then answer BUSY) both are polled, at most ``run_timeout``."""
         while not sample.complete:
-            setup = sample.unconfirmed()
-            nbytes = sum(self._pair_bytes(sample.request(key)) for key in [*setup, _RUN])
-            optimistic = self._clean_odds(nbytes) >= _OPTIMISTIC_ODDS
+            if sample.group.batch:  # a RELAX_BATCH frame has no setup to be optimistic about
+                optimistic = True
+            else:
+                setup = sample.unconfirmed()
+                nbytes = sum(self._pair_bytes(sample.request(key)) for key in [*setup, _RUN])
+                optimistic = self._clean_odds(nbytes) >= _OPTIMISTIC_ODDS
             self._relax_attempt([(sample, key) for key in sample.compose(optimistic)])
             if sample.running:
                 if sample.deadline is None:
@@ -1520,7 +1546,7 @@ class OIMBoard(BenchLifecycle):
                 elif (reply["count"] == sample.group.batch
                       and reply.array.size == record * sample.group.batch):
                     sample.status, sample.running = {"state": reply["state"]}, False
-                    sample.reads = [reply.array.tobytes()]
+                    sample.reads = [payload[layout.head.size:]]  # the records' bytes
                 elif key == _RUN:  # ended, but its results did not come with it: read them
                     sample.running = True
                 else:

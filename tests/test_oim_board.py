@@ -234,6 +234,22 @@ def test_phase_and_parameter_codes() -> None:
     assert wire.safe_code(8) == 127 and wire.code_value(127, 8, 2.0) == pytest.approx(-2 / 255)
 
 
+def test_pack_bytes_is_pack_for_byte_arrays_and_refuses_other_layouts() -> None:
+    relax = wire.COMMANDS[wire.Command.RELAX_BATCH].request
+    records = np.zeros(3, dtype=wire.batch_request_dtype(2, 8, 2, 3))
+    records["phases"], records["start"], records["target"] = 0.25, 513, -1.0
+    fields = {"flags": 3, "batch": 3, "max_steps": 2000, "tolerance": 1e-4, "beta": 0.2,
+              "wait_ms": 100}
+    packed = relax.pack(np.frombuffer(records.tobytes(), dtype=np.uint8), **fields)
+    assert relax.pack_bytes(records.tobytes(), **fields) == packed
+    assert relax.unpack(packed).array.tobytes() == records.tobytes()
+    for layout in (wire.COMMANDS[wire.Command.CLAMP].request,  # counted f64 array
+                   wire.COMMANDS[wire.Command.READ_PHASES].reply,  # bitmap
+                   wire.COMMANDS[wire.Command.STATUS].request):  # no array
+        with pytest.raises(TypeError):
+            layout.pack_bytes(b"", offset=0)
+
+
 # -- the driver against a scripted port: bytes out, bytes in ---------------------------------
 
 
