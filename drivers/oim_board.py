@@ -325,6 +325,18 @@ class _Group:
 _RUN, _STATUS = ("run", 0), ("status", 0)
 
 
+@dataclass(frozen=True)
+class _BatchSizes:
+    """A RELAX_BATCH frame pair's record dtype and flags, how many records fit (request and
+    reply), the bytes one sample adds to the pair and the pair's fixed bytes."""
+
+    dtype: np.dtype
+    flags: int
+    largest: int
+    item: int
+    overhead: int
+
+
 @cache
 def _status_payload(wait_ms: int) -> bytes:
     """A STATUS request's payload (built once per wait: every phase's plan holds one)."""
@@ -419,6 +431,7 @@ class OIMBoard(BenchLifecycle):
         self.spec = self._make_spec(None)
         self._link.probe_timeout = self.options.timeout
         self._link.batch_record = wire.batch_result_dtype(model.state_size).itemsize
+        self._batch_size_cache: dict[tuple[bool, bool, int], _BatchSizes] = {}
         #: protocol-defined safe values by parameter (checked against the range on open)
         self._safe_values = safe_values(model.parameter_shapes(), self.options.safe_values,
                                         bench=self.instrument)
@@ -1259,16 +1272,32 @@ class OIMBoard(BenchLifecycle):
         if (self.board.protocol < 2 or self.options.phase_requests != "batch"
                 or settle.readouts != 1):
             return False
-        record = self._batch_record(start, nudged).itemsize
-        head = wire.COMMANDS[Command.RELAX_BATCH].request.head.size
-        reply_head = wire.COMMANDS[Command.RELAX_BATCH].reply.head.size
-        if (wire.batch_capacity(record, head) < 1
-                or wire.batch_capacity(self._link.batch_record, reply_head) < 1):
+        sizes = self._batch_sizes(start, nudged)
+        if sizes.largest < 1:
             return False
         # on a link so noisy that even one sample's frame pair mostly fails, the six small
         # requests of a sample, re-sent selectively, waste less
-        one = 2 * wire.OVERHEAD + head + reply_head + record + self._link.batch_record
-        return self._clean_odds(one) >= _OPTIMISTIC_ODDS
+        return self._clean_odds(sizes.overhead + sizes.item) >= _OPTIMISTIC_ODDS
+
+    def _batch_sizes(self, start: bool, nudged: bool) -> _BatchSizes:
+        """The sizes of a RELAX_BATCH frame pair with or without start codes and targets
+        (they depend only on the model and the board's result record: computed once)."""
+        result = self._link.batch_record
+        key = (start, nudged, result)
+        sizes = self._batch_size_cache.get(key)
+        if sizes is None:
+            dtype = self._batch_record(start, nudged)
+            spec = wire.COMMANDS[Command.RELAX_BATCH]
+            head, reply_head = spec.request.head.size, spec.reply.head.size
+            sizes = self._batch_size_cache[key] = _BatchSizes(
+                dtype=dtype,
+                flags=(wire.BatchFlags.START if start else 0) | (
+                    wire.BatchFlags.NUDGE if nudged else 0),
+                largest=min(wire.batch_capacity(dtype.itemsize, head),
+                            wire.batch_capacity(result, reply_head)),
+                item=dtype.itemsize + result,
+                overhead=2 * wire.OVERHEAD + head + reply_head)
+        return sizes
 
     def _step_frames(self, nudges: list[Nudge], free: Settle, nudged: Settle) -> bool:
         """Whether a step goes out as RELAX_STEP frames (see :meth:`relax_step`)."""
@@ -1345,20 +1374,13 @@ class OIMBoard(BenchLifecycle):
         reply, fewer on a noisy link: the count whose frame pair :func:`best_payload` gives
         at the measured error rate. A frame's reply brings the results when the samples
         ended within ``poll_wait``; else READ_BATCH (same wait) polls for them."""
-        dtype = self._batch_record(start_codes is not None, target is not None)
+        sizes = self._batch_sizes(start_codes is not None, target is not None)
+        dtype, flags, largest, item = sizes.dtype, sizes.flags, sizes.largest, sizes.item
         relax_layout = wire.COMMANDS[Command.RELAX_BATCH].request
-        result = self._link.batch_record
-        reply_head = wire.COMMANDS[Command.RELAX_BATCH].reply.head.size
-        largest = min(wire.batch_capacity(dtype.itemsize, relax_layout.head.size),
-                      wire.batch_capacity(result, reply_head))
-        item = dtype.itemsize + result
-        overhead = 2 * wire.OVERHEAD + relax_layout.head.size + reply_head
-        per_frame = max(1, min(largest, best_payload(self._link.quality.error_rate, overhead,
-                                                     largest * item, smallest=item,
-                                                     frame_cost=self._link.frame_cost())
-                                        // item))
-        flags = (wire.BatchFlags.START if start_codes is not None else 0) | (
-            wire.BatchFlags.NUDGE if target is not None else 0)
+        error_rate = self._link.quality.error_rate
+        per_frame = largest if error_rate <= 0.0 else max(1, min(largest, best_payload(
+            error_rate, sizes.overhead, largest * item, smallest=item,
+            frame_cost=self._link.frame_cost()) // item))
         wait_ms = self._wait_ms()  # the wait of ``status``
         batch = len(clamp)
         plan = []
@@ -1572,7 +1594,7 @@ class OIMBoard(BenchLifecycle):
             assert data is not None
             records = np.frombuffer(data, dtype=dtype)
             invalid = np.unpackbits(records["invalid"], axis=1, count=n,
-                                    bitorder="little").astype(bool)
+                                    bitorder="little").view(bool)  # 0 or 1: a bool view
             phases = wire.codes_to_phases(records["codes"]).astype(self.dtype)
             phases[invalid] = np.nan
             out.extend((phases[i], invalid[i], {"state": state, "steps": steps,
