@@ -637,6 +637,32 @@ def test_close_and_errors_leave_the_emulated_board_safe(emulator_factory) -> Non
     assert emulator.board.codes["J1"].max() == wire.safe_code(8) and emulator.board.beta == 0.0
 
 
+def test_repeated_inputs_reuse_their_phases_and_changed_ones_do_not(emulator_factory) -> None:
+    emulator = emulator_factory()
+    model = LayeredOIM([2, 4, 2], shil=0.1)
+    board = OIMBoard(model, resource=emulator.url)
+    board.open()
+    board.write(board_codes(board))
+    x = XOR.copy()
+    first = board.relax(x, settle=SETTLE)
+    assert np.array_equal(board.relax(x, settle=SETTLE).state, first.state, equal_nan=True)
+    x[0] = x[3]  # changed in place: the same array object, other bytes
+    again = board.relax(x, settle=SETTLE)
+    assert np.array_equal(again.state[0], first.state[3], equal_nan=True)
+    assert np.array_equal(again.state[1:], first.state[1:], equal_nan=True)
+    as32 = board.relax(XOR.astype(np.float32), settle=SETTLE)  # other dtype: other key
+    assert np.array_equal(as32.state, first.state, equal_nan=True)
+    bad = XOR.copy()
+    bad[1, 0] = np.nan
+    with pytest.raises(ValueError, match="finite"):
+        board.relax(bad, settle=SETTLE)
+    with pytest.raises(ValueError, match="finite"):  # still refused when asked again
+        board.relax(bad, settle=SETTLE)
+    with pytest.raises(ValueError):  # its phases are not handed out for writing
+        board._clamp_phases(XOR)[1][0, 0] = 0.0
+    board.close()
+
+
 def test_protocol_defined_safe_values_on_open_close_and_error(emulator_factory) -> None:
     """``bench.options.safe_values`` puts the named parameters at their safe value (RESET, then
     the writes) on open, after an error and on close; the rest stay at the zero code."""
