@@ -326,6 +326,38 @@ _RUN, _STATUS = ("run", 0), ("status", 0)
 
 
 @dataclass(frozen=True)
+class _Rows:
+    """Relaxed samples, in arrays: the read-back phases (``dtype``, NaN where invalid), the
+    invalid masks and each sample's STATUS fields (run state, steps, residual, elapsed_us)."""
+
+    state: np.ndarray
+    invalid: np.ndarray
+    run_state: np.ndarray
+    steps: np.ndarray
+    residual: np.ndarray
+    elapsed_us: np.ndarray
+
+    def take(self, index: np.ndarray) -> _Rows:
+        """The samples ``index`` selects (indices or a boolean mask), in that order."""
+        return _Rows(*(getattr(self, name)[index] for name in _ROW_FIELDS))
+
+    @staticmethod
+    def concat(parts: list[_Rows], size: int, dtype: np.dtype) -> _Rows:
+        """The samples of ``parts`` in order (``size`` oscillators a sample)."""
+        if len(parts) == 1:
+            return parts[0]
+        if not parts:
+            return _Rows(np.empty((0, size), dtype=dtype), np.zeros((0, size), dtype=bool),
+                         np.zeros(0, dtype=np.uint8), np.zeros(0, dtype=np.int64),
+                         np.zeros(0, dtype=np.float64), np.zeros(0, dtype=np.int64))
+        return _Rows(*(np.concatenate([getattr(part, name) for part in parts])
+                       for name in _ROW_FIELDS))
+
+
+_ROW_FIELDS = ("state", "invalid", "run_state", "steps", "residual", "elapsed_us")
+
+
+@dataclass(frozen=True)
 class _BatchSizes:
     """A RELAX_BATCH frame pair's record dtype and flags, how many records fit (request and
     reply), the bytes one sample adds to the pair and the pair's fixed bytes."""
@@ -1125,43 +1157,30 @@ class OIMBoard(BenchLifecycle):
             if self._needs_restore:
                 self._restore()
             rows = self._relax_batch(plan, 1)
-            phases: list[list[tuple[np.ndarray, np.ndarray, dict[str, Any]]]] = [
-                [] for _ in range(1 + len(nudges))]
+            where: list[list[int]] = [[] for _ in range(1 + len(nudges))]
             first = 0
             for group in plan:  # each frame's records: phase by phase
-                count = group.batch // len(phases)
-                for j, phase in enumerate(phases):
-                    phase.extend(rows[first + j * count:first + (j + 1) * count])
+                count = group.batch // len(where)
+                for j, indices in enumerate(where):
+                    indices.extend(range(first + j * count, first + (j + 1) * count))
                 first += group.batch
+            phases = [rows.take(np.array(indices, dtype=np.intp)) for indices in where]
             free_phase = self._relaxation(phases[0], "free")
             ok = free_phase.converged
             if not ok.any():
                 return free_phase, []
             return free_phase, [
-                self._relaxation([row for row, keep in zip(rows_j, ok, strict=True) if keep],
-                                 f"nudged (beta {nudge.strength:+g})")
+                self._relaxation(rows_j.take(ok), f"nudged (beta {nudge.strength:+g})")
                 for nudge, rows_j in zip(nudges, phases[1:], strict=True)]
 
-    def _relaxation(self, rows: list[tuple[np.ndarray, np.ndarray, dict[str, Any]]],
-                    phase: str | None = None) -> Relaxation:
-        """A Relaxation from (phases, invalid mask, status fields) rows; an unsettled sample
-        and an invalid readout are logged as faults (``phase``: which phase of a step)."""
-        n = self.model.state_size
-        if rows:
-            state = np.array([phases for phases, _, _ in rows], dtype=self.dtype)
-            invalids = np.array([invalid for _, invalid, _ in rows], dtype=bool)
-        else:
-            state = np.empty((0, n), dtype=self.dtype)
-            invalids = np.zeros((0, n), dtype=bool)
-        statuses = [status for _, _, status in rows]
-        steps = np.array([status["steps"] for status in statuses], dtype=np.int64)
-        residual = np.array([status["residual"] for status in statuses], dtype=np.float64)
+    def _relaxation(self, rows: _Rows, phase: str | None = None) -> Relaxation:
+        """A Relaxation from relaxed samples' rows; an unsettled sample and an invalid
+        readout are logged as faults (``phase``: which phase of a step)."""
+        state, invalids, steps, residual = rows.state, rows.invalid, rows.steps, rows.residual
         board_seconds = 0.0
-        for status in statuses:  # summed in this order, as before (the same float)
-            board_seconds += status["elapsed_us"] * 1e-6
-        settled = wire.RunState.SETTLED
-        settled_all = np.array([status["state"] == settled for status in statuses],
-                               dtype=bool)
+        for elapsed in rows.elapsed_us.tolist():  # summed sample by sample, in order
+            board_seconds += elapsed * 1e-6
+        settled_all = rows.run_state == wire.RunState.SETTLED
         readable = ~invalids.any(axis=1)
         converged = settled_all & readable
         if converged.all():
@@ -1169,13 +1188,13 @@ class OIMBoard(BenchLifecycle):
                               {"board_seconds": board_seconds})
         where = {} if phase is None else {"phase": phase}
         for sample in np.flatnonzero(~converged).tolist():
-            invalid, status = invalids[sample], statuses[sample]
-            settled = bool(settled_all[sample])
-            if not settled:
+            invalid = invalids[sample]
+            if not settled_all[sample]:
+                steps_i, residual_i = int(steps[sample]), float(residual[sample])
                 self._fault("unsettled", "RUN", f"sample {sample} did not settle: residual "
-                            f"{status['residual']:.3g} after {status['steps']} steps",
-                            recovered=False, sample=sample, steps=int(status["steps"]),
-                            residual=float(status["residual"]), **where)
+                            f"{residual_i:.3g} after {steps_i} steps",
+                            recovered=False, sample=sample, steps=steps_i,
+                            residual=residual_i, **where)
             if invalid.any():
                 self._fault("invalid_readout", "READ_PHASES",
                             f"sample {sample}: invalid phase readout of "
@@ -1423,9 +1442,8 @@ class OIMBoard(BenchLifecycle):
                                batch=count))
         return plan
 
-    def _relax_batch(self, plan: list[_Group], readouts: int
-                     ) -> list[tuple[np.ndarray, np.ndarray, dict[str, Any]]]:
-        """Every sample relaxed: the phases, the invalid mask and the STATUS fields.
+    def _relax_batch(self, plan: list[_Group], readouts: int) -> _Rows:
+        """Every sample relaxed: the phases, the invalid masks and the STATUS fields.
 
         On a clean link (a group comes back whole with odds of at least 0.8 at the measured
         error rate) every sample's whole group goes out in one pipelined exchange first. Each
@@ -1449,7 +1467,8 @@ class OIMBoard(BenchLifecycle):
             order = samples
         for sample in order:
             self._relax_sample(sample)
-        return [row for sample in samples for row in self._results(sample, readouts)]
+        return _Rows.concat([self._results(sample, readouts) for sample in samples],
+                            self.model.state_size, np.dtype(self.dtype))
 
     def _relax_sample(self, sample: _Sample) -> None:
         """Finish one sample's relaxation, whose context on the board (the registers and the
@@ -1601,16 +1620,19 @@ class OIMBoard(BenchLifecycle):
                 tries = sample.tries.setdefault(key, _Tries())
                 failed.append((tries, failure, self._pair_bytes(sample.request(key))))
 
-    def _results(self, sample: _Sample, readouts: int
-                 ) -> list[tuple[np.ndarray, np.ndarray, dict[str, Any]]]:
-        """(phases, invalid mask, status fields) of each sample of a completed group."""
-        assert sample.complete and sample.status is not None
+    def _results(self, sample: _Sample, readouts: int) -> _Rows:
+        """The rows of the samples of a completed group."""
+        status = sample.status
+        assert sample.complete and status is not None
+        n = self.model.state_size
         if not sample.group.batch:
             phases, invalid = self._phases(sample.reads, sample.group.where, readouts)
-            return [(phases, invalid, sample.status)]
-        n = self.model.state_size
+            return _Rows(phases[None], invalid[None], np.array([status["state"]]),
+                         np.array([status["steps"]], dtype=np.int64),
+                         np.array([status["residual"]], dtype=np.float64),
+                         np.array([status["elapsed_us"]], dtype=np.int64))
         dtype = wire.batch_result_dtype(n)
-        out = []
+        parts = []
         for data in sample.reads:  # each reply's records decoded at once
             assert data is not None
             records = np.frombuffer(data, dtype=dtype)
@@ -1618,13 +1640,11 @@ class OIMBoard(BenchLifecycle):
                                     bitorder="little").view(bool)  # 0 or 1: a bool view
             phases = wire.codes_to_phases(records["codes"]).astype(self.dtype)
             phases[invalid] = np.nan
-            out.extend((phases[i], invalid[i], {"state": state, "steps": steps,
-                                                "residual": residual, "elapsed_us": elapsed})
-                       for i, (state, steps, residual, elapsed) in enumerate(zip(
-                           records["state"].tolist(), records["steps"].tolist(),
-                           records["residual"].tolist(), records["elapsed_us"].tolist(),
-                           strict=True)))
-        return out
+            parts.append(_Rows(phases, invalid, records["state"],
+                               records["steps"].astype(np.int64),
+                               records["residual"].astype(np.float64),
+                               records["elapsed_us"].astype(np.int64)))
+        return _Rows.concat(parts, n, np.dtype(self.dtype))
 
     def _phases(self, payloads: list[bytes | None], where: list[tuple[int, int]],
                 readouts: int) -> tuple[np.ndarray, np.ndarray]:
