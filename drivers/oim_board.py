@@ -355,6 +355,12 @@ class _Rows:
 
 
 _ROW_FIELDS = ("state", "invalid", "run_state", "steps", "residual", "elapsed_us")
+_SETTLED = int(wire.RunState.SETTLED)
+
+
+def _all_finite(array: np.ndarray) -> bool:
+    """np.isfinite(array).all(), as one ufunc reduction over every axis."""
+    return bool(np.logical_and.reduce(np.isfinite(array), axis=None))
 
 
 @dataclass(frozen=True)
@@ -1180,10 +1186,11 @@ class OIMBoard(BenchLifecycle):
         board_seconds = 0.0
         for elapsed in rows.elapsed_us.tolist():  # summed sample by sample, in order
             board_seconds += elapsed * 1e-6
-        settled_all = rows.run_state == wire.RunState.SETTLED
-        readable = ~invalids.any(axis=1)
-        converged = settled_all & readable
-        if converged.all():
+        # (ufunc reductions: ndarray.all/any add a Python wrapper per call; a plain int, not
+        # the IntEnum, for the comparison)
+        settled_all = rows.run_state == _SETTLED
+        converged = settled_all & ~np.logical_or.reduce(invalids, axis=1)
+        if np.logical_and.reduce(converged):
             return Relaxation(state, converged, steps, residual,
                               {"board_seconds": board_seconds})
         where = {} if phase is None else {"phase": phase}
@@ -1205,7 +1212,7 @@ class OIMBoard(BenchLifecycle):
 
     def _checked_inputs(self, inputs: np.ndarray) -> np.ndarray:
         x = np.asarray(inputs, dtype=self.dtype)
-        if x.ndim != 2 or x.shape[1] != self.model.input_size or not np.isfinite(x).all():
+        if x.ndim != 2 or x.shape[1] != self.model.input_size or not _all_finite(x):
             raise ValueError(f"{self.instrument}: inputs must be finite, (batch, "
                              f"{self.model.input_size}), got {x.shape}")
         return x
@@ -1238,7 +1245,7 @@ class OIMBoard(BenchLifecycle):
             return None
         assert nudge is not None
         target = np.asarray(nudge.target, dtype=np.float64)
-        if target.shape != (batch, self.model.output_size) or not np.isfinite(target).all():
+        if target.shape != (batch, self.model.output_size) or not _all_finite(target):
             raise ValueError(f"{self.instrument}: nudge target must be finite, ({batch}, "
                              f"{self.model.output_size}), got {target.shape}")
         return target
@@ -1258,7 +1265,7 @@ class OIMBoard(BenchLifecycle):
         batch = x.shape[0]
         if start is not None:
             start = np.asarray(start, dtype=np.float64)
-            if start.shape != (batch, model.state_size) or not np.isfinite(start).all():
+            if start.shape != (batch, model.state_size) or not _all_finite(start):
                 raise ValueError(f"{self.instrument}: start must be finite, ({batch}, "
                                  f"{model.state_size}), got {start.shape}")
             start_codes = wire.phases_to_codes(start)
