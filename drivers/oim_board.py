@@ -44,6 +44,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field, replace
+from functools import cache
 from typing import Any, Literal
 
 import numpy as np
@@ -324,6 +325,70 @@ class _Group:
 _RUN, _STATUS = ("run", 0), ("status", 0)
 
 
+@dataclass(frozen=True)
+class _Rows:
+    """Relaxed samples, in arrays: the read-back phases (``dtype``, NaN where invalid), the
+    invalid masks and each sample's STATUS fields (run state, steps, residual, elapsed_us)."""
+
+    state: np.ndarray
+    invalid: np.ndarray
+    run_state: np.ndarray
+    steps: np.ndarray
+    residual: np.ndarray
+    elapsed_us: np.ndarray
+
+    def take(self, index: np.ndarray) -> _Rows:
+        """The samples ``index`` selects (indices or a boolean mask), in that order."""
+        return _Rows(*(getattr(self, name)[index] for name in _ROW_FIELDS))
+
+    @staticmethod
+    def concat(parts: list[_Rows], size: int, dtype: np.dtype) -> _Rows:
+        """The samples of ``parts`` in order (``size`` oscillators a sample)."""
+        if len(parts) == 1:
+            return parts[0]
+        if not parts:
+            return _Rows(np.empty((0, size), dtype=dtype), np.zeros((0, size), dtype=bool),
+                         np.zeros(0, dtype=np.uint8), np.zeros(0, dtype=np.int64),
+                         np.zeros(0, dtype=np.float64), np.zeros(0, dtype=np.int64))
+        return _Rows(*(np.concatenate([getattr(part, name) for part in parts])
+                       for name in _ROW_FIELDS))
+
+
+_ROW_FIELDS = ("state", "invalid", "run_state", "steps", "residual", "elapsed_us")
+_SETTLED = int(wire.RunState.SETTLED)
+
+
+def _all_finite(array: np.ndarray) -> bool:
+    """np.isfinite(array).all(), as one ufunc reduction over every axis."""
+    return bool(np.logical_and.reduce(np.isfinite(array), axis=None))
+
+
+@dataclass(frozen=True)
+class _BatchSizes:
+    """A RELAX_BATCH frame pair's record dtype and flags, how many records fit (request and
+    reply), the bytes one sample adds to the pair and the pair's fixed bytes."""
+
+    dtype: np.dtype
+    flags: int
+    largest: int
+    item: int
+    overhead: int
+
+
+@cache
+def _status_payload(wait_ms: int) -> bytes:
+    """A STATUS request's payload (built once per wait: every phase's plan holds one)."""
+    return wire.COMMANDS[Command.STATUS].request.pack(wait_ms=wait_ms)
+
+
+@cache
+def _read_batch_payload(wait_ms: int, count: int) -> bytes:
+    """A READ_BATCH request's payload for records [0, count) (every RELAX_BATCH frame's plan
+    holds one, sent only when the results did not come with the frame's reply)."""
+    return wire.COMMANDS[Command.READ_BATCH].request.pack(wait_ms=wait_ms, offset=0,
+                                                          count=count)
+
+
 class _Sample:
     """Where one sample's relaxation stands (see :meth:`OIMBoard._relax_sample`).
 
@@ -404,6 +469,10 @@ class OIMBoard(BenchLifecycle):
         self.spec = self._make_spec(None)
         self._link.probe_timeout = self.options.timeout
         self._link.batch_record = wire.batch_result_dtype(model.state_size).itemsize
+        self._batch_size_cache: dict[tuple[bool, bool, int], _BatchSizes] = {}
+        #: the last inputs relaxed (their dtype, shape and bytes), checked, and their phases
+        self._last_clamp: tuple[tuple[str, tuple[int, ...], bytes], np.ndarray,
+                                np.ndarray] | None = None
         #: protocol-defined safe values by parameter (checked against the range on open)
         self._safe_values = safe_values(model.parameter_shapes(), self.options.safe_values,
                                         bench=self.instrument)
@@ -577,9 +646,14 @@ class OIMBoard(BenchLifecycle):
         try:
             yield
         except BaseException as err:
-            self._needs_restore = True
-            self._safe_state(f"error ({type(err).__name__})")
+            self._escaped(err)
             raise
+
+    def _escaped(self, err: BaseException) -> None:
+        """``err`` escapes a public method: the safe state, and a restore before the next
+        relaxation."""
+        self._needs_restore = True
+        self._safe_state(f"error ({type(err).__name__})")
 
     # -- link quality -----------------------------------------------------------------------
 
@@ -653,12 +727,12 @@ class OIMBoard(BenchLifecycle):
         board) and every request fails as ``link_closed``. What the link resynchronised past
         is logged as recovered faults."""
         n = len(requests)
-        first = wire.command_name(requests[0][0]) if requests else what
         try:
             exchange = self._link.exchange(requests, self._reply_timeout(), wait)
         except LinkLost as err:
             if not reconnect:
                 raise
+            first = wire.command_name(requests[0][0]) if requests else what
             self._fault("link_closed", first, str(err), recovered=True, operation=what)
             self._reconnect(first)
             dropped = _Failed("link_closed", first, f"the link dropped: {err}", "retry")
@@ -922,7 +996,7 @@ class OIMBoard(BenchLifecycle):
         return min(round(self.options.poll_wait * 1000), 65535)
 
     def _status_request(self) -> bytes:
-        return wire.COMMANDS[Command.STATUS].request.pack(wait_ms=self._wait_ms())
+        return _status_payload(self._wait_ms())
 
     # -- parameters -------------------------------------------------------------------------
 
@@ -1054,11 +1128,14 @@ class OIMBoard(BenchLifecycle):
         self._require_open()
         settle = settle or Settle(self.options.tolerance, self.options.max_steps)
         plan = self._plan(inputs, nudge, start, settle)
-        with self._guarded():
+        try:  # what _guarded does, without a generator per phase
             if self._needs_restore:
                 self._restore()
             rows = self._relax_batch(plan, settle.readouts)
             return self._relaxation(rows)
+        except BaseException as err:
+            self._escaped(err)
+            raise
 
     def relax_step(self, inputs: np.ndarray, nudges: list[Nudge], free: Settle,
                    nudged: Settle) -> tuple[Relaxation, list[Relaxation]] | None:
@@ -1072,7 +1149,7 @@ class OIMBoard(BenchLifecycle):
         self._require_open()
         if not self._step_frames(nudges, free, nudged):
             return None
-        x = self._checked_inputs(inputs)
+        x, clamp = self._clamp_phases(inputs)
         for settle in (free, nudged):
             self._check_settle(settle)
         targets = [self._checked_target(nudge, len(x)) for nudge in nudges]
@@ -1080,61 +1157,51 @@ class OIMBoard(BenchLifecycle):
         if target is None or any(t is None or not np.array_equal(t, target) for t in targets):
             raise ValueError(f"{self.instrument}: the nudges of a step need one target and "
                              "non-zero strengths")
-        plan = self._plan_steps(self.model.input_phases(x), target,
+        plan = self._plan_steps(clamp, target,
                                 [float(n.strength) for n in nudges], free, nudged)
         with self._guarded():
             if self._needs_restore:
                 self._restore()
             rows = self._relax_batch(plan, 1)
-            phases: list[list[tuple[np.ndarray, np.ndarray, dict[str, Any]]]] = [
-                [] for _ in range(1 + len(nudges))]
+            where: list[list[int]] = [[] for _ in range(1 + len(nudges))]
             first = 0
             for group in plan:  # each frame's records: phase by phase
-                count = group.batch // len(phases)
-                for j, phase in enumerate(phases):
-                    phase.extend(rows[first + j * count:first + (j + 1) * count])
+                count = group.batch // len(where)
+                for j, indices in enumerate(where):
+                    indices.extend(range(first + j * count, first + (j + 1) * count))
                 first += group.batch
+            phases = [rows.take(np.array(indices, dtype=np.intp)) for indices in where]
             free_phase = self._relaxation(phases[0], "free")
             ok = free_phase.converged
             if not ok.any():
                 return free_phase, []
             return free_phase, [
-                self._relaxation([row for row, keep in zip(rows_j, ok, strict=True) if keep],
-                                 f"nudged (beta {nudge.strength:+g})")
+                self._relaxation(rows_j.take(ok), f"nudged (beta {nudge.strength:+g})")
                 for nudge, rows_j in zip(nudges, phases[1:], strict=True)]
 
-    def _relaxation(self, rows: list[tuple[np.ndarray, np.ndarray, dict[str, Any]]],
-                    phase: str | None = None) -> Relaxation:
-        """A Relaxation from (phases, invalid mask, status fields) rows; an unsettled sample
-        and an invalid readout are logged as faults (``phase``: which phase of a step)."""
-        batch = len(rows)
-        state = np.empty((batch, self.model.state_size), dtype=self.dtype)
-        invalids = np.zeros((batch, self.model.state_size), dtype=bool)
-        statuses = [status for _, _, status in rows]
-        for sample, (phases, invalid, _) in enumerate(rows):
-            state[sample] = phases
-            invalids[sample] = invalid
-        steps = np.array([status["steps"] for status in statuses], dtype=np.int64)
-        residual = np.array([status["residual"] for status in statuses], dtype=np.float64)
+    def _relaxation(self, rows: _Rows, phase: str | None = None) -> Relaxation:
+        """A Relaxation from relaxed samples' rows; an unsettled sample and an invalid
+        readout are logged as faults (``phase``: which phase of a step)."""
+        state, invalids, steps, residual = rows.state, rows.invalid, rows.steps, rows.residual
         board_seconds = 0.0
-        for status in statuses:
-            board_seconds += status["elapsed_us"] * 1e-6
-        settled_all = np.array([status["state"] == wire.RunState.SETTLED
-                                for status in statuses], dtype=bool)
-        readable = ~invalids.any(axis=1)
-        converged = settled_all & readable
-        if converged.all():
+        for elapsed in rows.elapsed_us.tolist():  # summed sample by sample, in order
+            board_seconds += elapsed * 1e-6
+        # (ufunc reductions: ndarray.all/any add a Python wrapper per call; a plain int, not
+        # the IntEnum, for the comparison)
+        settled_all = rows.run_state == _SETTLED
+        converged = settled_all & ~np.logical_or.reduce(invalids, axis=1)
+        if np.logical_and.reduce(converged):
             return Relaxation(state, converged, steps, residual,
                               {"board_seconds": board_seconds})
         where = {} if phase is None else {"phase": phase}
         for sample in np.flatnonzero(~converged).tolist():
-            invalid, status = invalids[sample], statuses[sample]
-            settled = bool(settled_all[sample])
-            if not settled:
+            invalid = invalids[sample]
+            if not settled_all[sample]:
+                steps_i, residual_i = int(steps[sample]), float(residual[sample])
                 self._fault("unsettled", "RUN", f"sample {sample} did not settle: residual "
-                            f"{status['residual']:.3g} after {status['steps']} steps",
-                            recovered=False, sample=sample, steps=int(status["steps"]),
-                            residual=float(status["residual"]), **where)
+                            f"{residual_i:.3g} after {steps_i} steps",
+                            recovered=False, sample=sample, steps=steps_i,
+                            residual=residual_i, **where)
             if invalid.any():
                 self._fault("invalid_readout", "READ_PHASES",
                             f"sample {sample}: invalid phase readout of "
@@ -1145,10 +1212,29 @@ class OIMBoard(BenchLifecycle):
 
     def _checked_inputs(self, inputs: np.ndarray) -> np.ndarray:
         x = np.asarray(inputs, dtype=self.dtype)
-        if x.ndim != 2 or x.shape[1] != self.model.input_size or not np.isfinite(x).all():
+        if x.ndim != 2 or x.shape[1] != self.model.input_size or not _all_finite(x):
             raise ValueError(f"{self.instrument}: inputs must be finite, (batch, "
                              f"{self.model.input_size}), got {x.shape}")
         return x
+
+    def _clamp_phases(self, inputs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The checked inputs and their input phases. The last batch's are kept: EP relaxes
+        the same batch for its free and nudged phases, so an input array equal byte for
+        byte (same dtype and shape) to the last one reuses its check and phases (the same
+        arrays: neither is written to)."""
+        if isinstance(inputs, np.ndarray):
+            key = (inputs.dtype.str, inputs.shape, inputs.tobytes())
+            last = self._last_clamp
+            if last is not None and last[0] == key:
+                return last[1], last[2]
+        else:
+            key = None
+        x = self._checked_inputs(inputs)
+        clamp = self.model.input_phases(x)
+        clamp.flags.writeable = False  # kept for the next call: nothing may change it
+        if key is not None:
+            self._last_clamp = (key, x, clamp)
+        return x, clamp
 
     def _checked_target(self, nudge: Nudge | None, batch: int) -> np.ndarray | None:
         """The nudge's targets (None for no nudge or strength 0), checked."""
@@ -1159,7 +1245,7 @@ class OIMBoard(BenchLifecycle):
             return None
         assert nudge is not None
         target = np.asarray(nudge.target, dtype=np.float64)
-        if target.shape != (batch, self.model.output_size) or not np.isfinite(target).all():
+        if target.shape != (batch, self.model.output_size) or not _all_finite(target):
             raise ValueError(f"{self.instrument}: nudge target must be finite, ({batch}, "
                              f"{self.model.output_size}), got {target.shape}")
         return target
@@ -1175,12 +1261,11 @@ class OIMBoard(BenchLifecycle):
         """The requests of every sample, after checking every argument; arrays in blocks of
         :meth:`_frame_count` elements."""
         model = self.model
-        x = self._checked_inputs(inputs)
+        x, clamp = self._clamp_phases(inputs)
         batch = x.shape[0]
-        clamp = model.input_phases(x)
         if start is not None:
             start = np.asarray(start, dtype=np.float64)
-            if start.shape != (batch, model.state_size) or not np.isfinite(start).all():
+            if start.shape != (batch, model.state_size) or not _all_finite(start):
                 raise ValueError(f"{self.instrument}: start must be finite, ({batch}, "
                                  f"{model.state_size}), got {start.shape}")
             start_codes = wire.phases_to_codes(start)
@@ -1234,16 +1319,32 @@ class OIMBoard(BenchLifecycle):
         if (self.board.protocol < 2 or self.options.phase_requests != "batch"
                 or settle.readouts != 1):
             return False
-        record = self._batch_record(start, nudged).itemsize
-        head = wire.COMMANDS[Command.RELAX_BATCH].request.head.size
-        reply_head = wire.COMMANDS[Command.RELAX_BATCH].reply.head.size
-        if (wire.batch_capacity(record, head) < 1
-                or wire.batch_capacity(self._link.batch_record, reply_head) < 1):
+        sizes = self._batch_sizes(start, nudged)
+        if sizes.largest < 1:
             return False
         # on a link so noisy that even one sample's frame pair mostly fails, the six small
         # requests of a sample, re-sent selectively, waste less
-        one = 2 * wire.OVERHEAD + head + reply_head + record + self._link.batch_record
-        return self._clean_odds(one) >= _OPTIMISTIC_ODDS
+        return self._clean_odds(sizes.overhead + sizes.item) >= _OPTIMISTIC_ODDS
+
+    def _batch_sizes(self, start: bool, nudged: bool) -> _BatchSizes:
+        """The sizes of a RELAX_BATCH frame pair with or without start codes and targets
+        (they depend only on the model and the board's result record: computed once)."""
+        result = self._link.batch_record
+        key = (start, nudged, result)
+        sizes = self._batch_size_cache.get(key)
+        if sizes is None:
+            dtype = self._batch_record(start, nudged)
+            spec = wire.COMMANDS[Command.RELAX_BATCH]
+            head, reply_head = spec.request.head.size, spec.reply.head.size
+            sizes = self._batch_size_cache[key] = _BatchSizes(
+                dtype=dtype,
+                flags=(wire.BatchFlags.START if start else 0) | (
+                    wire.BatchFlags.NUDGE if nudged else 0),
+                largest=min(wire.batch_capacity(dtype.itemsize, head),
+                            wire.batch_capacity(result, reply_head)),
+                item=dtype.itemsize + result,
+                overhead=2 * wire.OVERHEAD + head + reply_head)
+        return sizes
 
     def _step_frames(self, nudges: list[Nudge], free: Settle, nudged: Settle) -> bool:
         """Whether a step goes out as RELAX_STEP frames (see :meth:`relax_step`)."""
@@ -1320,21 +1421,13 @@ class OIMBoard(BenchLifecycle):
         reply, fewer on a noisy link: the count whose frame pair :func:`best_payload` gives
         at the measured error rate. A frame's reply brings the results when the samples
         ended within ``poll_wait``; else READ_BATCH (same wait) polls for them."""
-        dtype = self._batch_record(start_codes is not None, target is not None)
+        sizes = self._batch_sizes(start_codes is not None, target is not None)
+        dtype, flags, largest, item = sizes.dtype, sizes.flags, sizes.largest, sizes.item
         relax_layout = wire.COMMANDS[Command.RELAX_BATCH].request
-        read_layout = wire.COMMANDS[Command.READ_BATCH].request
-        result = self._link.batch_record
-        reply_head = wire.COMMANDS[Command.RELAX_BATCH].reply.head.size
-        largest = min(wire.batch_capacity(dtype.itemsize, relax_layout.head.size),
-                      wire.batch_capacity(result, reply_head))
-        item = dtype.itemsize + result
-        overhead = 2 * wire.OVERHEAD + relax_layout.head.size + reply_head
-        per_frame = max(1, min(largest, best_payload(self._link.quality.error_rate, overhead,
-                                                     largest * item, smallest=item,
-                                                     frame_cost=self._link.frame_cost())
-                                        // item))
-        flags = (wire.BatchFlags.START if start_codes is not None else 0) | (
-            wire.BatchFlags.NUDGE if target is not None else 0)
+        error_rate = self._link.quality.error_rate
+        per_frame = largest if error_rate <= 0.0 else max(1, min(largest, best_payload(
+            error_rate, sizes.overhead, largest * item, smallest=item,
+            frame_cost=self._link.frame_cost()) // item))
         wait_ms = self._wait_ms()  # the wait of ``status``
         batch = len(clamp)
         plan = []
@@ -1347,19 +1440,17 @@ class OIMBoard(BenchLifecycle):
                 records["start"] = start_codes[rows]
             if target is not None:
                 records["target"] = target[rows]
-            run = (Command.RELAX_BATCH, relax_layout.pack(
-                np.frombuffer(records.tobytes(), dtype=np.uint8), flags=flags, batch=count,
+            run = (Command.RELAX_BATCH, relax_layout.pack_bytes(
+                records.tobytes(), flags=flags, batch=count,
                 max_steps=int(settle.max_steps), tolerance=float(settle.tolerance),
                 beta=strength, wait_ms=wait_ms))
-            read = (Command.READ_BATCH, read_layout.pack(wait_ms=wait_ms, offset=0,
-                                                         count=count))
+            read = (Command.READ_BATCH, _read_batch_payload(wait_ms, count))
             plan.append(_Group([], frozenset(), run, status, [read], [(0, count)],
                                batch=count))
         return plan
 
-    def _relax_batch(self, plan: list[_Group], readouts: int
-                     ) -> list[tuple[np.ndarray, np.ndarray, dict[str, Any]]]:
-        """Every sample relaxed: the phases, the invalid mask and the STATUS fields.
+    def _relax_batch(self, plan: list[_Group], readouts: int) -> _Rows:
+        """Every sample relaxed: the phases, the invalid masks and the STATUS fields.
 
         On a clean link (a group comes back whole with odds of at least 0.8 at the measured
         error rate) every sample's whole group goes out in one pipelined exchange first. Each
@@ -1383,7 +1474,8 @@ class OIMBoard(BenchLifecycle):
             order = samples
         for sample in order:
             self._relax_sample(sample)
-        return [row for sample in samples for row in self._results(sample, readouts)]
+        return _Rows.concat([self._results(sample, readouts) for sample in samples],
+                            self.model.state_size, np.dtype(self.dtype))
 
     def _relax_sample(self, sample: _Sample) -> None:
         """Finish one sample's relaxation, whose context on the board (the registers and the
@@ -1399,9 +1491,12 @@ class OIMBoard(BenchLifecycle):
         result: only the failed ones are sent again; while STATUS reports RUNNING (the
         reads then answer BUSY) both are polled, at most ``run_timeout``."""
         while not sample.complete:
-            setup = sample.unconfirmed()
-            nbytes = sum(self._pair_bytes(sample.request(key)) for key in [*setup, _RUN])
-            optimistic = self._clean_odds(nbytes) >= _OPTIMISTIC_ODDS
+            if sample.group.batch:  # a RELAX_BATCH frame has no setup to be optimistic about
+                optimistic = True
+            else:
+                setup = sample.unconfirmed()
+                nbytes = sum(self._pair_bytes(sample.request(key)) for key in [*setup, _RUN])
+                optimistic = self._clean_odds(nbytes) >= _OPTIMISTIC_ODDS
             self._relax_attempt([(sample, key) for key in sample.compose(optimistic)])
             if sample.running:
                 if sample.deadline is None:
@@ -1520,7 +1615,7 @@ class OIMBoard(BenchLifecycle):
                 elif (reply["count"] == sample.group.batch
                       and reply.array.size == record * sample.group.batch):
                     sample.status, sample.running = {"state": reply["state"]}, False
-                    sample.reads = [reply.array.tobytes()]
+                    sample.reads = [payload[layout.head.size:]]  # the records' bytes
                 elif key == _RUN:  # ended, but its results did not come with it: read them
                     sample.running = True
                 else:
@@ -1532,30 +1627,31 @@ class OIMBoard(BenchLifecycle):
                 tries = sample.tries.setdefault(key, _Tries())
                 failed.append((tries, failure, self._pair_bytes(sample.request(key))))
 
-    def _results(self, sample: _Sample, readouts: int
-                 ) -> list[tuple[np.ndarray, np.ndarray, dict[str, Any]]]:
-        """(phases, invalid mask, status fields) of each sample of a completed group."""
-        assert sample.complete and sample.status is not None
+    def _results(self, sample: _Sample, readouts: int) -> _Rows:
+        """The rows of the samples of a completed group."""
+        status = sample.status
+        assert sample.complete and status is not None
+        n = self.model.state_size
         if not sample.group.batch:
             phases, invalid = self._phases(sample.reads, sample.group.where, readouts)
-            return [(phases, invalid, sample.status)]
-        n = self.model.state_size
+            return _Rows(phases[None], invalid[None], np.array([status["state"]]),
+                         np.array([status["steps"]], dtype=np.int64),
+                         np.array([status["residual"]], dtype=np.float64),
+                         np.array([status["elapsed_us"]], dtype=np.int64))
         dtype = wire.batch_result_dtype(n)
-        out = []
+        parts = []
         for data in sample.reads:  # each reply's records decoded at once
             assert data is not None
             records = np.frombuffer(data, dtype=dtype)
             invalid = np.unpackbits(records["invalid"], axis=1, count=n,
-                                    bitorder="little").astype(bool)
+                                    bitorder="little").view(bool)  # 0 or 1: a bool view
             phases = wire.codes_to_phases(records["codes"]).astype(self.dtype)
             phases[invalid] = np.nan
-            out.extend((phases[i], invalid[i], {"state": state, "steps": steps,
-                                                "residual": residual, "elapsed_us": elapsed})
-                       for i, (state, steps, residual, elapsed) in enumerate(zip(
-                           records["state"].tolist(), records["steps"].tolist(),
-                           records["residual"].tolist(), records["elapsed_us"].tolist(),
-                           strict=True)))
-        return out
+            parts.append(_Rows(phases, invalid, records["state"],
+                               records["steps"].astype(np.int64),
+                               records["residual"].astype(np.float64),
+                               records["elapsed_us"].astype(np.int64)))
+        return _Rows.concat(parts, n, np.dtype(self.dtype))
 
     def _phases(self, payloads: list[bytes | None], where: list[tuple[int, int]],
                 readouts: int) -> tuple[np.ndarray, np.ndarray]:

@@ -342,6 +342,14 @@ class Layout:
             invalid, dtype=bool)
         return out + np.packbits(flags, bitorder="little").tobytes()
 
+    def pack_bytes(self, data: bytes, **values: Any) -> bytes:
+        """:meth:`pack` for a layout whose trailing array is bytes (``u1``, no count field, no
+        bitmap: RELAX_BATCH, RELAX_STEP), with the array's bytes as they are (no copy into
+        an array first)."""
+        if self.array != "u1" or self.count is not None or self.bitmap:
+            raise TypeError("pack_bytes is for a trailing u1 array without count or bitmap")
+        return self.head.pack(*[values[name] for name in self.names]) + data
+
     def unpack(self, payload: bytes) -> Payload:
         """Decode a payload; :class:`WireFormatError` if its length does not fit."""
         head = self.head.size

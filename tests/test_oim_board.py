@@ -234,6 +234,22 @@ def test_phase_and_parameter_codes() -> None:
     assert wire.safe_code(8) == 127 and wire.code_value(127, 8, 2.0) == pytest.approx(-2 / 255)
 
 
+def test_pack_bytes_is_pack_for_byte_arrays_and_refuses_other_layouts() -> None:
+    relax = wire.COMMANDS[wire.Command.RELAX_BATCH].request
+    records = np.zeros(3, dtype=wire.batch_request_dtype(2, 8, 2, 3))
+    records["phases"], records["start"], records["target"] = 0.25, 513, -1.0
+    fields = {"flags": 3, "batch": 3, "max_steps": 2000, "tolerance": 1e-4, "beta": 0.2,
+              "wait_ms": 100}
+    packed = relax.pack(np.frombuffer(records.tobytes(), dtype=np.uint8), **fields)
+    assert relax.pack_bytes(records.tobytes(), **fields) == packed
+    assert relax.unpack(packed).array.tobytes() == records.tobytes()
+    for layout in (wire.COMMANDS[wire.Command.CLAMP].request,  # counted f64 array
+                   wire.COMMANDS[wire.Command.READ_PHASES].reply,  # bitmap
+                   wire.COMMANDS[wire.Command.STATUS].request):  # no array
+        with pytest.raises(TypeError):
+            layout.pack_bytes(b"", offset=0)
+
+
 # -- the driver against a scripted port: bytes out, bytes in ---------------------------------
 
 
@@ -619,6 +635,32 @@ def test_close_and_errors_leave_the_emulated_board_safe(emulator_factory) -> Non
         time.sleep(0.01)
     assert emulator.board.is_safe()
     assert emulator.board.codes["J1"].max() == wire.safe_code(8) and emulator.board.beta == 0.0
+
+
+def test_repeated_inputs_reuse_their_phases_and_changed_ones_do_not(emulator_factory) -> None:
+    emulator = emulator_factory()
+    model = LayeredOIM([2, 4, 2], shil=0.1)
+    board = OIMBoard(model, resource=emulator.url)
+    board.open()
+    board.write(board_codes(board))
+    x = XOR.copy()
+    first = board.relax(x, settle=SETTLE)
+    assert np.array_equal(board.relax(x, settle=SETTLE).state, first.state, equal_nan=True)
+    x[0] = x[3]  # changed in place: the same array object, other bytes
+    again = board.relax(x, settle=SETTLE)
+    assert np.array_equal(again.state[0], first.state[3], equal_nan=True)
+    assert np.array_equal(again.state[1:], first.state[1:], equal_nan=True)
+    as32 = board.relax(XOR.astype(np.float32), settle=SETTLE)  # other dtype: other key
+    assert np.array_equal(as32.state, first.state, equal_nan=True)
+    bad = XOR.copy()
+    bad[1, 0] = np.nan
+    with pytest.raises(ValueError, match="finite"):
+        board.relax(bad, settle=SETTLE)
+    with pytest.raises(ValueError, match="finite"):  # still refused when asked again
+        board.relax(bad, settle=SETTLE)
+    with pytest.raises(ValueError):  # its phases are not handed out for writing
+        board._clamp_phases(XOR)[1][0, 0] = 0.0
+    board.close()
 
 
 def test_protocol_defined_safe_values_on_open_close_and_error(emulator_factory) -> None:
