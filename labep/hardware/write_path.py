@@ -16,18 +16,12 @@ its parameters, a write can be verified: the realized values are compared with t
 ones, in LSB, and too large a mismatch stops the run. Writes are counted per parameter and
 code changes per channel (a write budget: some devices wear out).
 
-The shadow is read-only outside this module. An update is added into a spare buffer, which
-becomes the shadow once the write is accepted (the previous shadow becoming the spare); rows
-of the update that are all zero are not added again where the spare already holds them (an
-input coupling's rows of inputs that are zero over a batch: about 40% of MNIST's pixels).
-
 Size: just over 400 lines, kept whole on purpose: labep has one write path, and its rounding,
 calibration, verify and retry rules are read (and reviewed for hardware safety) together.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Literal, Protocol, runtime_checkable
 
@@ -38,9 +32,6 @@ from labep.hardware.bench import Bench, OutOfRangeError, ParameterSpec
 from labep.hardware.interrupts import deferred_interrupt
 from labep.models import Params
 
-#: from this many values an update is added by numba's threads (numpy below)
-_PARALLEL = 1 << 16
-
 
 @numba.njit(cache=True, parallel=True)
 def _add_flat(theta, delta, factor, out):  # pragma: no cover - compiled
@@ -48,34 +39,8 @@ def _add_flat(theta, delta, factor, out):  # pragma: no cover - compiled
         out[i] = theta[i] + delta[i] * factor
 
 
-@numba.njit(cache=True, parallel=True, fastmath={"reassoc"})
-def _add_rows(theta, delta, factor, out, synced):  # pragma: no cover - compiled
-    """_add_flat row by row (2-D views), where a row whose delta is all zero is copied from
-    ``theta`` only if ``out`` does not hold it already (``synced[row]``); afterwards
-    ``synced[row]`` says whether the row's delta was all zero: then ``out`` and ``theta``
-    hold the same row, whichever of them becomes the shadow.
-
-    A row is zero when the sum of its |delta| is (non-negative terms: no cancellation; a NaN
-    makes the sum NaN, not zero), a sum ``reassoc`` lets vectorize; the additions themselves
-    are single operations, which it leaves as they are."""
-    for row in numba.prange(theta.shape[0]):
-        change = delta[row]
-        size = 0.0
-        for j in range(change.shape[0]):
-            size += abs(change[j])
-        zero = size == 0.0
-        here, there = theta[row], out[row]
-        if not zero:
-            for j in range(here.shape[0]):
-                there[j] = here[j] + change[j] * factor
-        elif not synced[row]:
-            for j in range(here.shape[0]):
-                there[j] = here[j]
-        synced[row] = zero
-
-
 def add_update(theta: np.ndarray, delta: np.ndarray, out: np.ndarray,
-               factor: float = 1.0, synced: np.ndarray | None = None) -> np.ndarray:
+               factor: float = 1.0) -> np.ndarray:
     """out = theta + factor * delta (float64), in one parallel pass when the arrays are
     contiguous. ``factor * delta`` is rounded in ``delta``'s dtype before the addition, as
     numpy's ``delta *= factor`` would (a linear optimizer's step -eta s(t) g, taken here
@@ -85,39 +50,13 @@ def add_update(theta: np.ndarray, delta: np.ndarray, out: np.ndarray,
     of the memory bandwidth; this is the per-step cost of every update. Below 65,536 values
     numpy's loop is cheaper than waking numba's threads (a parallel region is a wait for
     every thread, long when another process holds a core); the sums are the same.
-
-    ``synced`` (bool, one per row of ``theta``: the rows where ``out`` already holds
-    ``theta``'s values) lets the pass skip the rows whose delta is all zero: an input
-    coupling's rows of inputs that are zero over the whole batch (about 40% of MNIST's
-    pixels in two batches running). It is updated for the next pass (see :func:`_add_rows`);
-    where the pass cannot use it, it is cleared.
     """
     scale = delta.dtype.type(factor) if delta.dtype.kind == "f" else factor
     if (theta.shape == delta.shape == out.shape and theta.flags.c_contiguous
-            and delta.flags.c_contiguous and out.flags.c_contiguous and theta.size >= _PARALLEL):
-        if synced is not None and theta.ndim >= 2 and synced.shape == theta.shape[:1]:
-            rows = theta.shape[0]
-            _add_rows(theta.reshape(rows, -1), delta.reshape(rows, -1), scale,
-                      out.reshape(rows, -1), synced)
-            return out
+            and delta.flags.c_contiguous and out.flags.c_contiguous and theta.size >= 1 << 16):
         _add_flat(theta.reshape(-1), delta.reshape(-1), scale, out.reshape(-1))
-    else:
-        np.add(theta, delta if factor == 1.0 else delta * scale, out=out)
-    if synced is not None:
-        synced[:] = False
-    return out
-
-
-def _sealed(array: np.ndarray) -> np.ndarray:
-    """``array``, made read-only (a shadow parameter)."""
-    array.flags.writeable = False
-    return array
-
-
-def _writeable(arrays: Iterable[np.ndarray], writeable: bool) -> None:
-    """Seal or unseal buffers that change roles between the shadow and the spare."""
-    for array in arrays:
-        array.flags.writeable = writeable
+        return out
+    return np.add(theta, delta if factor == 1.0 else delta * scale, out=out)
 
 
 Rounding = Literal["nearest", "stochastic", "error_feedback"]
@@ -246,9 +185,7 @@ class WritePath:
     rng: np.random.Generator = field(default_factory=lambda: np.random.default_rng(0))
 
     def __post_init__(self) -> None:
-        # the shadow is read-only outside this class: it changes only through the write path
-        self.shadow = {k: _sealed(np.array(v, dtype=np.float64))
-                       for k, v in self.shadow.items()}
+        self.shadow = {k: np.array(v, dtype=np.float64) for k, v in self.shadow.items()}
         self.specs = {name: self.bench.spec.parameter(name) for name in self.shadow}
         for name, spec in self.specs.items():
             if spec.levels is not None and name not in self.maps:
@@ -266,9 +203,6 @@ class WritePath:
         #: way); :meth:`resync` re-reads the bench and writes them again
         self.unsynced: set[str] = set()
         self._spare = {k: np.empty_like(v) for k, v in self.shadow.items()}
-        #: per parameter: the rows where the spare buffer holds the shadow's values, valid for
-        #: the (shadow, spare) pair of arrays it was kept for (see :func:`add_update`)
-        self._synced: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
 
     @property
     def quantized(self) -> bool:
@@ -326,14 +260,11 @@ class WritePath:
         step -eta s(t) g, :meth:`labep.ep.optimizers.Sgd.factors`, taken in the same pass over
         the parameters as the addition); every ``accumulate`` updates, write the changed
         parameters. The shadow changes only once the write was accepted (or deferred)."""
-        # the candidate goes into a spare buffer; the buffers swap roles once accepted (or
-        # stay, if the write fails: either way the rows a zero delta left alone stay synced)
+        # the candidate goes into a spare buffer; the buffers swap roles once accepted
         candidate = {name: add_update(self.shadow[name], delta, self._spare[name],
-                                      1.0 if factors is None else factors[name],
-                                      self._synced_rows(name))
+                                      1.0 if factors is None else factors[name])
                      for name, delta in update.items()}
         previous = {name: self.shadow[name] for name in candidate}
-        _writeable(candidate.values(), False)
         self.shadow.update(candidate)
         report = WriteReport()
         if self.pending + 1 < self.policy.accumulate:
@@ -343,27 +274,10 @@ class WritePath:
                 report = self._write(list(candidate))
             except BaseException:
                 self.shadow.update(previous)
-                _writeable(candidate.values(), True)
                 raise
             self.pending = 0
-        _writeable(previous.values(), True)
         self._spare.update(previous)
         return report
-
-    def _synced_rows(self, name: str) -> np.ndarray | None:
-        """The rows where the spare buffer of ``name`` holds the shadow's values (none known
-        once either array was replaced, e.g. by :meth:`defer`); None for a vector or a parameter
-        numpy adds (below ``_PARALLEL`` values). A shadow
-        changed in place would make them wrong: the shadow changes only here."""
-        shadow, spare = self.shadow[name], self._spare[name]
-        if shadow.ndim < 2 or shadow.size < _PARALLEL:
-            return None
-        kept = self._synced.get(name)
-        if kept is None or not ((kept[0] is shadow and kept[1] is spare)
-                                or (kept[0] is spare and kept[1] is shadow)):
-            kept = (shadow, spare, np.zeros(shadow.shape[0], dtype=bool))
-            self._synced[name] = kept
-        return kept[2]
 
     def flush(self) -> WriteReport:
         """Write updates still accumulating in the shadow (before an evaluation, at the end)."""
@@ -418,7 +332,7 @@ class WritePath:
                 self.changes[name] += changes[name]
                 self.codes[name] = payload[name]
                 if not self.policy.shadow:
-                    self.shadow[name] = _sealed(self.maps[name].value(payload[name]))
+                    self.shadow[name] = self.maps[name].value(payload[name])
         self.clipped_total += report.clipped
         if self.policy.verify:
             self._verify(names, report)
@@ -505,9 +419,9 @@ class WritePath:
         the update whose write the fault policy gave up on stays in the shadow, and the next
         :meth:`resync` writes it."""
         for name, delta in update.items():
-            self.shadow[name] = _sealed(add_update(self.shadow[name], delta,
-                                                   np.empty_like(self.shadow[name]),
-                                                   1.0 if factors is None else factors[name]))
+            self.shadow[name] = add_update(self.shadow[name], delta,
+                                           np.empty_like(self.shadow[name]),
+                                           1.0 if factors is None else factors[name])
         self.unsynced.update(update)
         self.pending = 0
 
