@@ -617,12 +617,18 @@ def test_invalid_readout_and_unsettled_phases_are_not_converged(emulator_factory
         board.close()
 
 
-def test_close_and_errors_leave_the_emulated_board_safe(emulator_factory) -> None:
+def _open_xor_board(emulator_factory) -> tuple:
+    """An emulated 2-4-2 board, opened through the driver, with codes written."""
     emulator = emulator_factory()
     model = LayeredOIM([2, 4, 2], shil=0.1)
     board = OIMBoard(model, resource=emulator.url)
     board.open()
     board.write(board_codes(board))
+    return emulator, model, board
+
+
+def test_close_and_errors_leave_the_emulated_board_safe(emulator_factory) -> None:
+    emulator, model, board = _open_xor_board(emulator_factory)
     target = model.encode_target(np.array([0, 1, 1, 0]))
     board.relax(XOR, Nudge(0.5, target), settle=SETTLE)
     assert not emulator.board.is_safe() and emulator.board.beta == 0.5
@@ -638,11 +644,7 @@ def test_close_and_errors_leave_the_emulated_board_safe(emulator_factory) -> Non
 
 
 def test_repeated_inputs_reuse_their_phases_and_changed_ones_do_not(emulator_factory) -> None:
-    emulator = emulator_factory()
-    model = LayeredOIM([2, 4, 2], shil=0.1)
-    board = OIMBoard(model, resource=emulator.url)
-    board.open()
-    board.write(board_codes(board))
+    _, _, board = _open_xor_board(emulator_factory)
     x = XOR.copy()
     first = board.relax(x, settle=SETTLE)
     assert np.array_equal(board.relax(x, settle=SETTLE).state, first.state, equal_nan=True)
