@@ -166,6 +166,11 @@ def test_a_worker_killed_mid_sweep_loses_and_duplicates_no_trial(tmp_path: Path)
         db.close()
         assert killed, "no trial ran long enough to be killed"
         results = follow(futures, path, sweep_id, progress=False)
+        # every worker, the one restarted after the kill too, runs without dask's statistical
+        # profiler (its sys._current_frames() can deadlock a worker on CPython 3.11)
+        profiling = client.run(lambda: __import__("dask").config.get(
+            "distributed.worker.profile.enabled"))
+        assert len(profiling) == 2 and not any(profiling.values()), profiling
     assert [r["status"] for r in results] == ["completed"] * 4, results
     with RunStore(path, create=False) as store:
         trials = store.sweep_trials(sweep_id)

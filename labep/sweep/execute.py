@@ -233,8 +233,18 @@ def local_cluster(workers: int | None = None) -> tuple[Any, int]:
     # one worker process per core: numba's and the BLAS pools limited to the worker's share
     env = {"NUMBA_NUM_THREADS": str(threads), "OMP_NUM_THREADS": "1",
            "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    # no statistical profiler in the workers: it samples sys._current_frames() every 10 ms,
+    # and on CPython 3.11 a garbage collection inside that call that frees a threading.local
+    # deadlocks the worker on the interpreter's own lock (cpython gh-106883): the trial hangs
+    # for good. The worker spec carries it, so a worker started again after a crash has it too.
+    import dask.config
+
+    # (the nanny merges this over the current config one level deep: give it all of it)
+    no_profiler = dask.config.merge(
+        dask.config.config, {"distributed": {"worker": {"profile": {"enabled": False}}}})
     cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
-                           dashboard_address=None, silence_logs=logging.ERROR, env=env)
+                           dashboard_address=None, silence_logs=logging.ERROR, env=env,
+                           config=no_profiler)
     return cluster, threads
 
 
