@@ -331,20 +331,25 @@ def test_sigterm_through_the_cli_ends_the_run_interrupted_and_it_resumes(
     process = subprocess.Popen([sys.executable, "-m", "labep.cli.main", "run", str(path),
                                 "--store", str(store_path), "--no-progress"],
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 120
-    steps = 0
-    while steps < 20 and time.monotonic() < deadline and process.poll() is None:
-        time.sleep(0.05)
-        if store_path.exists():
-            db = sqlite3.connect(store_path)
-            try:
-                steps = db.execute("SELECT COUNT(*) FROM steps").fetchone()[0]
-            except sqlite3.OperationalError:
-                steps = 0
-            db.close()
-    assert process.poll() is None, "the run ended before it could be terminated"
-    process.terminate()
-    _, stderr = process.communicate(timeout=60)
+    try:
+        deadline = time.monotonic() + 120
+        steps = 0
+        while steps < 20 and time.monotonic() < deadline and process.poll() is None:
+            time.sleep(0.05)
+            if store_path.exists():
+                db = sqlite3.connect(store_path)
+                try:
+                    steps = db.execute("SELECT COUNT(*) FROM steps").fetchone()[0]
+                except sqlite3.OperationalError:
+                    steps = 0
+                db.close()
+        assert process.poll() is None, "the run ended before it could be terminated"
+        process.terminate()
+        _, stderr = process.communicate(timeout=60)
+    finally:  # a failed check never leaves the run behind
+        if process.poll() is None:
+            process.kill()
+            process.communicate()
     assert process.returncode == 143, stderr
     assert "SIGTERM" in stderr and "Traceback" not in stderr
     with RunStore(store_path) as store:
