@@ -88,14 +88,6 @@ def write_totals(writes: WritePath) -> dict[str, float]:
     return out
 
 
-def settled_mask(phases: list[Relaxation]) -> np.ndarray:
-    """Samples whose every phase converged and read back finite states."""
-    ok = np.ones(phases[0].state.shape[0], dtype=bool)
-    for phase in phases:
-        ok &= phase.converged & phase.finite
-    return ok
-
-
 def phase_accounting(free: Relaxation, nudged: list[Relaxation]
                      ) -> tuple[np.ndarray, np.ndarray, dict[str, int]]:
     """The samples whose free phase settled with a finite readout (``free_ok``), those whose
@@ -173,7 +165,7 @@ class StepPhases:
             free, nudged = self._phases(x, target, strengths, correction)
             free_ok, ok, counts = phase_accounting(free, nudged)
             if counts["samples_used"] < len(ok):
-                detail = {"samples": int(np.count_nonzero(~ok)), **counts,
+                detail = {"samples": len(ok) - counts["samples_used"], **counts,
                           "free_residual": float(np.max(free.residual)),
                           "nudged_residual": max((float(np.max(p.residual))
                                                   for p in nudged), default=0.0)}
@@ -240,7 +232,7 @@ class StepPhases:
             if both is not None:
                 return both
         free = faults.call("free phase", bench.relax, x, settle=self.free_settle)
-        free_ok = settled_mask([free])
+        free_ok = free.converged & free.finite  # as phase_accounting has it
         if not strengths or not free_ok.any():
             return free, []
         # the settled samples' inputs, targets and start states, selected once for every
