@@ -33,9 +33,11 @@ from labep.hardware.bench import Nudge, Relaxation, Settle
 from labep.models.hopfield import LayeredHopfield
 from labep.simulators.device import read_out
 from labep.simulators.hopfield_fields import (
+    U,
     _all_fields,
-    _full_field,
+    _layer_field,
     _output_update,
+    _skip_field,
     _state_offsets,
     drive_row,
     input_drive,
@@ -49,34 +51,35 @@ _INF_BITS = 0x7FF0000000000000
 
 
 @numba.njit(cache=True)
-def _update(units, field, output, target, strength, damping, scratch):
-    """s <- s + a (rho(h) - s) for one layer's ``units`` (a view), hard sigmoid or, for the
-    output layer, the nudged block update; returns max |rho(h) - s| before the move (a NaN
-    change does not count, as with ``max``).
+def _update(row, start, n, field, output, target, strength, damping, scratch):
+    """s <- s + a (rho(h) - s) for one layer's units ``row[start:start + n]``, hard sigmoid
+    or, for the output layer, the nudged block update; returns max |rho(h) - s| before the
+    move (a NaN change does not count, as with ``max``). Flat unsigned indexing, no views
+    (see :mod:`labep.simulators.hopfield_fields`).
 
     The hidden layers' loop vectorizes: |rho(h) - s| goes to ``scratch`` (float64, one more
     entry than the layer), and its maximum is taken over the bits as integers (for
     non-negative float64 the same order; NaNs, above +inf, are left out), a reduction the
     compiler vectorizes where a float maximum (NaN-aware) stays one element at a time."""
+    first = U(start)
     residual = 0.0
     if output:
-        for j in range(units.shape[0]):
-            change = _output_update(field[j], target[j], strength) - units[j]
+        for j in range(U(n)):
+            change = _output_update(field[j], target[j], strength) - row[first + j]
             residual = max(residual, abs(change))
-            units[j] += damping * change
+            row[first + j] += damping * change
         return residual
-    n = units.shape[0]
-    for j in range(n):
-        change = min(max(field[j], 0.0), 1.0) - units[j]
+    for j in range(U(n)):
+        change = min(max(field[j], 0.0), 1.0) - row[first + j]
         scratch[j] = abs(change)
-        units[j] += damping * change
+        row[first + j] += damping * change
     bits = scratch.view(np.int64)
     largest = 0
-    for j in range(n):
+    for j in range(U(n)):
         value = bits[j]
         largest = max(largest, value if value <= _INF_BITS else 0)
-    bits[n] = largest
-    return scratch[n]
+    bits[U(n)] = largest
+    return scratch[U(n)]
 
 
 @numba.njit(cache=True)
@@ -97,12 +100,13 @@ def _settle_sample(sizes, weights, weight_offsets, transposed, biases, bias_offs
                 for layer in range(1, n_layers + 1):
                     if layer % 2 != parity:
                         continue
-                    _full_field(layer, sizes, state_offsets, weights, weight_offsets,
-                                transposed, biases, bias_offsets, drive_row, row,
-                                skip_offsets, skip_lower, skip_upper, field)
-                    units = row[state_offsets[layer - 1]:
-                                state_offsets[layer - 1] + sizes[layer]]
-                    residual = max(residual, _update(units, field, layer == n_layers,
+                    _layer_field(layer, sizes, state_offsets, weights, weight_offsets, transposed,
+                                 biases, bias_offsets, drive_row, row, field)
+                    if skip_lower.shape[0] > 0:
+                        _skip_field(layer, sizes, state_offsets, weights, skip_offsets, skip_lower,
+                                    skip_upper, row, field)
+                    residual = max(residual, _update(row, state_offsets[layer - 1],
+                                                     sizes[layer], field, layer == n_layers,
                                                      target_row, strength, damping, scratch))
         else:
             _all_fields(sizes, state_offsets, weights, weight_offsets, transposed, biases,
@@ -110,8 +114,7 @@ def _settle_sample(sizes, weights, weight_offsets, transposed, biases, bias_offs
                         field, fields)
             for layer in range(1, n_layers + 1):
                 s0 = state_offsets[layer - 1]
-                residual = max(residual, _update(row[s0:s0 + sizes[layer]],
-                                                 fields[s0:s0 + sizes[layer]],
+                residual = max(residual, _update(row, s0, sizes[layer], fields[s0:],
                                                  layer == n_layers, target_row,
                                                  strength, damping, scratch))
         steps += 1

@@ -4,6 +4,15 @@
 
 h_l = b_l + W_l^T s_{l-1} + W_{l+1} s_{l+1} (+ skip terms), the clamped input's drive
 x W_1 + b_1, and the output unit's exact block update under the nudged energy E + beta C.
+
+Indexing: the kernels index the flat buffers (a state row, the weights, the biases) directly,
+``buffer[offset + i]``, with unsigned (uint64) indices, and create no array views in their
+loops. With a signed index numba adds a negative-index wraparound that stops the inner loops
+from vectorizing (hence views indexed from zero, :func:`labep.simulators.layered.coupling_block`);
+an unsigned index has none. A view is not free inside a loop either: each one made or taken
+costs a reference count up and down (about 30 ns), which on the 784-500-10 network's settle
+loop was more than half of a sample-step. Every sum is taken in the same order as with views,
+so the states are the same to the bit.
 """
 
 from __future__ import annotations
@@ -11,55 +20,62 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-from labep.simulators.layered import coupling_block
+#: the kernels' index type (see the module docstring)
+U = numba.uint64
 
 
 @numba.njit(cache=True)
-def _next_nonzero(scales, start):
-    """The first index at or after ``start`` whose scale is not zero (a NaN is not zero), or
-    the length of ``scales``."""
-    while start < scales.shape[0] and scales[start] == 0.0:
-        start += 1
-    return start
+def add_scaled_rows(out, start, n, block, offset, scales, first, count):
+    """out[start:start + n] += sum_r scales[first + r] block[offset + r n : ... + n] over the
+    ``count`` rows r whose scale is not zero (a NaN is not zero), one row after another in
+    increasing r, each sum rounded as it is made (no fastmath here: the order is the result).
+    Every field of a layer from a wider layer, a state vector's or a clamped input's (MNIST's
+    pixels are 81% zero), is this sum; ``block`` is the row-major (count, n) block at
+    ``offset`` of a flat buffer."""
+    for r in range(count):
+        value = scales[U(first + r)]
+        if value != 0.0:
+            row = U(offset + r * n)
+            for j in range(U(n)):
+                out[U(start) + j] += value * block[row + j]
 
 
-@numba.njit(cache=True)
-def add_scaled_rows(out, block, scales):
-    """out += sum_r scales[r] block[r] over the rows r whose scale is not zero, added one row
-    after another in increasing r, each sum rounded as it is made (no fastmath here: the
-    order is the result). Four rows go into one pass over ``out``: the same sums in the same
-    order, with a quarter of the loads and stores of ``out`` (``block`` is (len(scales), n)
-    or wider, ``out`` has n entries). Every field of a layer from a wider layer, a state
-    vector's or a clamped input's (MNIST's pixels are 81% zero), is this sum."""
-    n = out.shape[0]
-    rows = scales.shape[0]
-    r0 = _next_nonzero(scales, 0)
-    while r0 < rows:
-        r1 = _next_nonzero(scales, r0 + 1)
-        r2 = _next_nonzero(scales, r1 + 1) if r1 < rows else rows
-        r3 = _next_nonzero(scales, r2 + 1) if r2 < rows else rows
-        if r3 == rows:  # fewer than four rows left: one at a time
-            for r in (r0, r1, r2):
-                if r < rows:
-                    value, weights = scales[r], block[r]
-                    for j in range(n):
-                        out[j] += value * weights[j]
-            return
-        v0, v1, v2, v3 = scales[r0], scales[r1], scales[r2], scales[r3]
-        w0, w1, w2, w3 = block[r0], block[r1], block[r2], block[r3]
-        for j in range(n):
-            out[j] = (((out[j] + v0 * w0[j]) + v1 * w1[j]) + v2 * w2[j]) + v3 * w3[j]
-        r0 = _next_nonzero(scales, r3 + 1)
+@numba.njit(cache=True, fastmath={"reassoc"})
+def dot_rows(out, n, block, offset, vector, first, width, bias, bias_start):
+    """out[j] = bias[bias_start + j] + block[j] . vector[first:first + width] for the ``n``
+    rows j of the row-major (n, width) block at ``offset`` of a flat buffer, summed from the
+    bias in its dtype. ``reassoc`` lets the dot products vectorize (it reorders sums only: NaN
+    and inf still propagate)."""
+    for j in range(n):
+        row = U(offset + j * width)
+        acc = bias[U(bias_start + j)]
+        for i in range(U(width)):
+            acc += block[row + i] * vector[U(first) + i]
+        out[U(j)] = acc
+
+
+@numba.njit(cache=True, fastmath={"reassoc"})
+def add_dot_rows(out, n, block, offset, vector, first, width):
+    """out[j] += block[j] . vector[first:first + width] for the ``n`` rows j of the row-major
+    (n, width) block at ``offset`` of a flat buffer, each dot product summed in float64 from
+    zero (``reassoc``: as :func:`dot_rows`)."""
+    for j in range(n):
+        row = U(offset + j * width)
+        acc = 0.0
+        for i in range(U(width)):
+            acc += block[row + i] * vector[U(first) + i]
+        out[U(j)] += acc
 
 
 @numba.njit(cache=True)
 def drive_row(inputs_row, coupling, bias, out):
-    """out = x W_1 + b_1 for one sample: b_1 plus the rows of W_1 of the inputs that are not
-    zero, each scaled by its input, added one input after another in order
-    (:func:`add_scaled_rows`; W_1 row-major (n_0, n_1))."""
-    for j in range(bias.shape[0]):
+    """out = x W_1 + b_1 for one sample: b_1 plus the rows of W_1 (row-major (n_0, n_1),
+    contiguous) of the inputs that are not zero, each scaled by its input, added one input
+    after another in order (:func:`add_scaled_rows`)."""
+    n = bias.shape[0]
+    for j in range(U(n)):
         out[j] = bias[j]
-    add_scaled_rows(out, coupling, inputs_row)
+    add_scaled_rows(out, 0, n, coupling.reshape(-1), 0, inputs_row, 0, inputs_row.shape[0])
 
 
 @numba.njit(cache=True, parallel=True)
@@ -87,60 +103,51 @@ def _output_update(field: float, target: float, strength: float) -> float:
     return 1.0 if 0.5 * curvature - drive < 0.0 else 0.0
 
 
-@numba.njit(cache=True, fastmath={"reassoc"})
+@numba.njit(cache=True)
 def _layer_field(layer, sizes, state_offsets, weights, weight_offsets, transposed, biases,
                  bias_offsets, drive_row, row, out):
     """h_l for one sample into ``out``: input drive (l = 1) or b_l + W_l^T s_{l-1}, plus
-    W_{l+1} s_{l+1} from the layer above.
+    W_{l+1} s_{l+1} from the layer above; on a Hopfield-ResNet the caller adds the skip terms
+    (:func:`_skip_field`, called only where there are skips: a wrapper calling both cost a
+    quarter of a sample-step on the 784-500-10 network, numba passing its arrays field by
+    field).
 
     W_l is stored row-major (n_{l-1}, n_l), or transposed (n_l, n_{l-1}) where n_{l-1} > n_l,
-    so that every inner loop runs over the larger of the two layers. Inner loops index views
-    from zero (see :func:`coupling_block`); ``reassoc`` lets the dot products vectorize (it
-    reorders sums only: NaN and inf still propagate).
+    so that every inner loop runs over the larger of the two layers: a dot product
+    (:func:`dot_rows`, :func:`add_dot_rows`) or a sum of scaled rows (:func:`add_scaled_rows`).
     """
     n_here = sizes[layer]
     n_layers = sizes.shape[0] - 1
     if layer == 1:
-        out[:n_here] = drive_row[:n_here]
+        for j in range(U(n_here)):
+            out[j] = drive_row[j]
     else:
         n_below = sizes[layer - 1]
-        bias = biases[bias_offsets[layer - 1]:bias_offsets[layer - 1] + n_here]
-        below = row[state_offsets[layer - 2]:state_offsets[layer - 2] + n_below]
+        bias = bias_offsets[layer - 1]
+        below = state_offsets[layer - 2]
+        offset = weight_offsets[layer - 1]
         if transposed[layer - 1]:
-            block = coupling_block(weights, weight_offsets[layer - 1], n_here, n_below)
-            for j in range(n_here):
-                coupling = block[j]
-                acc = bias[j]
-                for i in range(n_below):
-                    acc += coupling[i] * below[i]
-                out[j] = acc
+            dot_rows(out, n_here, weights, offset, row, below, n_below, biases, bias)
         else:
-            block = coupling_block(weights, weight_offsets[layer - 1], n_below, n_here)
-            for j in range(n_here):
-                out[j] = bias[j]
-            add_scaled_rows(out[:n_here], block, below)
+            for j in range(U(n_here)):
+                out[j] = biases[U(bias) + j]
+            add_scaled_rows(out, 0, n_here, weights, offset, row, below, n_below)
     if layer < n_layers:
         n_above = sizes[layer + 1]
-        above = row[state_offsets[layer]:state_offsets[layer] + n_above]
+        above = state_offsets[layer]
+        offset = weight_offsets[layer]
         if transposed[layer]:
-            block = coupling_block(weights, weight_offsets[layer], n_above, n_here)
-            add_scaled_rows(out[:n_here], block, above)
+            add_scaled_rows(out, 0, n_here, weights, offset, row, above, n_above)
         else:
-            block = coupling_block(weights, weight_offsets[layer], n_here, n_above)
-            for i in range(n_here):
-                coupling = block[i]
-                acc = 0.0
-                for j in range(n_above):
-                    acc += coupling[j] * above[j]
-                out[i] += acc
+            add_dot_rows(out, n_here, weights, offset, row, above, n_above)
 
 
-@numba.njit(cache=True, fastmath={"reassoc"})
+@numba.njit(cache=True)
 def _skip_field(layer, sizes, state_offsets, weights, skip_offsets, skip_lower, skip_upper, row,
                 out):
     """Add the skip terms of layer l to its field ``out``: S_{l,m} s_m for every skip (l, m)
     above it, S_{k,l}^T s_k for every skip (k, l) below it. Each S_{l,m} is stored row-major
-    (n_l, n_m) at ``skip_offsets[k]`` of the weight buffer; loops index views from zero."""
+    (n_l, n_m) at ``skip_offsets[k]`` of the weight buffer."""
     for k in range(skip_lower.shape[0]):
         low = skip_lower[k]
         high = skip_upper[k]
@@ -148,18 +155,12 @@ def _skip_field(layer, sizes, state_offsets, weights, skip_offsets, skip_lower, 
             continue
         n_low = sizes[low]
         n_high = sizes[high]
-        block = coupling_block(weights, skip_offsets[k], n_low, n_high)
         if low == layer:
-            above = row[state_offsets[high - 1]:state_offsets[high - 1] + n_high]
-            for i in range(n_low):
-                coupling = block[i]
-                acc = 0.0
-                for j in range(n_high):
-                    acc += coupling[j] * above[j]
-                out[i] += acc
+            add_dot_rows(out, n_low, weights, skip_offsets[k], row, state_offsets[high - 1],
+                         n_high)
         else:
-            below = row[state_offsets[low - 1]:state_offsets[low - 1] + n_low]
-            add_scaled_rows(out[:n_high], block, below)
+            add_scaled_rows(out, 0, n_high, weights, skip_offsets[k], row,
+                            state_offsets[low - 1], n_low)
 
 
 @numba.njit(cache=True)
@@ -176,18 +177,6 @@ def _state_offsets(sizes):
 
 
 @numba.njit(cache=True)
-def _full_field(layer, sizes, state_offsets, weights, weight_offsets, transposed, biases,
-                bias_offsets, drive_row, row, skip_offsets, skip_lower, skip_upper, out):
-    """The whole local field h_l of one sample into ``out``: :func:`_layer_field` plus, on a
-    Hopfield-ResNet, :func:`_skip_field`."""
-    _layer_field(layer, sizes, state_offsets, weights, weight_offsets, transposed, biases,
-                 bias_offsets, drive_row, row, out)
-    if skip_lower.shape[0] > 0:
-        _skip_field(layer, sizes, state_offsets, weights, skip_offsets, skip_lower,
-                    skip_upper, row, out)
-
-
-@numba.njit(cache=True)
 def _all_fields(sizes, state_offsets, weights, weight_offsets, transposed, biases,
                 bias_offsets, drive_row, row, skip_offsets, skip_lower, skip_upper, field,
                 fields):
@@ -195,6 +184,10 @@ def _all_fields(sizes, state_offsets, weights, weight_offsets, transposed, biase
     ``fields`` (laid out like the state); ``field`` is scratch of the widest layer."""
     for layer in range(1, sizes.shape[0]):
         s0 = state_offsets[layer - 1]
-        _full_field(layer, sizes, state_offsets, weights, weight_offsets, transposed, biases,
-                    bias_offsets, drive_row, row, skip_offsets, skip_lower, skip_upper, field)
-        fields[s0:s0 + sizes[layer]] = field[:sizes[layer]]
+        _layer_field(layer, sizes, state_offsets, weights, weight_offsets, transposed, biases,
+                     bias_offsets, drive_row, row, field)
+        if skip_lower.shape[0] > 0:
+            _skip_field(layer, sizes, state_offsets, weights, skip_offsets, skip_lower,
+                        skip_upper, row, field)
+        for j in range(U(sizes[layer])):
+            fields[U(s0) + j] = field[j]

@@ -57,8 +57,9 @@ from labep.protocol.strict import STRICT_CONFIG
 from labep.simulators.device import read_out
 from labep.simulators.hopfield_fields import (
     _all_fields,
-    _full_field,
+    _layer_field,
     _output_update,
+    _skip_field,
     _state_offsets,
 )
 from labep.simulators.thermal import _uniform
@@ -135,9 +136,12 @@ def spike_layered(sizes, weights, weight_offsets, transposed, biases, bias_offse
                         if layer % 2 != parity:
                             continue
                         s0 = state_offsets[layer - 1]
-                        _full_field(layer, sizes, state_offsets, weights, weight_offsets,
-                                    transposed, biases, bias_offsets, drive[sample], row,
-                                    skip_offsets, skip_lower, skip_upper, field)
+                        _layer_field(layer, sizes, state_offsets, weights, weight_offsets,
+                                     transposed, biases, bias_offsets, drive[sample], row,
+                                     field)
+                        if skip_lower.shape[0] > 0:
+                            _skip_field(layer, sizes, state_offsets, weights, skip_offsets,
+                                        skip_lower, skip_upper, row, field)
                         count += _spike(row[s0:s0 + sizes[layer]], field, layer == n_layers,
                                         target[sample], strength, rate, chain, t, s0)
             else:
@@ -158,9 +162,11 @@ def spike_layered(sizes, weights, weight_offsets, transposed, biases, bias_offse
         residual = 0.0
         for layer in range(1, n_layers + 1):
             s0 = state_offsets[layer - 1]
-            _full_field(layer, sizes, state_offsets, weights, weight_offsets, transposed,
-                        biases, bias_offsets, drive[sample], row, skip_offsets, skip_lower,
-                        skip_upper, field)
+            _layer_field(layer, sizes, state_offsets, weights, weight_offsets, transposed,
+                         biases, bias_offsets, drive[sample], row, field)
+            if skip_lower.shape[0] > 0:
+                _skip_field(layer, sizes, state_offsets, weights, skip_offsets, skip_lower,
+                            skip_upper, row, field)
             for j in range(sizes[layer]):
                 if layer == n_layers:
                     value = _output_update(field[j], target[sample][j], strength)
