@@ -207,7 +207,7 @@ class HopfieldSimulator(LayeredSimulator):
     options_model = HopfieldSimulatorOptions
 
     def __init__(self, model: LayeredHopfield, options: HopfieldSimulatorOptions | None = None):
-        # W_1 only feeds the input drive (a BLAS product), so it stays row-major
+        # W_1 only feeds the input drive (sums of its rows, :func:`drive_row`): it stays row-major
         super().__init__(model, options or HopfieldSimulatorOptions())
         # skip couplings S_{l,m} (row-major blocks of the weight buffer, after W_1 .. W_L)
         skips = getattr(model, "skips", ())
