@@ -31,9 +31,13 @@ from labep.simulators.device import DeviceOptions, ParameterDevice
 def coupling_block(weights, offset, rows, cols):
     """The coupling block at ``offset`` of a flat buffer as a (rows, cols) row-major view.
 
-    Kernels index ``block[j][i]`` and views of the state from zero, never ``buffer[offset + i]``:
-    numba then knows every index is non-negative, drops its negative-index wraparound, and the
-    inner loops vectorize (five times faster on the 784-500-10 networks).
+    A kernel that indexes ``block[j][i]`` and views of the state from zero, never
+    ``buffer[offset + i]`` with a signed index, lets numba know every index is non-negative:
+    it drops its negative-index wraparound, and the inner loops vectorize (five times faster
+    on the 784-500-10 networks). The Hopfield and OIM kernels instead index the flat buffers
+    with unsigned indices, which have no wraparound either and make no views (each view made
+    in a loop costs a reference count up and down): see
+    :mod:`labep.simulators.hopfield_fields` and :func:`labep.simulators.oim._forces`.
     """
     return weights[offset:offset + rows * cols].reshape((rows, cols))
 

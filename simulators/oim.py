@@ -31,11 +31,7 @@ from labep.hardware.bench import Nudge, Relaxation, Settle
 from labep.models.dense_oim import DenseOIM
 from labep.models.oim import LayeredOIM
 from labep.simulators.device import read_out
-from labep.simulators.layered import (
-    LayeredSimulator,
-    LayeredSimulatorOptions,
-    coupling_block,
-)
+from labep.simulators.layered import LayeredSimulator, LayeredSimulatorOptions
 from labep.simulators.settle_loop import integrate, max_abs
 from labep.simulators.sincos import sincos, sincos_like
 from labep.simulators.thermal import SamplingOptions, sample_oim
@@ -67,6 +63,9 @@ _ROWS = 5
 _DOTS = 4
 #: float64 sums may be reassociated (SIMD) and multiply-adds fused (FMA)
 _FAST = {"reassoc", "contract"}
+#: the force kernels' index type: unsigned, so that numba adds no negative-index wraparound
+#: (see :func:`_forces`)
+U = numba.uint64
 
 
 @numba.njit(cache=True, inline="always")
@@ -88,34 +87,46 @@ def _five(values, first, count):
 
 
 @numba.njit(cache=True, fastmath=_FAST)
-def _add_rows(block, first, count, cos_rows, sin_rows, a_out, b_out):
+def _add_rows(weights, offset, n, first, count, cos, sin, base, a_out, b_out):
     """A += sum_k cos(phi_k) J_k and B += sum_k sin(phi_k) J_k over rows k = first ..
-    first + count - 1 (count <= _ROWS) of ``block``, in one pass over A and B (one load and
-    store of each for up to _ROWS rows)."""
-    r0, r1, r2 = block[first], block[_row(first, 1, count)], block[_row(first, 2, count)]
-    r3, r4 = block[_row(first, 3, count)], block[_row(first, 4, count)]
-    c0, c1, c2, c3, c4 = _five(cos_rows, first, count)
+    first + count - 1 (count <= _ROWS) of the row-major (rows, n) coupling block at ``offset``
+    of the flat ``weights``, phi_k being unit ``base + k`` of ``cos``, ``sin``; A and B are
+    the first n entries of ``a_out``, ``b_out``. One pass over A and B (one load and store of
+    each for up to _ROWS rows); flat unsigned indexing, no views (see :func:`_forces`)."""
+    o0 = U(offset + first * n)
+    o1 = U(offset + _row(first, 1, count) * n)
+    o2 = U(offset + _row(first, 2, count) * n)
+    o3 = U(offset + _row(first, 3, count) * n)
+    o4 = U(offset + _row(first, 4, count) * n)
+    c0, c1, c2, c3, c4 = _five(cos, base + first, count)
     # A and B in separate loops: a loop over more arrays does not vectorize (numba cannot
     # tell LLVM they do not overlap, and LLVM gives up on that many run-time checks)
-    for i in range(a_out.shape[0]):
-        a_out[i] += c0 * r0[i] + c1 * r1[i] + c2 * r2[i] + c3 * r3[i] + c4 * r4[i]
-    s0, s1, s2, s3, s4 = _five(sin_rows, first, count)
-    for i in range(b_out.shape[0]):
-        b_out[i] += s0 * r0[i] + s1 * r1[i] + s2 * r2[i] + s3 * r3[i] + s4 * r4[i]
+    for i in range(U(n)):
+        a_out[i] += (c0 * weights[o0 + i] + c1 * weights[o1 + i] + c2 * weights[o2 + i]
+                     + c3 * weights[o3 + i] + c4 * weights[o4 + i])
+    s0, s1, s2, s3, s4 = _five(sin, base + first, count)
+    for i in range(U(n)):
+        b_out[i] += (s0 * weights[o0 + i] + s1 * weights[o1 + i] + s2 * weights[o2 + i]
+                     + s3 * weights[o3 + i] + s4 * weights[o4 + i])
 
 
 @numba.njit(cache=True, fastmath=_FAST)
-def _dot_rows(block, first, count, cos_cols, sin_cols, a_out, b_out):
+def _dot_rows(weights, offset, width, first, count, cos, sin, base, a_out, b_out):
     """A_j += J_j . cos(phi) and B_j += J_j . sin(phi) for rows j = first .. first + count - 1
-    (count <= _DOTS) of ``block``: one pass over cos(phi), sin(phi) for all of them."""
-    r0, r1 = block[first], block[_row(first, 1, count)]
-    r2, r3 = block[_row(first, 2, count)], block[_row(first, 3, count)]
+    (count <= _DOTS) of the row-major (rows, width) coupling block at ``offset`` of the flat
+    ``weights``, phi the ``width`` units from ``base`` of ``cos``, ``sin``: one pass over
+    cos(phi), sin(phi) for all of them (flat unsigned indexing, see :func:`_forces`)."""
+    o0 = U(offset + first * width)
+    o1 = U(offset + _row(first, 1, count) * width)
+    o2 = U(offset + _row(first, 2, count) * width)
+    o3 = U(offset + _row(first, 3, count) * width)
+    start = U(base)
     a0 = a1 = a2 = a3 = 0.0
     b0 = b1 = b2 = b3 = 0.0
-    for i in range(cos_cols.shape[0]):
-        c = cos_cols[i]
-        s = sin_cols[i]
-        w0, w1, w2, w3 = r0[i], r1[i], r2[i], r3[i]
+    for i in range(U(width)):
+        c = cos[start + i]
+        s = sin[start + i]
+        w0, w1, w2, w3 = weights[o0 + i], weights[o1 + i], weights[o2 + i], weights[o3 + i]
         a0 += w0 * c
         a1 += w1 * c
         a2 += w2 * c
@@ -147,73 +158,69 @@ def _forces(sizes, offsets, weights, weight_offsets, transposed, biases, drive_a
     Per layer l the fields start at A = h_l (+ cos(phi_0) J_1 for layer 1, the clamp's
     ``drive_a``), B = g_l (+ ``drive_b``), and gather J_l from below and J_{l+1} from above, a
     few coupling rows a pass (:func:`_add_rows`, :func:`_dot_rows`); float32 phases take
-    :func:`sincos_single` (accurate to float32), float64 ones :func:`sincos`."""
+    :func:`sincos_single` (accurate to float32), float64 ones :func:`sincos`.
+
+    Indexing: the kernels index the flat buffers (weights, biases, the state-shaped cos, sin,
+    out) directly, ``buffer[offset + i]``, with unsigned (uint64) indices, and create no
+    array views. With a signed index numba adds a negative-index wraparound that stops the
+    inner loops from vectorizing (hence the views indexed from zero of
+    :func:`labep.simulators.layered.coupling_block`); an unsigned one has none, and a view
+    made in the loop costs a reference count up and down. Every sum has the shape it had
+    with views, so the forces are the same to the bit. (Index arithmetic stays int64 and is
+    cast once: numba promotes int64 + uint64 to float64.)"""
     n_layers = sizes.shape[0] - 1
-    for unit in range(phases.shape[0]):
+    n_state = phases.shape[0]
+    for unit in range(n_state):
         cos[unit], sin[unit] = sincos_like(phases, phases[unit])
     for layer in range(1, n_layers + 1):
         n_here = sizes[layer]
-        here = offsets[layer - 1]
-        # inner loops index views from zero, so that they vectorize (see coupling_block)
-        a_here = field_a[:n_here]
-        b_here = field_b[:n_here]
-        quadrature = phases.shape[0] + here  # h_l lies like the state, then g_l
-        h_here = biases[here:here + n_here]
-        g_here = biases[quadrature:quadrature + n_here]
+        here = U(offsets[layer - 1])
+        quadrature = U(n_state + offsets[layer - 1])  # h_l lies like the state, then g_l
         if layer == 1:
-            drive_a_here = drive_a[:n_here]
-            drive_b_here = drive_b[:n_here]
-            for j in range(n_here):
-                a_here[j] = drive_a_here[j] + h_here[j]
-            for j in range(n_here):
-                b_here[j] = drive_b_here[j] + g_here[j]
+            for j in range(U(n_here)):
+                field_a[j] = drive_a[j] + biases[here + j]
+            for j in range(U(n_here)):
+                field_b[j] = drive_b[j] + biases[quadrature + j]
         else:
-            for j in range(n_here):
-                a_here[j] = h_here[j]
-            for j in range(n_here):
-                b_here[j] = g_here[j]
+            for j in range(U(n_here)):
+                field_a[j] = biases[here + j]
+            for j in range(U(n_here)):
+                field_b[j] = biases[quadrature + j]
             n_below = sizes[layer - 1]
-            cos_below = cos[offsets[layer - 2]:offsets[layer - 2] + n_below]
-            sin_below = sin[offsets[layer - 2]:offsets[layer - 2] + n_below]
-            if transposed[layer - 1]:
-                block = coupling_block(weights, weight_offsets[layer - 1], n_here, n_below)
+            below = offsets[layer - 2]
+            offset = weight_offsets[layer - 1]
+            if transposed[layer - 1]:  # (n_here, n_below)
                 for j in range(0, n_here, _DOTS):
-                    _dot_rows(block, j, min(_DOTS, n_here - j), cos_below, sin_below,
-                              a_here, b_here)
-            else:
-                block = coupling_block(weights, weight_offsets[layer - 1], n_below, n_here)
+                    _dot_rows(weights, offset, n_below, j, min(_DOTS, n_here - j), cos, sin,
+                              below, field_a, field_b)
+            else:  # (n_below, n_here)
                 for i in range(0, n_below, _ROWS):
-                    _add_rows(block, i, min(_ROWS, n_below - i), cos_below, sin_below,
-                              a_here, b_here)
+                    _add_rows(weights, offset, n_here, i, min(_ROWS, n_below - i), cos, sin,
+                              below, field_a, field_b)
         if layer < n_layers:
             n_above = sizes[layer + 1]
-            cos_above = cos[offsets[layer]:offsets[layer] + n_above]
-            sin_above = sin[offsets[layer]:offsets[layer] + n_above]
-            if transposed[layer]:
-                block = coupling_block(weights, weight_offsets[layer], n_above, n_here)
+            above = offsets[layer]
+            offset = weight_offsets[layer]
+            if transposed[layer]:  # (n_above, n_here)
                 for k in range(0, n_above, _ROWS):
-                    _add_rows(block, k, min(_ROWS, n_above - k), cos_above, sin_above,
-                              a_here, b_here)
-            else:
-                block = coupling_block(weights, weight_offsets[layer], n_here, n_above)
+                    _add_rows(weights, offset, n_here, k, min(_ROWS, n_above - k), cos, sin,
+                              above, field_a, field_b)
+            else:  # (n_here, n_above)
                 for i in range(0, n_here, _DOTS):
-                    _dot_rows(block, i, min(_DOTS, n_here - i), cos_above, sin_above,
-                              a_here, b_here)
-        cos_here = cos[here:here + n_here]
-        sin_here = sin[here:here + n_here]
-        out_here = out[here:here + n_here]
-        for j in range(n_here):
-            c = cos_here[j]
-            s = sin_here[j]
-            out_here[j] = c * b_here[j] - s * a_here[j] - 2.0 * shil * s * c
+                    _dot_rows(weights, offset, n_above, i, min(_DOTS, n_here - i), cos, sin,
+                              above, field_a, field_b)
+        for j in range(U(n_here)):
+            c = cos[here + j]
+            s = sin[here + j]
+            out[here + j] = c * field_b[j] - s * field_a[j] - 2.0 * shil * s * c
         if layer == n_layers and strength != 0.0:
-            for j in range(n_here):
-                out_here[j] += strength * (cos_here[j] - target[j]) * sin_here[j]
+            for j in range(U(n_here)):
+                out[here + j] += strength * (cos[here + j] - target[j]) * sin[here + j]
         if stiffness.shape[0]:  # the adaptive integrator's step sizes
-            stiff_here = stiffness[here:here + n_here]
-            for j in range(n_here):
-                stiff_here[j] = (math.sqrt(a_here[j] * a_here[j] + b_here[j] * b_here[j])
-                                 + 2.0 * shil + abs(strength))
+            for j in range(U(n_here)):
+                stiffness[here + j] = (math.sqrt(field_a[j] * field_a[j]
+                                                 + field_b[j] * field_b[j])
+                                       + 2.0 * shil + abs(strength))
     return max_abs(out)
 
 
@@ -228,18 +235,19 @@ def _dense_forces(sizes, offsets, weights, weight_offsets, transposed, biases, d
     n = phases.shape[0]
     for unit in range(n):
         cos[unit], sin[unit] = sincos(phases[unit])
-    block = coupling_block(weights, weight_offsets[1], n, n)
+    offset = weight_offsets[1]
     first_output = n - sizes[sizes.shape[0] - 1]
     for i in range(n):
-        coupling = block[i]
+        row = U(offset + i * n)  # J_i, flat unsigned indexing as in _forces
         acc_a = 0.0
         acc_b = 0.0
-        for j in range(n):
-            acc_a += coupling[j] * cos[j]
-            acc_b += coupling[j] * sin[j]
+        for j in range(U(n)):
+            acc_a += weights[row + j] * cos[j]
+            acc_b += weights[row + j] * sin[j]
         # no self-coupling, even if a quantized diagonal does not store exactly 0
-        a = acc_a - coupling[i] * cos[i] + drive_a[i] + biases[i]
-        b = acc_b - coupling[i] * sin[i] + drive_b[i] + biases[n + i]
+        diagonal = weights[U(offset + i * n + i)]
+        a = acc_a - diagonal * cos[i] + drive_a[i] + biases[i]
+        b = acc_b - diagonal * sin[i] + drive_b[i] + biases[n + i]
         c = cos[i]
         s = sin[i]
         force = c * b - s * a - 2.0 * shil * s * c
