@@ -33,7 +33,6 @@ from labep.hardware.bench import Nudge, Relaxation, Settle
 from labep.models.hopfield import LayeredHopfield
 from labep.simulators.device import read_out
 from labep.simulators.hopfield_fields import (
-    U,
     _all_fields,
     _layer_field,
     _output_update,
@@ -42,7 +41,7 @@ from labep.simulators.hopfield_fields import (
     drive_row,
     input_drive,
 )
-from labep.simulators.layered import LayeredSimulator, LayeredSimulatorOptions
+from labep.simulators.layered import LayeredSimulator, LayeredSimulatorOptions, U
 from labep.simulators.spiking import SpikingOptions, spike_phase
 from labep.simulators.thermal import ThermalOptions, sample_hopfield
 
@@ -55,7 +54,7 @@ def _update(row, start, n, field, output, target, strength, damping, scratch):
     """s <- s + a (rho(h) - s) for one layer's units ``row[start:start + n]``, hard sigmoid
     or, for the output layer, the nudged block update; returns max |rho(h) - s| before the
     move (a NaN change does not count, as with ``max``). Flat unsigned indexing, no views
-    (see :mod:`labep.simulators.hopfield_fields`).
+    (:data:`labep.simulators.layered.U`).
 
     The hidden layers' loop vectorizes: |rho(h) - s| goes to ``scratch`` (float64, one more
     entry than the layer), and its maximum is taken over the bits as integers (for

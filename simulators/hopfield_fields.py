@@ -5,14 +5,9 @@
 h_l = b_l + W_l^T s_{l-1} + W_{l+1} s_{l+1} (+ skip terms), the clamped input's drive
 x W_1 + b_1, and the output unit's exact block update under the nudged energy E + beta C.
 
-Indexing: the kernels index the flat buffers (a state row, the weights, the biases) directly,
-``buffer[offset + i]``, with unsigned (uint64) indices, and create no array views in their
-loops. With a signed index numba adds a negative-index wraparound that stops the inner loops
-from vectorizing (hence views indexed from zero, :func:`labep.simulators.layered.coupling_block`);
-an unsigned index has none. A view is not free inside a loop either: each one made or taken
-costs a reference count up and down (about 30 ns), which on the 784-500-10 network's settle
-loop was more than half of a sample-step. Every sum is taken in the same order as with views,
-so the states are the same to the bit.
+Indexing: the kernels index the flat buffers (a state row, the weights, the biases) directly
+with unsigned indices (:data:`labep.simulators.layered.U`) and make no array views in their
+loops; every sum is taken in the order it had with views.
 """
 
 from __future__ import annotations
@@ -20,13 +15,12 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-#: the kernels' index type (see the module docstring)
-U = numba.uint64
+from labep.simulators.layered import U
 
 
 @numba.njit(cache=True)
-def add_scaled_rows(out, start, n, block, offset, scales, first, count):
-    """out[start:start + n] += sum_r scales[first + r] block[offset + r n : ... + n] over the
+def add_scaled_rows(out, n, block, offset, scales, first, count):
+    """out[:n] += sum_r scales[first + r] block[offset + r n : ... + n] over the
     ``count`` rows r whose scale is not zero (a NaN is not zero), one row after another in
     increasing r, each sum rounded as it is made (no fastmath here: the order is the result).
     Every field of a layer from a wider layer, a state vector's or a clamped input's (MNIST's
@@ -37,7 +31,7 @@ def add_scaled_rows(out, start, n, block, offset, scales, first, count):
         if value != 0.0:
             row = U(offset + r * n)
             for j in range(U(n)):
-                out[U(start) + j] += value * block[row + j]
+                out[j] += value * block[row + j]
 
 
 @numba.njit(cache=True, fastmath={"reassoc"})
@@ -75,7 +69,7 @@ def drive_row(inputs_row, coupling, bias, out):
     n = bias.shape[0]
     for j in range(U(n)):
         out[j] = bias[j]
-    add_scaled_rows(out, 0, n, coupling.reshape(-1), 0, inputs_row, 0, inputs_row.shape[0])
+    add_scaled_rows(out, n, coupling.reshape(-1), 0, inputs_row, 0, inputs_row.shape[0])
 
 
 @numba.njit(cache=True, parallel=True)
@@ -131,13 +125,13 @@ def _layer_field(layer, sizes, state_offsets, weights, weight_offsets, transpose
         else:
             for j in range(U(n_here)):
                 out[j] = biases[U(bias) + j]
-            add_scaled_rows(out, 0, n_here, weights, offset, row, below, n_below)
+            add_scaled_rows(out, n_here, weights, offset, row, below, n_below)
     if layer < n_layers:
         n_above = sizes[layer + 1]
         above = state_offsets[layer]
         offset = weight_offsets[layer]
         if transposed[layer]:
-            add_scaled_rows(out, 0, n_here, weights, offset, row, above, n_above)
+            add_scaled_rows(out, n_here, weights, offset, row, above, n_above)
         else:
             add_dot_rows(out, n_here, weights, offset, row, above, n_above)
 
@@ -159,7 +153,7 @@ def _skip_field(layer, sizes, state_offsets, weights, skip_offsets, skip_lower, 
             add_dot_rows(out, n_low, weights, skip_offsets[k], row, state_offsets[high - 1],
                          n_high)
         else:
-            add_scaled_rows(out, 0, n_high, weights, skip_offsets[k], row,
+            add_scaled_rows(out, n_high, weights, skip_offsets[k], row,
                             state_offsets[low - 1], n_low)
 
 

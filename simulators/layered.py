@@ -26,6 +26,17 @@ from labep.hardware.bench import (
 from labep.protocol.strict import STRICT_CONFIG
 from labep.simulators.device import DeviceOptions, ParameterDevice
 
+#: the index type of kernels that index flat buffers directly, ``buffer[U(offset) + i]`` with
+#: ``for i in range(U(n))``: unsigned, so numba adds no negative-index wraparound (which stops
+#: inner loops from vectorizing), and no array view is made in a loop (each one made or taken
+#: costs a reference count up and down, about 30 ns: more than half of a sample-step of the
+#: 784-500-10 Hopfield network, a seventh of the OIM's forces). Used by
+#: :mod:`labep.simulators.hopfield_fields`, :mod:`labep.simulators.hopfield` and
+#: :mod:`labep.simulators.oim`; every sum keeps the order it had with views, so states are the
+#: same to the bit. Index arithmetic stays int64 and is cast once: numba promotes
+#: int64 + uint64 to float64.
+U = numba.uint64
+
 
 @numba.njit(cache=True)
 def coupling_block(weights, offset, rows, cols):
@@ -34,10 +45,8 @@ def coupling_block(weights, offset, rows, cols):
     A kernel that indexes ``block[j][i]`` and views of the state from zero, never
     ``buffer[offset + i]`` with a signed index, lets numba know every index is non-negative:
     it drops its negative-index wraparound, and the inner loops vectorize (five times faster
-    on the 784-500-10 networks). The Hopfield and OIM kernels instead index the flat buffers
-    with unsigned indices, which have no wraparound either and make no views (each view made
-    in a loop costs a reference count up and down): see
-    :mod:`labep.simulators.hopfield_fields` and :func:`labep.simulators.oim._forces`.
+    on the 784-500-10 networks). Kernels whose loops are short index the flat buffers with
+    :data:`U` instead (no wraparound, no views).
     """
     return weights[offset:offset + rows * cols].reshape((rows, cols))
 

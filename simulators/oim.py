@@ -31,7 +31,7 @@ from labep.hardware.bench import Nudge, Relaxation, Settle
 from labep.models.dense_oim import DenseOIM
 from labep.models.oim import LayeredOIM
 from labep.simulators.device import read_out
-from labep.simulators.layered import LayeredSimulator, LayeredSimulatorOptions
+from labep.simulators.layered import LayeredSimulator, LayeredSimulatorOptions, U
 from labep.simulators.settle_loop import integrate, max_abs
 from labep.simulators.sincos import sincos, sincos_like
 from labep.simulators.thermal import SamplingOptions, sample_oim
@@ -63,9 +63,6 @@ _ROWS = 5
 _DOTS = 4
 #: float64 sums may be reassociated (SIMD) and multiply-adds fused (FMA)
 _FAST = {"reassoc", "contract"}
-#: the force kernels' index type: unsigned, so that numba adds no negative-index wraparound
-#: (see :func:`_forces`)
-U = numba.uint64
 
 
 @numba.njit(cache=True, inline="always")
@@ -161,13 +158,8 @@ def _forces(sizes, offsets, weights, weight_offsets, transposed, biases, drive_a
     :func:`sincos_single` (accurate to float32), float64 ones :func:`sincos`.
 
     Indexing: the kernels index the flat buffers (weights, biases, the state-shaped cos, sin,
-    out) directly, ``buffer[offset + i]``, with unsigned (uint64) indices, and create no
-    array views. With a signed index numba adds a negative-index wraparound that stops the
-    inner loops from vectorizing (hence the views indexed from zero of
-    :func:`labep.simulators.layered.coupling_block`); an unsigned one has none, and a view
-    made in the loop costs a reference count up and down. Every sum has the shape it had
-    with views, so the forces are the same to the bit. (Index arithmetic stays int64 and is
-    cast once: numba promotes int64 + uint64 to float64.)"""
+    out) directly with unsigned indices (:data:`labep.simulators.layered.U`) and make no
+    array views; every sum has the shape it had with views."""
     n_layers = sizes.shape[0] - 1
     n_state = phases.shape[0]
     for unit in range(n_state):
